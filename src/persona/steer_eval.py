@@ -27,8 +27,10 @@ def parse_coefs(coefs: str | float | Sequence[float]) -> list[float]:
         try:
             values = [float(part) for part in parts]
         except ValueError:
-            raise ValueError(f"--coefs {coefs!r} is not a list of numbers. Fix: e.g. --coefs=-2,-1,0,1,2 "
-                             "or --coefs '[-2, 0, 2]'.") from None
+            raise ValueError(
+                f"--coefs {coefs!r} is not a list of numbers. Fix: e.g. --coefs=-2,-1,0,1,2 "
+                "or --coefs '[-2, 0, 2]'."
+            ) from None
     elif isinstance(coefs, int | float):
         values = [float(coefs)]
     else:
@@ -37,7 +39,9 @@ def parse_coefs(coefs: str | float | Sequence[float]) -> list[float]:
         raise ValueError("--coefs is empty. Fix: e.g. --coefs=-2,-1,0,1,2.")
     bad = [value for value in values if not math.isfinite(value)]
     if bad:
-        raise ValueError(f"--coefs {coefs!r} holds {bad[0]}, not a finite number. Fix: use finite coefficients.")
+        raise ValueError(
+            f"--coefs {coefs!r} holds {bad[0]}, not a finite number. Fix: use finite coefficients."
+        )
     if len(set(values)) != len(values):
         raise ValueError(f"--coefs {coefs!r} lists a coefficient twice. Fix: list each once.")
     return sorted(value + 0.0 for value in values)  # + 0.0: -0.0 -> 0.0, so file names never say "-0"
@@ -82,10 +86,18 @@ def plot_summary(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     FigureCanvasAgg(figure)
     trait_axes, coherence_axes = figure.subplots(2, 1, sharex=True)
     trait = str(summary["trait"].iloc[0])
-    for axes, metric, color, label in ((trait_axes, "trait", "tab:red", f"{trait} score (judge, 0-100)"),
-                                       (coherence_axes, "coherence", "tab:blue", "coherence (judge, 0-100)")):
-        axes.errorbar(summary["coef"], summary[f"{metric}_mean"], yerr=summary[f"{metric}_sem"].fillna(0),
-                      marker="o", capsize=3, color=color)
+    for axes, metric, color, label in (
+        (trait_axes, "trait", "tab:red", f"{trait} score (judge, 0-100)"),
+        (coherence_axes, "coherence", "tab:blue", "coherence (judge, 0-100)"),
+    ):
+        axes.errorbar(
+            summary["coef"],
+            summary[f"{metric}_mean"],
+            yerr=summary[f"{metric}_sem"].fillna(0),
+            marker="o",
+            capsize=3,
+            color=color,
+        )
         axes.set_ylabel(label)
         axes.set_ylim(-2, 102)
     coherence_axes.set_xlabel("steering coefficient")
@@ -158,7 +170,9 @@ def steer_eval(
     if steering_type not in POSITIONS:
         raise ValueError(f"--steering_type {steering_type!r}. Fix: use one of {', '.join(POSITIONS)}.")
     if judge_min_mass is not None and not judge_model.startswith("local"):
-        raise ValueError("--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local.")
+        raise ValueError(
+            "--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local."
+        )
     loaded = load_trait(trait, "eval")
     hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
     vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)
@@ -168,24 +182,49 @@ def steer_eval(
     paths: dict[float, Path] = {}
     for coef in coef_list:
         print(f"--- {loaded.name}: coefficient {coef:g} ({len(paths) + 1}/{len(coef_list)})", flush=True)
-        paths[coef] = Path(generate(
-            trait=trait, output_path=str(out / coef_filename(coef)), model=model, persona_instruction_type=None,
-            version="eval", n_per_question=n_per_question, max_questions=max_questions, max_tokens=max_tokens,
-            temperature=temperature, judge_model=judge_model, judge_base_url=judge_base_url,
-            judge_min_mass=judge_min_mass, coef=coef, vector_path=vector_path, layer=layer,
-            steering_type=steering_type, batch_size=batch_size, seed=seed, overwrite=overwrite, dtype=dtype,
-            accelerator=accelerator, devices=devices, strategy=strategy, trust_remote_code=trust_remote_code))
+        paths[coef] = Path(
+            generate(
+                trait=trait,
+                output_path=str(out / coef_filename(coef)),
+                model=model,
+                persona_instruction_type=None,
+                version="eval",
+                n_per_question=n_per_question,
+                max_questions=max_questions,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                judge_model=judge_model,
+                judge_base_url=judge_base_url,
+                judge_min_mass=judge_min_mass,
+                coef=coef,
+                vector_path=vector_path,
+                layer=layer,
+                steering_type=steering_type,
+                batch_size=batch_size,
+                seed=seed,
+                overwrite=overwrite,
+                dtype=dtype,
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                trust_remote_code=trust_remote_code,
+            )
+        )
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return str(out / "summary.csv")
     summary = summarize(paths, loaded.name)
     csv_path, png_path = out / "summary.csv", out / "summary.png"
     atomic_write_bytes(csv_path, lambda tmp: summary.to_csv(tmp, index=False))
-    plot_summary(summary, png_path, title=f"{loaded.name}: {Path(vector_path).name}, layer {layer}, {steering_type}")
+    plot_summary(
+        summary, png_path, title=f"{loaded.name}: {Path(vector_path).name}, layer {layer}, {steering_type}"
+    )
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"summary: {csv_path}\nfigure: {png_path}")
     missing = int(summary["trait_n_missing"].sum())
     if missing > summary["n"].sum() / 2 and judge_model.startswith("local") and judge_min_mass is None:
-        print(f"{missing} of {int(summary['n'].sum())} trait scores are missing: a small local judge rarely puts "
-              "0.25 of its mass on numbers. Fix: re-run with --judge_min_mass 0 --overwrite true (an unscorable verdict is an answer, not retried).")
+        print(
+            f"{missing} of {int(summary['n'].sum())} trait scores are missing: a small local judge rarely puts "
+            "0.25 of its mass on numbers. Fix: re-run with --judge_min_mass 0 --overwrite true (an unscorable verdict is an answer, not retried)."
+        )
     return str(csv_path)

@@ -24,8 +24,15 @@ COEFS = (-2.0, 0.0, 2.0)
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_likelihood_score_rises_with_the_coefficient(tmp_path):
-    csv_path = personality(traits=list(TRAITS), model="smollm2-135m", coefs=list(COEFS), method="likelihood",
-                           split="test", output_dir=str(tmp_path), accelerator="cpu")
+    csv_path = personality(
+        traits=list(TRAITS),
+        model="smollm2-135m",
+        coefs=list(COEFS),
+        method="likelihood",
+        split="test",
+        output_dir=str(tmp_path),
+        accelerator="cpu",
+    )
     frame = pd.read_csv(csv_path)
     assert set(frame["layer"]) == {15}  # the middle of SmolLM2's 30 blocks
     assert (tmp_path / "personality_sweep.png").is_file()

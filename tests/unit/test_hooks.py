@@ -118,3 +118,34 @@ def test_ablation_hook_zeroes_the_component_inside_a_model(tiny_model, tokenizer
     ):
         tiny_model(**enc)
     assert (seen["h"] @ basis.T).abs().max() < 1e-4
+
+
+def test_block_walk_finds_the_same_blocks_as_the_known_paths(tiny_model):
+    """If an architecture's attribute path moves upstream, walking the modules still finds its blocks."""
+    from persona.hooks.layers import _walk_for_blocks, unwrap_model
+
+    path, blocks = _walk_for_blocks(unwrap_model(tiny_model))
+    assert blocks is locate_blocks(tiny_model).blocks
+    assert path == locate_blocks(tiny_model).path
+
+
+def test_an_unlisted_block_path_is_found_by_walking():
+    class Block(nn.Module):
+        def forward(self, hidden):
+            return hidden
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2)])  # a list of another length is not the block list
+            self.stages = nn.ModuleList([Block(), Block(), Block()])
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"num_hidden_layers": 3})()
+            self.backbone = Decoder()
+
+    model = Model()
+    layout = locate_blocks(model)
+    assert layout.path == "backbone.stages" and layout.stack is model.backbone

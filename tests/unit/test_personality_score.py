@@ -32,7 +32,11 @@ ITEM = {
 
 
 def other_item(k):
-    return {**ITEM, "situation": f"Tell me a joke about cats, number {k}.", "split": "train" if k % 2 else "test"}
+    return {
+        **ITEM,
+        "situation": f"Tell me a joke about cats, number {k}.",
+        "split": "train" if k % 2 else "test",
+    }
 
 
 @pytest.fixture
@@ -56,11 +60,17 @@ def independent_mean_logprob(model, tokenizer, prompt: str, response: str) -> fl
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_likelihood_matches_an_independent_computation(arch, tokenizer):
     model = build_tiny_model(arch, len(tokenizer), seed=3)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How should I treat animals? What do you do?"}],
-                                           tokenize=False, add_generation_prompt=True)
-    expected = torch.tensor([independent_mean_logprob(model, tokenizer, prompt, ITEM[f]) for f in HIGH_FIRST],
-                            dtype=torch.float64)
-    scores = likelihood_item_scores(model, tokenizer, [ITEM, other_item(1)], batch_size=3)  # batches cut items
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How should I treat animals? What do you do?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    expected = torch.tensor(
+        [independent_mean_logprob(model, tokenizer, prompt, ITEM[f]) for f in HIGH_FIRST], dtype=torch.float64
+    )
+    scores = likelihood_item_scores(
+        model, tokenizer, [ITEM, other_item(1)], batch_size=3
+    )  # batches cut items
     torch.testing.assert_close(scores["logprobs"][0].double(), expected, rtol=1e-4, atol=1e-5)
     p_high = float(torch.softmax(expected, 0)[:2].sum())
     assert scores["score"][0].item() == pytest.approx(p_high, abs=1e-5)
@@ -92,7 +102,9 @@ def content_blind_model(tokenizer, letter_logits):
 def test_both_orders_cancel_a_pure_position_bias(tokenizer):
     model = content_blind_model(tokenizer, [3.0, 1.5, 0.0, -1.0])  # strongly prefers A, then B
     scores = choice_item_scores(model, tokenizer, [ITEM, other_item(1), other_item(2)], batch_size=2)
-    assert (scores["high_first"] > 0.9).all() and (scores["low_first"] < 0.1).all()  # each order alone is biased
+    assert (scores["high_first"] > 0.9).all() and (
+        scores["low_first"] < 0.1
+    ).all()  # each order alone is biased
     torch.testing.assert_close(scores["score"], torch.full((3,), 0.5), rtol=0, atol=1e-6)
 
 
@@ -104,9 +116,13 @@ def test_choice_reads_the_letter_probabilities_at_the_answer_position(tokenizer)
     for index, item in enumerate(items):
         shares = []
         for order, high in ((HIGH_FIRST, slice(0, 2)), (pers.LOW_FIRST, slice(2, 4))):
-            ids = tokenizer(pers.chat_prompt(tokenizer, pers.choice_prompt(item, order)), add_special_tokens=False)
+            ids = tokenizer(
+                pers.chat_prompt(tokenizer, pers.choice_prompt(item, order)), add_special_tokens=False
+            )
             with torch.no_grad():
-                probs = torch.softmax(model(input_ids=torch.tensor([ids["input_ids"]])).logits[0, -1].double(), -1)
+                probs = torch.softmax(
+                    model(input_ids=torch.tensor([ids["input_ids"]])).logits[0, -1].double(), -1
+                )
             letters = torch.stack([probs[ids_].sum() for ids_ in letter_ids])
             shares.append(float(letters[high].sum() / letters.sum()))
         assert batched["score"][index].item() == pytest.approx(sum(shares) / 2, abs=1e-5)
@@ -116,8 +132,15 @@ def test_sweep_steers_and_zero_coef_is_unsteered(tokenizer):
     model = build_tiny_model("llama", len(tokenizer))
     items = [{**ITEM, "item": 1}, {**other_item(2), "item": 3}]
     vector = torch.randn(4, 32)
-    summary, per_item = personality_sweep(model, tokenizer, {"kindness": items}, {"kindness": vector}, layer=2,
-                                          coefs=[-4.0, 0.0, 4.0], methods=["likelihood", "choice"])
+    summary, per_item = personality_sweep(
+        model,
+        tokenizer,
+        {"kindness": items},
+        {"kindness": vector},
+        layer=2,
+        coefs=[-4.0, 0.0, 4.0],
+        methods=["likelihood", "choice"],
+    )
     assert list(summary.columns) == ["trait", "method", "coef", "score", "sem", "n"]
     assert len(summary) == 6 and set(summary["n"]) == {2} and len(per_item) == 12
     unsteered = likelihood_item_scores(model, tokenizer, items)["score"].mean().item()
@@ -129,8 +152,22 @@ def test_sweep_steers_and_zero_coef_is_unsteered(tokenizer):
 
 def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dirs, items_file, tmp_path):
     out = tmp_path / "out"
-    cli.main(["personality", "--model", tiny_model_dirs["llama"], "--traits", str(items_file),
-              "--coefs=-1,0,1", "--method", "both", "--output_dir", str(out), "--accelerator", "cpu"])
+    cli.main(
+        [
+            "personality",
+            "--model",
+            tiny_model_dirs["llama"],
+            "--traits",
+            str(items_file),
+            "--coefs=-1,0,1",
+            "--method",
+            "both",
+            "--output_dir",
+            str(out),
+            "--accelerator",
+            "cpu",
+        ]
+    )
     summary = pd.read_csv(out / "personality_sweep.csv")
     assert set(summary["coef"]) == {-1.0, 0.0, 1.0} and set(summary["method"]) == {"likelihood", "choice"}
     assert set(summary["layer"]) == {1} and set(summary["n"]) == {3}  # middle of 3 blocks; 3 test items
@@ -139,8 +176,14 @@ def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dir
     assert torch.load(vector, weights_only=True).shape == (4, 32)
     # A second run reuses the cached vector.
     stamp = vector.stat().st_mtime_ns
-    pers.personality(traits=str(items_file), model=tiny_model_dirs["llama"], coefs=[0.0, 1.0], method="likelihood",
-                     output_dir=str(out), accelerator="cpu")
+    pers.personality(
+        traits=str(items_file),
+        model=tiny_model_dirs["llama"],
+        coefs=[0.0, 1.0],
+        method="likelihood",
+        output_dir=str(out),
+        accelerator="cpu",
+    )
     assert vector.stat().st_mtime_ns == stamp
 
 
@@ -156,16 +199,19 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(persona.extraction, "extract", fail)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"traits": "no_such_trait"}, "Available: agreeableness"),
-    ({"traits": "openness", "coefs": "-2,x"}, "not a list of numbers"),
-    ({"traits": "openness", "coefs": "1,1"}, "twice"),
-    ({"traits": "openness", "method": "vote"}, "likelihood, choice or both"),
-    ({"traits": "openness,psychopathy", "vector_path": "v.pt"}, "lists 2"),
-    ({"traits": "openness", "split": "validation"}, "no items with split='validation'"),
-    ({"traits": "openness", "layer": 9}, "out of range"),
-    ({"traits": "openness", "vector_dir": "/nonexistent"}, "lacks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"traits": "no_such_trait"}, "Available: agreeableness"),
+        ({"traits": "openness", "coefs": "-2,x"}, "not a list of numbers"),
+        ({"traits": "openness", "coefs": "1,1"}, "twice"),
+        ({"traits": "openness", "method": "vote"}, "likelihood, choice or both"),
+        ({"traits": "openness,psychopathy", "vector_path": "v.pt"}, "lists 2"),
+        ({"traits": "openness", "split": "validation"}, "no items with split='validation'"),
+        ({"traits": "openness", "layer": 9}, "out of range"),
+        ({"traits": "openness", "vector_dir": "/nonexistent"}, "lacks"),
+    ],
+)
 def test_bad_input_fails_before_any_model_loads(kwargs, message, tiny_model_dirs, no_model_load, tmp_path):
     kwargs = {"model": tiny_model_dirs["llama"], "output_dir": str(tmp_path), **kwargs}
     with pytest.raises((ValueError, FileNotFoundError), match=message):

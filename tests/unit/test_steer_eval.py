@@ -58,16 +58,36 @@ def setup(tmp_path):
 def test_writes_per_coef_csvs_summary_and_png(tiny_model_dirs, setup, tmp_path, judge):
     trait_file, vector_path = setup
     out = tmp_path / "sweep"
-    argv = ["steer-eval", "--model", tiny_model_dirs["llama"], "--trait", str(trait_file), "--vector_path",
-            str(vector_path), "--layer", "2", "--coefs=-1,0,1.5", "--max_tokens", "3", "--output_dir", str(out),
-            "--accelerator", "cpu"]
+    argv = [
+        "steer-eval",
+        "--model",
+        tiny_model_dirs["llama"],
+        "--trait",
+        str(trait_file),
+        "--vector_path",
+        str(vector_path),
+        "--layer",
+        "2",
+        "--coefs=-1,0,1.5",
+        "--max_tokens",
+        "3",
+        "--output_dir",
+        str(out),
+        "--accelerator",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     for name in ("coef_-1.csv", "coef_0.csv", "coef_1.5.csv"):
         frame = pd.read_csv(out / name)
         assert len(frame) == 3 and list(frame["question_id"]) == ["wicked_0", "wicked_1", "wicked_2"]
         assert "system" not in frame["prompt"][0]  # eval questions, no persona instruction
     meta = json.loads((out / "coef_1.5.csv.meta.json").read_text())["signature"]
-    assert meta["steering"] == {"vector_path": str(vector_path), "layer": 2, "coef": 1.5, "steering_type": "response"}
+    assert meta["steering"] == {
+        "vector_path": str(vector_path),
+        "layer": 2,
+        "coef": 1.5,
+        "steering_type": "response",
+    }
     assert meta["version"] == "eval"
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["coef"]) == [-1.0, 0.0, 1.5]
@@ -78,32 +98,48 @@ def test_writes_per_coef_csvs_summary_and_png(tiny_model_dirs, setup, tmp_path, 
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     # Re-running generates and judges nothing.
     calls = judge.calls
-    steer_eval.steer_eval(trait=str(trait_file), vector_path=str(vector_path), layer=2, model=tiny_model_dirs["llama"],
-                          coefs=[-1, 0, 1.5], max_tokens=3, output_dir=str(out), accelerator="cpu")
+    steer_eval.steer_eval(
+        trait=str(trait_file),
+        vector_path=str(vector_path),
+        layer=2,
+        model=tiny_model_dirs["llama"],
+        coefs=[-1, 0, 1.5],
+        max_tokens=3,
+        output_dir=str(out),
+        accelerator="cpu",
+    )
     assert judge.calls == calls
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("-2,-1,0,1,2", [-2.0, -1.0, 0.0, 1.0, 2.0]),
-    ("[2, -0.5]", [-0.5, 2.0]),
-    ([1, -1], [-1.0, 1.0]),
-    (3, [3.0]),
-    ("-0", [0.0]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("-2,-1,0,1,2", [-2.0, -1.0, 0.0, 1.0, 2.0]),
+        ("[2, -0.5]", [-0.5, 2.0]),
+        ([1, -1], [-1.0, 1.0]),
+        (3, [3.0]),
+        ("-0", [0.0]),
+    ],
+)
 def test_parse_coefs(text, expected):
     assert parse_coefs(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [("1,,2", "not a list"), ("1,nan", "finite"), ("1,1.0", "twice"),
-                                           ([], "empty")])
+@pytest.mark.parametrize(
+    "text, message", [("1,,2", "not a list"), ("1,nan", "finite"), ("1,1.0", "twice"), ([], "empty")]
+)
 def test_parse_coefs_rejects(text, message):
     with pytest.raises(ValueError, match=message):
         parse_coefs(text)
 
 
 def test_coef_filenames():
-    assert [coef_filename(c) for c in (-2.0, -0.0, 0.25, 10.0)] == ["coef_-2.csv", "coef_0.csv", "coef_0.25.csv",
-                                                                    "coef_10.csv"]
+    assert [coef_filename(c) for c in (-2.0, -0.0, 0.25, 10.0)] == [
+        "coef_-2.csv",
+        "coef_0.csv",
+        "coef_0.25.csv",
+        "coef_10.csv",
+    ]
 
 
 @pytest.fixture
@@ -111,16 +147,24 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(generation, "generate", lambda **kwargs: pytest.fail("generation started"))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"trait": "no_such_trait"}, "Unknown trait"),
-    ({"coefs": "1,x"}, "not a list of numbers"),
-    ({"layer": 7}, "out of range"),
-    ({"steering_type": "middle"}, "steering_type"),
-    ({"judge_model": "gpt-4.1-mini", "judge_min_mass": 0.0}, "local judges only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"trait": "no_such_trait"}, "Unknown trait"),
+        ({"coefs": "1,x"}, "not a list of numbers"),
+        ({"layer": 7}, "out of range"),
+        ({"steering_type": "middle"}, "steering_type"),
+        ({"judge_model": "gpt-4.1-mini", "judge_min_mass": 0.0}, "local judges only"),
+    ],
+)
 def test_bad_input_fails_before_generation(kwargs, message, tiny_model_dirs, setup, no_model_load):
     trait_file, vector_path = setup
-    options = {"trait": str(trait_file), "vector_path": str(vector_path), "layer": 2, "model": tiny_model_dirs["llama"]}
+    options = {
+        "trait": str(trait_file),
+        "vector_path": str(vector_path),
+        "layer": 2,
+        "model": tiny_model_dirs["llama"],
+    }
     with pytest.raises(ValueError, match=message):
         steer_eval.steer_eval(**{**options, **kwargs})
 
@@ -129,8 +173,12 @@ def test_vector_from_another_model_is_refused(tiny_model_dirs, setup, tmp_path, 
     trait_file, _ = setup
     save_vector(torch.zeros(31, 576), tmp_path / "smollm2.pt")
     with pytest.raises(ValueError, match="hidden size 576 does not match the model's 32"):
-        steer_eval.steer_eval(trait=str(trait_file), vector_path=str(tmp_path / "smollm2.pt"), layer=2,
-                              model=tiny_model_dirs["llama"])
+        steer_eval.steer_eval(
+            trait=str(trait_file),
+            vector_path=str(tmp_path / "smollm2.pt"),
+            layer=2,
+            model=tiny_model_dirs["llama"],
+        )
 
 
 def test_cli_parses_comma_and_list_coefs(monkeypatch):
@@ -148,7 +196,9 @@ def test_cli_parses_comma_and_list_coefs(monkeypatch):
     cli.main([*common, "--coefs", "[-2, 0, 2]", "--judge_min_mass", "0"])
     cli.main([*common, "--coefs", "0.5,1"])
     assert [parse_coefs(s["coefs"]) for s in seen] == [[-2, -1, 0, 1, 2], [-2, 0, 2], [0.5, 1]]
-    assert seen[1]["judge_min_mass"] == 0.0 and seen[0]["layer"] == 15 and seen[0]["steering_type"] == "response"
+    assert (
+        seen[1]["judge_min_mass"] == 0.0 and seen[0]["layer"] == 15 and seen[0]["steering_type"] == "response"
+    )
 
 
 def test_cli_accepts_a_comma_list_starting_with_a_minus_as_a_separate_argument(monkeypatch):
@@ -161,5 +211,7 @@ def test_cli_accepts_a_comma_list_starting_with_a_minus_as_a_separate_argument(m
         seen.append(kwargs)
 
     monkeypatch.setattr(steer_eval, "steer_eval", record)
-    cli.main(["steer-eval", "--trait", "evil", "--vector_path", "v.pt", "--layer", "15", "--coefs", "-2,-1,0,1,2"])
+    cli.main(
+        ["steer-eval", "--trait", "evil", "--vector_path", "v.pt", "--layer", "15", "--coefs", "-2,-1,0,1,2"]
+    )
     assert seen[0]["coefs"] == "-2,-1,0,1,2"

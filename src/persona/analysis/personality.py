@@ -85,8 +85,10 @@ def split_items(items: list[dict], split: str | None, source: Path | str) -> lis
     chosen = [item for item in numbered if item.get("split") == split]
     if not chosen:
         found = sorted({str(item.get("split")) for item in items})
-        raise ValueError(f"{source}: no items with split={split!r} (splits found: {', '.join(found)}). "
-                         "Fix: choose one of those with --split.")
+        raise ValueError(
+            f"{source}: no items with split={split!r} (splits found: {', '.join(found)}). "
+            "Fix: choose one of those with --split."
+        )
     return chosen
 
 
@@ -94,11 +96,14 @@ def chat_prompt(tokenizer, user_text: str) -> str:
     """One user turn through the chat template, generation prompt added (Qwen3-style thinking switched off)."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat template. "
-                         "Fix: use an instruct/chat model.")
+        raise ValueError(
+            f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat template. "
+            "Fix: use an instruct/chat model."
+        )
     extra = {"enable_thinking": False} if "enable_thinking" in str(template) else {}
-    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True, **extra)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True, **extra
+    )
 
 
 def situation_prompt(item: dict) -> str:
@@ -115,14 +120,18 @@ def choice_prompt(item: dict, order: Sequence[str] = HIGH_FIRST) -> str:
 
 
 @torch.no_grad()
-def likelihood_item_scores(model, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def likelihood_item_scores(
+    model, tokenizer, items: Sequence[dict], *, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """``score`` [n] = P(high) from a softmax over the four per-token mean log-likelihoods; also
     ``logprobs`` [n, 4] (high1, high2, low1, low2) and ``high_preferred`` [n] (mean high > mean low)."""
     examples = []
     for item in items:
         prompt = chat_prompt(tokenizer, situation_prompt(item))
-        examples += [Example(prompt, item[field], int("high" in field), f"{item.get('item')}:{field}")
-                     for field in HIGH_FIRST]
+        examples += [
+            Example(prompt, item[field], int("high" in field), f"{item.get('item')}:{field}")
+            for field in HIGH_FIRST
+        ]
     logprobs = response_mean_logprobs(model, tokenizer, examples, batch_size=batch_size).view(len(items), 4)
     return {
         "score": torch.softmax(logprobs.double(), dim=-1)[:, :2].sum(-1).float(),
@@ -138,8 +147,10 @@ def letter_token_ids(tokenizer) -> list[list[int]]:
         variants = [tokenizer.encode(text, add_special_tokens=False) for text in (letter, f" {letter}")]
         singles = sorted({v[0] for v in variants if len(v) == 1})
         if not singles:
-            raise ValueError(f"The tokenizer has no single token for the option letter {letter!r}. "
-                             "Fix: use --method likelihood with this model.")
+            raise ValueError(
+                f"The tokenizer has no single token for the option letter {letter!r}. "
+                "Fix: use --method likelihood with this model."
+            )
         ids.append(singles)
     flat = [i for group in ids for i in group]
     if len(flat) != len(set(flat)):
@@ -161,8 +172,12 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size:
     for start in range(0, len(encoded), batch_size):
         input_ids, attention_mask = left_pad(encoded[start : start + batch_size], pad_id)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            logits_to_keep=1,
+        ).logits[:, -1]
         rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(rows)
 
@@ -173,19 +188,30 @@ def letter_probabilities(logprobs: torch.Tensor, letter_ids: list[list[int]]) ->
     return torch.stack([probs[:, ids].sum(-1) for ids in letter_ids], dim=-1)
 
 
-def choice_item_scores(model, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def choice_item_scores(
+    model, tokenizer, items: Sequence[dict], *, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """``score`` [n] = mean over the two option orders of P(high letters) / P(A-D); also ``high_first``,
     ``low_first`` (each order's share) and ``letter_mass`` (P(A-D) of all next tokens, averaged)."""
     letter_ids = letter_token_ids(tokenizer)
-    prompts = [chat_prompt(tokenizer, choice_prompt(item, order)) for order in (HIGH_FIRST, LOW_FIRST)
-               for item in items]
-    letters = letter_probabilities(next_token_logprobs(model, tokenizer, prompts, batch_size=batch_size), letter_ids)
+    prompts = [
+        chat_prompt(tokenizer, choice_prompt(item, order))
+        for order in (HIGH_FIRST, LOW_FIRST)
+        for item in items
+    ]
+    letters = letter_probabilities(
+        next_token_logprobs(model, tokenizer, prompts, batch_size=batch_size), letter_ids
+    )
     letters = letters.view(2, len(items), 4)
     mass = letters.sum(-1)
     high_first = letters[0, :, :2].sum(-1) / mass[0]  # high responses are A and B
     low_first = letters[1, :, 2:].sum(-1) / mass[1]  # high responses are C and D
-    return {"score": ((high_first + low_first) / 2).float(), "high_first": high_first.float(),
-            "low_first": low_first.float(), "letter_mass": mass.mean(0).float()}
+    return {
+        "score": ((high_first + low_first) / 2).float(),
+        "high_first": high_first.float(),
+        "low_first": low_first.float(),
+        "letter_mass": mass.mean(0).float(),
+    }
 
 
 SCORERS = {"likelihood": likelihood_item_scores, "choice": choice_item_scores}
@@ -209,21 +235,42 @@ def personality_sweep(
         vector = vectors.get(trait)
         for coef in coefs:
             if vector is None and coef != 0:
-                raise ValueError(f"Trait {trait!r} has no vector but coef={coef}. Fix: give a vector or use coef 0.")
+                raise ValueError(
+                    f"Trait {trait!r} has no vector but coef={coef}. Fix: give a vector or use coef 0."
+                )
             specs = [] if vector is None else [SteeringSpec(layer, vector, coef, positions="all")]
             with steer(model, specs):
                 for method in methods:
                     scores = SCORERS[method](model, tokenizer, items, batch_size=batch_size)
                     values = scores["score"].double()
                     sem = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-                    summary.append({"trait": trait, "method": method, "coef": float(coef),
-                                    "score": float(values.mean()), "sem": sem, "n": len(values)})
+                    summary.append(
+                        {
+                            "trait": trait,
+                            "method": method,
+                            "coef": float(coef),
+                            "score": float(values.mean()),
+                            "sem": sem,
+                            "n": len(values),
+                        }
+                    )
                     extra = {k: v.tolist() for k, v in scores.items() if k not in ("score", "logprobs")}
                     for index, item in enumerate(items):
-                        per_item.append({"trait": trait, "method": method, "coef": float(coef), "item": item["item"],
-                                         "score": float(values[index]), **{k: v[index] for k, v in extra.items()}})
-            print(f"{trait} coef {coef:g}: " + ", ".join(
-                f"{row['method']} {row['score']:.3f}" for row in summary[-len(methods):]), flush=True)
+                        per_item.append(
+                            {
+                                "trait": trait,
+                                "method": method,
+                                "coef": float(coef),
+                                "item": item["item"],
+                                "score": float(values[index]),
+                                **{k: v[index] for k, v in extra.items()},
+                            }
+                        )
+            print(
+                f"{trait} coef {coef:g}: "
+                + ", ".join(f"{row['method']} {row['score']:.3f}" for row in summary[-len(methods) :]),
+                flush=True,
+            )
     return pd.DataFrame(summary), pd.DataFrame(per_item)
 
 
@@ -239,7 +286,9 @@ def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "") -> 
     for axis, method in zip(axes, methods, strict=True):
         for trait, rows in frame[frame["method"] == method].groupby("trait", sort=True):
             rows = rows.sort_values("coef")
-            axis.errorbar(rows["coef"], rows["score"], yerr=rows["sem"].fillna(0), marker="o", capsize=3, label=trait)
+            axis.errorbar(
+                rows["coef"], rows["score"], yerr=rows["sem"].fillna(0), marker="o", capsize=3, label=trait
+            )
         axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         axis.set_ylim(-0.02, 1.02)
         axis.set_xlabel("steering coefficient (all positions)")
@@ -260,8 +309,11 @@ def _cached_vector_is_fresh(path: Path, model: str, source: Path) -> bool:
     if not path.is_file():
         return False
     meta = load_metadata(path)
-    return (meta.get("model") == model and meta.get("sources") == [str(source)]
-            and path.stat().st_mtime >= source.stat().st_mtime)
+    return (
+        meta.get("model") == model
+        and meta.get("sources") == [str(source)]
+        and path.stat().st_mtime >= source.stat().st_mtime
+    )
 
 
 def personality(
@@ -306,7 +358,11 @@ def personality(
     from persona.vectors import load_vector, vector_filename
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
-    names = [t.strip() for t in traits.split(",")] if isinstance(traits, str) else [str(t).strip() for t in traits]
+    names = (
+        [t.strip() for t in traits.split(",")]
+        if isinstance(traits, str)
+        else [str(t).strip() for t in traits]
+    )
     if not names or not all(names):
         raise ValueError(f"--traits {traits!r}: give trait names, e.g. --traits openness,psychopathy.")
     resolved = dict(resolve_items_path(name) for name in names)
@@ -319,15 +375,21 @@ def personality(
     if vector_path is not None and vector_dir is not None:
         raise ValueError("Give --vector_path or --vector_dir, not both.")
     if vector_path is not None and len(resolved) != 1:
-        raise ValueError(f"--vector_path is one trait's vector but --traits lists {len(resolved)}. "
-                         "Fix: use --vector_dir with <trait>_response_avg_diff.pt files, or one trait.")
-    items_by_trait = {name: split_items(read_trait_items(path), None if split == "all" else split, path)
-                      for name, path in resolved.items()}
+        raise ValueError(
+            f"--vector_path is one trait's vector but --traits lists {len(resolved)}. "
+            "Fix: use --vector_dir with <trait>_response_avg_diff.pt files, or one trait."
+        )
+    items_by_trait = {
+        name: split_items(read_trait_items(path), None if split == "all" else split, path)
+        for name, path in resolved.items()
+    }
     hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
     layer = num_layers // 2 if layer is None else layer
     if not isinstance(layer, int) or not 0 <= layer <= num_layers:
-        raise ValueError(f"--layer {layer!r} is out of range for {model} with {num_layers} blocks. "
-                         f"Fix: choose 0..{num_layers} (0 = embedding output, L = output of block L-1).")
+        raise ValueError(
+            f"--layer {layer!r} is out of range for {model} with {num_layers} blocks. "
+            f"Fix: choose 0..{num_layers} (0 = embedding output, L = output of block L-1)."
+        )
     out = Path(output_dir) if output_dir else Path("runs") / "personality" / model_short_name(model)
     steered = any(c != 0 for c in coef_list)
     given: dict[str, Path] = {}
@@ -337,8 +399,10 @@ def personality(
         given = {name: Path(vector_dir) / vector_filename(name, "response_avg") for name in resolved}
         absent = [str(p) for p in given.values() if not p.is_file()]
         if absent:
-            raise FileNotFoundError(f"--vector_dir {vector_dir} lacks {', '.join(absent)}. Fix: extract them "
-                                    "(persona extract --pairs_path <items> --split train) or drop --vector_dir.")
+            raise FileNotFoundError(
+                f"--vector_dir {vector_dir} lacks {', '.join(absent)}. Fix: extract them "
+                "(persona extract --pairs_path <items> --split train) or drop --vector_dir."
+            )
     for path in given.values():
         load_vector(path, hidden_size=hidden_size, num_layers=num_layers)
     to_extract = [name for name in resolved if steered and name not in given]
@@ -353,27 +417,50 @@ def personality(
     chat_prompt(tokenizer, "check")  # a chat template, and (for choice) one-token option letters
     if "choice" in methods:
         letter_token_ids(tokenizer)
-    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    device = (
+        "cuda"
+        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
     for name in to_extract:
         cached = out / "vectors" / vector_filename(name, "response_avg")
         if not _cached_vector_is_fresh(cached, model, resolved[name]):
-            extract(model=model, pairs_path=str(resolved[name]), split="train", trait=name,
-                    save_dir=str(out / "vectors"), batch_size=batch_size, dtype=dtype,
-                    accelerator="gpu" if device == "cuda" else "cpu", trust_remote_code=trust_remote_code)
+            extract(
+                model=model,
+                pairs_path=str(resolved[name]),
+                split="train",
+                trait=name,
+                save_dir=str(out / "vectors"),
+                batch_size=batch_size,
+                dtype=dtype,
+                accelerator="gpu" if device == "cuda" else "cpu",
+                trust_remote_code=trust_remote_code,
+            )
         else:
             print(f"{name}: reusing {cached}")
         given[name] = cached
-    vectors = {name: load_vector(path, hidden_size=hidden_size, num_layers=num_layers) for name, path in given.items()}
+    vectors = {
+        name: load_vector(path, hidden_size=hidden_size, num_layers=num_layers)
+        for name, path in given.items()
+    }
 
-    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load_model_and_tokenizer(
+        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     lm.requires_grad_(False)
-    summary, per_item = personality_sweep(lm, tokenizer, items_by_trait, vectors, layer, coef_list, methods,
-                                          batch_size=batch_size)
+    summary, per_item = personality_sweep(
+        lm, tokenizer, items_by_trait, vectors, layer, coef_list, methods, batch_size=batch_size
+    )
     summary["layer"] = layer
-    csv_path, items_path, png_path = (out / "personality_sweep.csv", out / "personality_items.csv",
-                                      out / "personality_sweep.png")
+    csv_path, items_path, png_path = (
+        out / "personality_sweep.csv",
+        out / "personality_items.csv",
+        out / "personality_sweep.png",
+    )
     atomic_write_bytes(csv_path, lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write_bytes(items_path, lambda tmp: per_item.to_csv(tmp, index=False))
-    plot_personality_sweep(summary, png_path, title=f"{model_short_name(model)}: {split} items, layer {layer}")
+    plot_personality_sweep(
+        summary, png_path, title=f"{model_short_name(model)}: {split} items, layer {layer}"
+    )
     print(f"scores: {csv_path}\nitems: {items_path}\nfigure: {png_path}")
     return str(csv_path)

@@ -56,19 +56,51 @@ def _resolve(root: nn.Module, path: str) -> nn.Module | None:
     return node
 
 
+def _configured_depth(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            depth = getattr(cfg, name, None)
+            if isinstance(depth, int) and depth > 0:
+                return depth
+    return None
+
+
+def _walk_for_blocks(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The outermost list of same-class modules whose length is the configured depth (any attribute path)."""
+    depth = _configured_depth(base)
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) == 1 and (depth is None or len(module) == depth):
+            return name, module
+    return None
+
+
 def locate_blocks(model: nn.Module) -> DecoderLayout:
-    """Return the decoder block list of ``model``; a clear error naming the class when there is none."""
+    """Return the decoder block list of ``model``; a clear error naming the class when there is none.
+
+    Known attribute paths are tried first; a model whose path moved upstream (or that nobody listed)
+    is found by walking its modules for a list of identical blocks as long as ``config.num_hidden_layers``.
+    """
     base = unwrap_model(model)
+    found = None
     for path in BLOCK_PATHS:
         blocks = _resolve(base, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            stack_path = path.rpartition(".")[0]
-            stack = _resolve(base, stack_path) if stack_path else base
-            return DecoderLayout(model=base, stack=stack, blocks=blocks, path=path)
+            found = path, blocks
+            break
+    found = found or _walk_for_blocks(base)
+    if found is not None:
+        path, blocks = found
+        stack_path = path.rpartition(".")[0]
+        stack = base.get_submodule(stack_path) if stack_path else base
+        return DecoderLayout(model=base, stack=stack, blocks=blocks, path=path)
     raise TypeError(
         f"Cannot find the decoder blocks of {type(base).__name__}: none of the attribute paths "
-        f"{', '.join(BLOCK_PATHS)} is a non-empty nn.ModuleList. Fix: add this architecture's block path "
-        "to persona.hooks.layers.BLOCK_PATHS."
+        f"{', '.join(BLOCK_PATHS)} is a non-empty nn.ModuleList, and no list of identical modules as long "
+        "as config.num_hidden_layers was found. Fix: add this architecture's block path to "
+        "persona.hooks.layers.BLOCK_PATHS."
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from persona.hooks.layers import DecoderLayout, check_layer, locate_blocks
+from persona.hooks.phase import PhaseError, cache_length, decide_prefill, find_attention_mask, find_cache
 
 HookFn = Callable[[torch.Tensor, "ForwardState"], torch.Tensor | None]
 
@@ -30,10 +31,18 @@ class ForwardState:
     ``prefill`` is True for a forward without a KV cache or with an empty one (the prompt pass of
     ``generate``, or a plain teacher-forced pass) and False for cached decode steps. Deciding
     positions by phase rather than by absolute token index keeps steering right under KV caching.
+    The phase is decided from the cache found by type and the mask's length (see :mod:`persona.hooks.phase`);
+    reading ``prefill`` when they disagree raises :class:`PhaseError` instead of steering the wrong tokens.
     """
 
     attention_mask: torch.Tensor | None = None  # [batch, total_seq] (past + current positions)
-    prefill: bool = True
+    phase: bool | str = True  # True prefill, False decode, str: why it is unknown
+
+    @property
+    def prefill(self) -> bool:
+        if isinstance(self.phase, str):
+            raise PhaseError(self.phase)
+        return self.phase
 
     def padding_mask(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
         """bool [batch, seq_len]: real (non-pad) tokens among the current positions; None if unknown.
@@ -55,28 +64,38 @@ class ForwardState:
         return positions.unsqueeze(0) == last.unsqueeze(1)
 
 
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple caches
-        return int(past[0][0].shape[-2])
-    return 0
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            return value
+    raise PhaseError("The first decoder block was called without a [batch, seq, hidden] tensor.")
 
 
-def _state_tracker(stack: nn.Module, state: ForwardState):
-    signature = inspect.signature(stack.forward)
+def _state_trackers(layout: DecoderLayout, state: ForwardState):
+    """Pre-hooks for the stack (what the forward carries) and block 0 (how many positions it computes)."""
+    signature = inspect.signature(layout.stack.forward)
+    model_name = type(layout.model).__name__
+    seen: dict = {}
 
-    def pre_hook(module, args, kwargs):
+    def stack_pre_hook(module, args, kwargs):
         try:
             bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
-        state.attention_mask = bound.get("attention_mask")
-        state.prefill = _cache_length(bound.get("past_key_values")) == 0
+        cache = find_cache(args, kwargs)
+        seen["cache_tokens"] = None if cache is None else cache_length(cache)
+        state.attention_mask = find_attention_mask(bound)
 
-    return pre_hook
+    def block_pre_hook(module, args, kwargs):
+        seq_len = _first_tensor(args, kwargs).shape[1]
+        state.phase = decide_prefill(
+            cache_tokens=seen.get("cache_tokens"),
+            mask=state.attention_mask,
+            seq_len=seq_len,
+            model_name=model_name,
+        )
+
+    return stack_pre_hook, block_pre_hook
 
 
 def _first(output):
@@ -94,7 +113,23 @@ def _post_hook(fn: HookFn, state: ForwardState):
         new = fn(_first(output), state)
         return None if new is None else _replace_first(output, new)
 
+    hook.persona_hook = True
     return hook
+
+
+def _register_post_hook(block: nn.Module, hook) -> torch.utils.hooks.RemovableHandle:
+    """Register ``hook`` after this project's earlier hooks but before anyone else's.
+
+    transformers records ``output_hidden_states`` with forward hooks it installs on the blocks once, at
+    the first such call; ours must run first so those records show our edits. Our own hooks keep their
+    registration order (capture, steer, capture). Relies on ``Module._forward_hooks`` being an ordered
+    dict of the hooks in call order, which a test pins.
+    """
+    handle = block.register_forward_hook(hook)
+    hooks = block._forward_hooks
+    for key in [key for key, fn in hooks.items() if not getattr(fn, "persona_hook", False)]:
+        hooks.move_to_end(key)
+    return handle
 
 
 def _pre_hook(fn: HookFn, state: ForwardState):
@@ -127,7 +162,11 @@ def block_hooks(
     """
     layout = locate_blocks(model)
     state = ForwardState()
-    handles = [layout.stack.register_forward_pre_hook(_state_tracker(layout.stack, state), with_kwargs=True)]
+    stack_tracker, block_tracker = _state_trackers(layout, state)
+    handles = [
+        layout.stack.register_forward_pre_hook(stack_tracker, with_kwargs=True),
+        layout.blocks[0].register_forward_pre_hook(block_tracker, with_kwargs=True),
+    ]
     try:
         for layer, fn in hooks:
             check_layer(layout, layer)
@@ -136,7 +175,7 @@ def block_hooks(
                     layout.blocks[0].register_forward_pre_hook(_pre_hook(fn, state), with_kwargs=True)
                 )
             else:
-                handles.append(layout.blocks[layer - 1].register_forward_hook(_post_hook(fn, state)))
+                handles.append(_register_post_hook(layout.blocks[layer - 1], _post_hook(fn, state)))
         if stop_after_layer is not None:
             check_layer(layout, stop_after_layer, what="stop_after_layer")
             if stop_after_layer == 0:

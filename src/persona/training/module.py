@@ -54,6 +54,18 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str) -> N
         )
 
 
+def _target_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype a ``Module.to(...)`` call casts to, from any of its public forms (dtype, tensor, kwargs)."""
+    if isinstance(kwargs.get("dtype"), torch.dtype):
+        return kwargs["dtype"]
+    for arg in (*args, kwargs.get("tensor")):
+        if isinstance(arg, torch.dtype):
+            return arg
+        if isinstance(arg, torch.Tensor):
+            return arg.dtype
+    return None
+
+
 class LoRAFineTune(L.LightningModule):
     """Causal-LM loss on assistant tokens, LoRA adapters on a frozen (optionally 4-bit) base model.
 
@@ -232,7 +244,7 @@ class LoRAFineTune(L.LightningModule):
         restored values would lose precision). PEFT's LoRA layers cast their input to the adapter dtype
         and the result back, so float32 adapters on a bfloat16 base work.
         """
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        dtype = _target_dtype(args, kwargs)
         if dtype is None or not dtype.is_floating_point or self.model is None:
             return super().to(*args, **kwargs)
         adapters = {

@@ -1,0 +1,112 @@
+"""Prefill or cached decode step: decided from what a forward carries, not from what its arguments are called.
+
+transformers has renamed the decoder stack's cache argument before (``past_key_values`` became ``cache``
+in 5.24), and a tracker that read one keyword took every decode step for a prefill pass. Here the cache
+is found by its type among *all* arguments, and the 2D attention mask (past + current columns) must tell
+the same story: a disagreement is an error, never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+
+class PhaseError(RuntimeError):
+    """The forward's arguments do not say whether it is a prefill pass or a cached decode step."""
+
+
+def _cache_base_class() -> type | None:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers without cache classes
+        return None
+    return Cache
+
+
+def _is_legacy_cache(value: Any) -> bool:
+    """The tuple-of-(key, value)-per-layer caches of older transformers releases."""
+    if not isinstance(value, (tuple, list)) or not value:
+        return False
+    first = value[0]
+    return (
+        isinstance(first, (tuple, list))
+        and len(first) >= 2
+        and isinstance(first[0], torch.Tensor)
+        and first[0].dim() == 4
+    )
+
+
+def _values(args: Iterable[Any], kwargs: Mapping[str, Any]) -> Iterator[Any]:
+    yield from args
+    for value in kwargs.values():
+        if isinstance(value, Mapping):  # **kwargs forwarded as one dict by some wrappers
+            yield from value.values()
+        else:
+            yield value
+
+
+def find_cache(args: Iterable[Any], kwargs: Mapping[str, Any]) -> Any | None:
+    """The KV cache among a forward's arguments, by type: a transformers ``Cache`` or a legacy tuple cache."""
+    cache_class = _cache_base_class()
+    for value in _values(args, kwargs):
+        if cache_class is not None and isinstance(value, cache_class):
+            return value
+        if callable(getattr(value, "get_seq_length", None)) and not isinstance(value, torch.Tensor):
+            return value
+        if _is_legacy_cache(value):
+            return value
+    return None
+
+
+def cache_length(cache: Any | None) -> int:
+    """Tokens already held by ``cache`` (0 for no cache)."""
+    if cache is None:
+        return 0
+    if _is_legacy_cache(cache):
+        return int(cache[0][0].shape[-2])
+    return int(cache.get_seq_length())
+
+
+def find_attention_mask(bound: Mapping[str, Any]) -> torch.Tensor | None:
+    """The padding mask the stack was called with: ``[batch, past + current]`` (2D) or a caller-built 4D mask."""
+    mask = bound.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+def decide_prefill(
+    *, cache_tokens: int | None, mask: torch.Tensor | None, seq_len: int, model_name: str
+) -> bool | str:
+    """True for a prefill pass, False for a cached decode step, or an error message when the signals disagree.
+
+    ``cache_tokens`` is None when no cache was found among the arguments. A 2D ``mask`` covers the past
+    and the current positions, so ``mask columns - seq_len`` is the number of earlier tokens.
+    """
+    cache_says_past = None if cache_tokens is None else cache_tokens > 0
+    mask_past = mask.shape[-1] - seq_len if mask is not None and mask.dim() == 2 else None
+    mask_says_past = None if mask_past is None else mask_past > 0
+    if cache_says_past is None and mask_says_past is None:
+        return True  # no cache and no padding mask: a plain forward over the whole sequence
+    if cache_says_past is not None and mask_says_past is not None and cache_says_past != mask_says_past:
+        return _disagreement(model_name, cache_tokens, mask_past)
+    if cache_says_past is None and mask_says_past:
+        return _disagreement(model_name, None, mask_past)
+    return not (cache_says_past if cache_says_past is not None else mask_says_past)
+
+
+def _disagreement(model_name: str, cache_tokens: int | None, mask_past: int | None) -> str:
+    import transformers
+
+    cache = (
+        "no KV cache was found among its arguments"
+        if cache_tokens is None
+        else (f"the KV cache among its arguments holds {cache_tokens} tokens")
+    )
+    return (
+        f"Cannot tell a prefill pass from a cached decode step in {model_name} (transformers "
+        f"{transformers.__version__}): {cache}, but the attention mask implies {mask_past} earlier tokens. "
+        "Steering by prompt/response position needs the phase. Fix: use positions='all', or pin "
+        "transformers to the version in the project's lock (requirements/lock.txt) and report this."
+    )
