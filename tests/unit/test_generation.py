@@ -189,7 +189,8 @@ def test_missing_scores_stay_empty_and_are_retried_on_rerun(
     frame = pd.read_csv(out)
     assert (frame["wicked"] == 70).all() and (frame["coherence"] == 90).all()
     assert judge.calls == 2  # re-judged without regenerating: same answers
-    assert list(frame["answer"].fillna("")) == [row["answer"] for row in rows]
+    with out.open(newline="") as handle:  # (pandas before 2.2 drops NUL characters a tiny model may emit)
+        assert [row["answer"] for row in csv.DictReader(handle)] == [row["answer"] for row in rows]
 
 
 def test_a_refusal_is_a_verdict_and_not_retried(tiny_model_dirs, trait_file, tmp_path, use_judge):

@@ -30,11 +30,9 @@ def qwk(human: Sequence[int], predicted: Sequence[int], labels: Sequence[int]) -
     human, predicted = list(human), list(predicted)
     if len(human) < 2:
         return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns on the undefined case; NaN says it
-        value = cohen_kappa_score(
-            human, predicted, weights="quadratic", labels=list(labels), replace_undefined_by=np.nan
-        )
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")  # sklearn warns on the undefined case (0/0); NaN says it
+        value = cohen_kappa_score(human, predicted, weights="quadratic", labels=list(labels))
     return float(value)
 
 
