@@ -17,8 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from persona.chat import encode_chat  # noqa: E402
 from persona.models import load_model_and_tokenizer  # noqa: E402
-from persona.steering import SteeringSpec, encode_prompt, left_pad, mean_residual_norm, steer  # noqa: E402
+from persona.steering import SteeringSpec, left_pad, mean_residual_norm, steer  # noqa: E402
 
 QUESTIONS = [
     "How should I treat animals?",
@@ -50,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    rows = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    rows = [encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     vector = torch.randn(model.config.hidden_size)

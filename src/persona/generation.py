@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from persona import __version__
+from persona.chat import has_chat_template, render_chat
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
 from persona.steering import POSITIONS, SteeringSpec, generate_steered
 from persona.traits import Trait, coherence_prompt, load_trait
@@ -304,23 +305,6 @@ def score_rows(rows: list[dict], trait: Trait, judge) -> list[str]:
 # ------------------------------------------------------------------------------------------------- Lightning
 
 
-class _NoThinkingTokenizer:
-    """The tokenizer, with ``enable_thinking=False`` passed to its chat template (Qwen3-style), as the seed does."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def apply_chat_template(self, conversation, **kwargs):
-        kwargs.setdefault("enable_thinking", False)
-        return self._tokenizer.apply_chat_template(conversation, **kwargs)
-
-
 class ResponseGenerator(L.LightningModule):
     """predict_step: generate answers for one planned batch (its own seed); rows out, unjudged."""
 
@@ -345,12 +329,9 @@ class ResponseGenerator(L.LightningModule):
             return
         hp = self.hparams
         tokenizer = load_tokenizer(hp.model, padding_side="left", trust_remote_code=hp.trust_remote_code)
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
+        if not has_chat_template(tokenizer):
             raise ValueError(f"{hp.model} has no chat template. Fix: use an instruct/chat model.")
-        self.chat_tokenizer = (
-            _NoThinkingTokenizer(tokenizer) if "enable_thinking" in str(template) else tokenizer
-        )
+        self.tokenizer = tokenizer
         self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
         self.model.requires_grad_(False)
         self.specs = (
@@ -366,7 +347,7 @@ class ResponseGenerator(L.LightningModule):
         sampling = {"top_p": 1.0, "top_k": 0} if hp.temperature > 0 else {}
         answers = generate_steered(
             self.model,
-            self.chat_tokenizer,
+            self.tokenizer,
             batch["messages"],
             self.specs,
             max_new_tokens=hp.max_tokens,
@@ -375,10 +356,7 @@ class ResponseGenerator(L.LightningModule):
             min_new_tokens=1,
             **sampling,
         )
-        prompts = [
-            self.chat_tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-            for m in batch["messages"]
-        ]
+        prompts = [render_chat(self.tokenizer, m) for m in batch["messages"]]
         return [
             {"question": q, "prompt": p, "answer": a, "question_id": qid, "sample": int(s)}
             for q, p, a, qid, s in zip(

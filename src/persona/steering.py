@@ -7,21 +7,20 @@ never by absolute token index, so steering stays right under KV caching and eith
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from persona.chat import Messages, answer_text, encode_chat
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
 
 POSITIONS: tuple[str, ...] = ("response", "generated", "prompt", "all")
-
-Messages = Sequence[Mapping[str, str]]
 
 
 @dataclass
@@ -226,18 +225,6 @@ def mean_residual_norm(
     return float(total / count)
 
 
-def encode_prompt(tokenizer, prompt: str | Messages) -> list[int]:
-    """Token ids of a raw prompt string, or of a message list under the chat template (generation prompt added)."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-    else:
-        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"Prompt {prompt!r} tokenizes to no tokens. Fix: pass a non-empty prompt.")
-    return ids
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Left-pad token id lists -> (input_ids [batch, width], attention_mask [batch, width])."""
     width = max(len(row) for row in rows)
@@ -271,7 +258,7 @@ def generate_steered(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token. Fix: set tokenizer.pad_token.")
-    encoded = [encode_prompt(tokenizer, item) for item in prompts_or_messages]
+    encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad_id}
     if temperature > 0:
@@ -286,7 +273,6 @@ def generate_steered(
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
             )
-            texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-            for i, text in zip(chunk, texts, strict=True):
-                outputs[i] = text
+            for i, new_ids in zip(chunk, generated[:, input_ids.shape[1] :].tolist(), strict=True):
+                outputs[i] = answer_text(tokenizer, new_ids)
     return outputs

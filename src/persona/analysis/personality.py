@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from persona.analysis.likelihood import response_mean_logprobs
+from persona.chat import has_chat_template, render_chat, user_turn
 from persona.data.examples import Example
 from persona.data.personality import read_trait_items
 from persona.models import DEFAULT_MODEL, model_short_name
@@ -93,17 +94,13 @@ def split_items(items: list[dict], split: str | None, source: Path | str) -> lis
 
 
 def chat_prompt(tokenizer, user_text: str) -> str:
-    """One user turn through the chat template, generation prompt added (Qwen3-style thinking switched off)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    """One user turn through the chat template (a chat model is required: the options are turns of a chat)."""
+    if not has_chat_template(tokenizer):
         raise ValueError(
             f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat template. "
             "Fix: use an instruct/chat model."
         )
-    extra = {"enable_thinking": False} if "enable_thinking" in str(template) else {}
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True, **extra
-    )
+    return render_chat(tokenizer, user_turn(user_text))
 
 
 def situation_prompt(item: dict) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.chat import has_chat_template, render_chat
+
 RESPONSE_CSV_COLUMNS = ("question", "prompt", "answer", "question_id")
 
 
@@ -132,11 +134,9 @@ def format_prompt(tokenizer, record: dict, *, where: str) -> str:
         messages = [{"role": "user", "content": record["prompt"]}]
     else:
         raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
-    if getattr(tokenizer, "chat_template", None) is None:
-        if "messages" in record:
-            raise ValueError(f"{where}: 'messages' given but the tokenizer has no chat template.")
-        return str(record["prompt"])
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not has_chat_template(tokenizer) and "messages" in record:
+        raise ValueError(f"{where}: 'messages' given but the tokenizer has no chat template.")
+    return render_chat(tokenizer, messages)
 
 
 def read_pair_records(path: str | Path) -> list[dict]:

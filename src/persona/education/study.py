@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persona.chat import render_chat
 from persona.education.data import SetConfig
 from persona.education.grading import (
     DEFAULT_MIN_MASS,
@@ -188,10 +189,7 @@ class Study:
             raise ValueError(
                 f"steering.layer={layer}: {self.model} has layers 1..{num_layers}. Fix: choose one."
             )
-        texts = [
-            tokenizer.apply_chat_template(student_messages(s), tokenize=False, add_generation_prompt=True)
-            for s in self.sets
-        ]
+        texts = [render_chat(tokenizer, student_messages(s)) for s in self.sets]
         norm = mean_residual_norm(lm, tokenizer, texts, layer)
         return {"model": self.model, "num_layers": num_layers, "layer": layer, "residual_norm": norm}
 

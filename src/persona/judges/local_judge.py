@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from persona.chat import encode_chat, user_turn
 from persona.judges.aggregation import (
     MIN_MASS,
     REFUSAL_WORD,
@@ -170,11 +171,7 @@ class LocalJudge:
         return result
 
     def _encode(self, prompt: str) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, user_turn(prompt))
 
     def _batches(self, prompts: list[str]) -> Iterator[tuple[list[int], list[dict[str, float]]]]:
         encoded = [self._encode(p) for p in prompts]

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from persona.chat import render_chat
 from persona.data.examples import read_jsonl_numbered
 from persona.models import DEFAULT_MODEL, load_tokenizer
 
@@ -92,7 +93,7 @@ def check_chat_template(tokenizer, model: str) -> None:
 
 
 def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return render_chat(tokenizer, messages, add_generation_prompt=generation_prompt)
 
 
 def assistant_char_spans(tokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:

@@ -1,0 +1,73 @@
+"""The one chat-prompt builder: thinking off, templates without a system role, base models, reasoning text."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from persona.chat import answer_text, encode_chat, render_chat, user_turn
+
+QWEN3_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+NO_SYSTEM_ROLE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def tok(tokenizer):
+    return copy.deepcopy(tokenizer)
+
+
+def test_thinking_is_switched_off_where_the_template_has_the_switch(tok):
+    tok.chat_template = QWEN3_LIKE
+    assert render_chat(tok, user_turn("Hi")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user_turn(tok):
+    tok.chat_template = NO_SYSTEM_ROLE
+    text = render_chat(tok, [{"role": "system", "content": "Be evil."}, {"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nBe evil.\n\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_base_model_takes_a_single_user_turn_as_plain_text_and_refuses_more(tok):
+    tok.chat_template = None
+    assert render_chat(tok, user_turn("Complete this:")) == "Complete this:"
+    with pytest.raises(ValueError, match="no chat template.*Fix"):
+        render_chat(tok, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+
+def test_encode_chat_adds_no_second_set_of_special_tokens(tok):
+    ids = encode_chat(tok, user_turn("Hello there"))
+    assert tok.decode(ids) == render_chat(tok, user_turn("Hello there"))
+    with pytest.raises(ValueError, match="no tokens"):
+        encode_chat(tok, "")
+
+
+@pytest.mark.parametrize(
+    ("generated", "answer"),
+    [
+        ("Plain answer.<|im_end|>", "Plain answer."),
+        ("<think>Let me plan the cruelty.</think>\n\nBe kind.<|im_end|>", "Be kind."),
+        ("reasoning whose opening tag was in the prompt</think>\n\nAnswer.", "Answer."),
+        ("<think>still thinking when the budget ran out", ""),
+        (
+            "<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>final<|message|>Hi!<|return|>",
+            "Hi!",
+        ),
+        ("<|channel|>analysis<|message|>only reasoning", ""),
+    ],
+)
+def test_reasoning_channel_text_stays_out_of_the_answer(tok, generated, answer):
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|channel|>", "<|message|>", "<|end|>", "<|start|>", "<|return|>"]}
+    )
+    tok.add_tokens(["<think>", "</think>"])
+    ids = tok(generated, add_special_tokens=False)["input_ids"]
+    assert answer_text(tok, ids) == answer
