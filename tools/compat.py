@@ -57,7 +57,7 @@ def build(name: str, root: Path, log) -> Path:
         command = [*pip, "-c", str(constraints), "-e", ".[dev]"]
     else:
         # A machine-wide pip constraint (a cap at the builds on local disk) must not hide the newest releases.
-        env["PIP_CONSTRAINT"] = ""
+        env["PIP_CONSTRAINT"] = "/dev/null"
         command = [*pip, "--upgrade", "--upgrade-strategy", "eager", "-e", ".[dev]"]
     run(command, env=env, log=log).check_returncode()
     return python

@@ -139,13 +139,32 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return value
 
 
+# Tokens some vocabularies reserve for padding, tried in order when the tokenizer names no pad token.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+
+
+def ensure_pad_token(tokenizer):
+    """Give ``tokenizer`` a pad token, preferring one that is not EOS.
+
+    With pad == EOS, anything that infers padding from token ids (collators, generate without a mask)
+    also masks every real EOS; with some models that leaves a row fully masked and its logits NaN.
+    An existing unknown or reserved padding token is used when the vocabulary has one; EOS otherwise.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.unk_token, *PAD_CANDIDATES]
+    pad = next((t for t in candidates if t and t in vocab and t != tokenizer.eos_token), None)
+    tokenizer.pad_token = pad or tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, *, padding_side: str = "left", trust_remote_code: bool = False):
-    """Tokenizer with a pad token (the EOS token when the model has none)."""
+    """Tokenizer with a pad token (see :func:`ensure_pad_token`) and the given padding side."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
     return tokenizer
 

@@ -71,3 +71,25 @@ def test_reasoning_channel_text_stays_out_of_the_answer(tok, generated, answer):
     tok.add_tokens(["<think>", "</think>"])
     ids = tok(generated, add_special_tokens=False)["input_ids"]
     assert answer_text(tok, ids) == answer
+
+
+def test_a_missing_pad_token_is_a_reserved_one_not_eos(tok):
+    from persona.models import ensure_pad_token
+
+    tok.pad_token = None
+    assert ensure_pad_token(tok).pad_token == "<pad>" != tok.eos_token  # in the vocabulary, not named pad
+    tok.pad_token = None
+    tok.add_tokens(["<|finetune_right_pad_id|>"])  # Llama 3's reserved padding token comes first
+    assert ensure_pad_token(tok).pad_token == "<|finetune_right_pad_id|>"
+
+
+def test_without_a_reserved_token_eos_pads():
+    from persona.models import ensure_pad_token
+
+    class Bare:
+        pad_token, unk_token, eos_token = None, None, "</s>"
+
+        def get_vocab(self):
+            return {"</s>": 0, "a": 1}
+
+    assert ensure_pad_token(Bare()).pad_token == "</s>"
