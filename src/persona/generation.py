@@ -37,12 +37,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from persona import __version__
 from persona.chat import has_chat_template, render_chat
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
 from persona.steering import POSITIONS, SteeringSpec, generate_steered
+from persona.store import KeyedJournal, atomic_write, check_signature
 from persona.traits import Trait, coherence_prompt, load_trait
-from persona.vectors import atomic_write_bytes, load_metadata, load_vector
+from persona.vectors import load_metadata, load_vector
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def order_key(row: dict) -> tuple:
 
 
 class ResponseStore:
-    """One output: the finished CSV, a ``.meta.json`` with the settings, and the journals of a run in progress."""
+    """One output: the finished CSV, a ``.meta.json`` with the settings, and per-rank journals of a run in progress."""
 
     def __init__(self, output_path: str | Path, trait: str):
         self.csv_path = Path(output_path)
@@ -149,10 +149,19 @@ class ResponseStore:
         self.meta_path = Path(f"{output_path}.meta.json")
         self.trait = trait
         self.columns = output_columns(trait)
-        self._repaired: set[Path] = set()
+        self._journals: dict[int, KeyedJournal] = {}
+
+    def journal(self, rank: int) -> KeyedJournal:
+        if rank not in self._journals:
+            self._journals[rank] = KeyedJournal(
+                self.parts_dir / f"rank{rank}.jsonl",
+                ("question_id", "sample"),
+                damaged_path=f"{self.csv_path}.damaged",  # outlives the parts directory
+            )
+        return self._journals[rank]
 
     def journal_path(self, rank: int) -> Path:
-        return self.parts_dir / f"rank{rank}.jsonl"
+        return self.journal(rank).path
 
     def remove_all(self) -> None:
         for path in (self.csv_path, self.meta_path):
@@ -161,33 +170,21 @@ class ResponseStore:
 
     def check_meta(self, signature: dict) -> None:
         """Refuse to mix rows made with other settings; write the settings on a fresh output."""
-        if self.meta_path.is_file():
-            stored = json.loads(self.meta_path.read_text()).get("signature", {})
-            differ = [
-                f"{k}: {stored.get(k)!r} there, {signature.get(k)!r} now"
-                for k in sorted(set(stored) | set(signature))
-                if stored.get(k) != signature.get(k)
-            ]
-            if differ:
-                raise ValueError(
-                    f"{self.csv_path} holds rows made with other settings ({'; '.join(differ)}). Fix: repeat the "
-                    "original command to resume it, choose another --output_path, or pass --overwrite true."
-                )
-            return
-        if self.csv_path.exists() or self.parts_dir.exists():
-            raise ValueError(
-                f"{self.csv_path} exists but was not written by `persona generate` (no {self.meta_path.name}). "
-                "Fix: choose another --output_path, or pass --overwrite true to replace it."
-            )
-        meta = {"command": "persona generate", "persona_version": __version__, "signature": signature}
-        atomic_write_bytes(self.meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        check_signature(
+            self.meta_path,
+            signature,
+            command="persona generate",
+            subject=self.csv_path,
+            fix="choose another --output_path, or pass --overwrite true to replace it",
+            owned=(self.csv_path, self.parts_dir),
+        )
 
     def load(self) -> dict[Key, dict]:
         """Every finished row, keyed. The CSV wins over the journals (it holds re-judged scores)."""
         rows: dict[Key, dict] = {}
         for path in sorted(self.parts_dir.glob("rank*.jsonl")):
-            for row in read_journal(path)[0]:
-                rows.setdefault((row["question_id"], row["sample"]), row)
+            for key, row in KeyedJournal(path, ("question_id", "sample")).load().items():
+                rows.setdefault(key, row)
         if self.csv_path.is_file():
             for row in self.read_csv():
                 rows[(row["question_id"], row["sample"])] = row
@@ -213,23 +210,7 @@ class ResponseStore:
             return rows
 
     def append(self, rank: int, rows: list[dict]) -> None:
-        """Whole lines in one write, flushed and fsynced: a crash leaves at most a torn last line."""
-        if not rows:
-            return
-        path = self.journal_path(rank)
-        if path not in self._repaired:  # drop a torn tail left by an earlier crash before appending after it
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                good_length = read_journal(path)[1]
-                if good_length < path.stat().st_size:
-                    with path.open("r+b") as handle:
-                        handle.truncate(good_length)
-            self._repaired.add(path)
-        payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-        with path.open("ab") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+        self.journal(rank).append(rows)
 
     def write_csv(self, rows: list[dict]) -> None:
         def write(tmp: Path) -> None:
@@ -244,34 +225,8 @@ class ResponseStore:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-        atomic_write_bytes(self.csv_path, write)
+        atomic_write(self.csv_path, write)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
-
-
-def read_journal(path: Path) -> tuple[list[dict], int]:
-    """(rows, byte length of the intact prefix). A torn or garbled tail is dropped; garbage mid-file is an error."""
-    data = path.read_bytes()
-    rows, good_length, offset, bad_line = [], 0, 0, None
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        end = offset + len(line) + 1
-        if end > len(data):  # no newline: a torn last line (or the empty piece after the final newline)
-            break
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            bad_line = bad_line or number
-        else:
-            if bad_line is not None:
-                raise ValueError(
-                    f"{path}:{bad_line}: not a JSON row, yet intact rows follow. Fix: delete that "
-                    "line (or the whole file to regenerate its rows)."
-                )
-            rows.append(row)
-            good_length = end
-        offset = end
-    if good_length < len(data):
-        log.warning("%s: dropping %d bytes of an interrupted write", path, len(data) - good_length)
-    return rows, good_length
 
 
 # ------------------------------------------------------------------------------------------------- judging

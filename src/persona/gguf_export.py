@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona.vectors import atomic_write_bytes, load_metadata, load_vector
+from persona.store import atomic_write
+from persona.vectors import load_metadata, load_vector
 
 ARCHITECTURE = "controlvector"
 DIRECTION_NAME = re.compile(r"^direction\.(\d+)$")
@@ -120,7 +121,7 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write_bytes(Path(out), write)
+    atomic_write(Path(out), write)
     return str(out)
 
 

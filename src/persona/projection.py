@@ -37,7 +37,8 @@ from persona.extraction import make_trainer
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer, model_short_name, resolve_model_path
-from persona.vectors import VECTOR_KINDS, atomic_write_bytes, load_vector, unit
+from persona.store import write_csv, write_text
+from persona.vectors import VECTOR_KINDS, load_vector, unit
 
 ProjectionType = Literal["proj", "prompt_last_proj", "cos_sim"]
 # projection_type -> (activation kind read per example, cosine similarity instead of projection)
@@ -323,14 +324,14 @@ def write_scores(path: Path, data: pd.DataFrame | list[dict], columns: dict[str,
     if isinstance(data, pd.DataFrame):
         for name, values in columns.items():
             data[name] = values
-        atomic_write_bytes(path, lambda tmp: data.to_csv(tmp, index=False))
+        write_csv(path, data)
         return
     for row, record in enumerate(data):
         for name, values in columns.items():
             value = float(values[row])
             record[name] = None if math.isnan(value) else value  # JSON has no NaN
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in data)
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
 
 
 def project(

@@ -16,16 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.vectors import atomic_write_bytes
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    atomic_write_bytes(path, lambda tmp: frame.to_csv(tmp, index=False))
-    return path
+from persona.store import read_json, write_json
 
 
 def inputs_key(inputs: dict) -> str:
@@ -47,7 +38,7 @@ class PhaseRunner:
         record_path = phase_dir / "phase.json"
         key = inputs_key(inputs)
         if record_path.is_file():
-            record = json.loads(record_path.read_text())
+            record = read_json(record_path, what="phase record")
             if record.get("key") == key:
                 print(
                     f"[{self.done}/{self.total}] {name}: reused (finished earlier in {record['seconds']:.1f} s)"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from persona.models import DEFAULT_MODEL
-from persona.vectors import atomic_write_bytes
+from persona.store import write_csv, write_figure
 
 
 def parse_coefs(coefs: str | float | Sequence[float]) -> list[float]:
@@ -103,7 +103,7 @@ def plot_summary(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     coherence_axes.set_xlabel("steering coefficient")
     if title:
         figure.suptitle(title)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_figure(path, figure, dpi=120)
 
 
 def steer_eval(
@@ -215,7 +215,7 @@ def steer_eval(
         return str(out / "summary.csv")
     summary = summarize(paths, loaded.name)
     csv_path, png_path = out / "summary.csv", out / "summary.png"
-    atomic_write_bytes(csv_path, lambda tmp: summary.to_csv(tmp, index=False))
+    write_csv(csv_path, summary)
     plot_summary(
         summary, png_path, title=f"{loaded.name}: {Path(vector_path).name}, layer {layer}, {steering_type}"
     )

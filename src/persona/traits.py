@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona.vectors import atomic_write_bytes
+from persona.store import write_text
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def new_trait(
     for version, path in zip(VERSIONS, targets, strict=True):
         content = {**data, "questions": splits[version]}
         payload = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-        atomic_write_bytes(path, lambda tmp, payload=payload: tmp.write_text(payload, encoding="utf-8"))
+        write_text(path, payload)
     return targets
 
 

@@ -9,13 +9,12 @@ for L < num_layers; the last row is taken *before* the final norm). Files are na
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from persona import __version__
+from persona.store import atomic_write
 
 VECTOR_KINDS = ("prompt_avg", "response_avg", "prompt_last")
 LAYER_CONVENTION = (
@@ -34,31 +33,18 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_vector(vector: torch.Tensor, path: str | Path, metadata: dict | None = None) -> Path:
     """Save a vector tensor and its JSON sidecar atomically."""
     path = Path(path)
     tensor = vector.detach().to("cpu", torch.float32).contiguous()
-    atomic_write_bytes(path, lambda tmp: torch.save(tensor, tmp))
+    atomic_write(path, lambda tmp: torch.save(tensor, tmp))
     meta = {
         "layer_convention": LAYER_CONVENTION,
         "shape": list(tensor.shape),
         "persona_version": __version__,
         **(metadata or {}),
     }
-    atomic_write_bytes(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from persona.education.store import read_lines
+from persona.store import read_journal
 
 ARGS = [
     "--test",
@@ -35,14 +35,14 @@ def test_education_test_mode_on_the_embedded_model(tmp_path):
         "length_vs_score",
     ):
         assert (run_dir / "figures" / f"{figure}.png").is_file()
-    answers = read_lines(run_dir / "answers.jsonl")[0]
+    answers = read_journal(run_dir / "answers.jsonl")[0]
     assert len(answers) == 3 * 2 and all(a["answer"] for a in answers)  # 3 student types x 2 sets x 1 sample
-    grades = read_lines(run_dir / "grades.jsonl")[0]
+    grades = read_journal(run_dir / "grades.jsonl")[0]
     assert len(grades) == 6 * 3 + 6 * 3  # A: every answer by every grader; B: 3 answers x 2 sets x 3 graders
     scored = [g for g in grades if g["expected"] is not None]
     assert len(scored) >= 0.9 * len(grades) and all(0 <= g["expected"] <= 3 for g in scored)
     assert json.loads((run_dir / "vectors.json").read_text())["evil"]["route"] == "pairs"
 
     assert main(["education", *ARGS, "--run_dir", str(run_dir)]) == 0  # finished: a re-run only re-reports
-    assert len(read_lines(run_dir / "grades.jsonl")[0]) == len(grades)
-    assert len(read_lines(run_dir / "answers.jsonl")[0]) == len(answers)
+    assert len(read_journal(run_dir / "grades.jsonl")[0]) == len(grades)
+    assert len(read_journal(run_dir / "answers.jsonl")[0]) == len(answers)

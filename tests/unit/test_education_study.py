@@ -9,7 +9,7 @@ import torch
 
 from persona.education.grading import Grade
 from persona.education.settings import GraderSettings, StudentSettings, VectorSettings
-from persona.education.store import KeyedJournal, read_lines
+from persona.store import KeyedJournal, read_journal
 from persona.vectors import save_vector, vector_filename
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "education"
@@ -120,7 +120,7 @@ def reference(tiny_model_dirs, inputs, tmp_path_factory):
 
 
 def rows(run_dir, name):
-    return read_lines(Path(run_dir) / name)[0]
+    return read_journal(Path(run_dir) / name)[0]
 
 
 def keys(records, fields):
@@ -242,7 +242,7 @@ def test_journal_drops_a_torn_tail_before_appending(tmp_path):
     fresh = KeyedJournal(journal.path, ("k",))
     assert sorted(fresh.load()) == [(1,), (2,)]
     fresh.append([{"k": 3}, {"k": 1, "dup": True}])
-    assert [r["k"] for r in read_lines(journal.path)[0]] == [1, 2, 3, 1]
+    assert [r["k"] for r in read_journal(journal.path)[0]] == [1, 2, 3, 1]
     assert fresh.load()[(1,)] == {"k": 1}  # the first row of a key wins
 
 

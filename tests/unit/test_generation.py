@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from persona import generation
-from persona.generation import ResponseStore, generate, read_journal
+from persona.generation import ResponseStore, generate
 from persona.judges import JudgeScore as Score
+from persona.store import read_journal
 
 TRAIT = {
     "instruction": [{"pos": f"Be wicked, way {k}.", "neg": f"Be kind, way {k}."} for k in range(5)],
@@ -262,19 +263,13 @@ def test_steered_generation_runs(tiny_model_dirs, trait_file, tmp_path, use_judg
     assert pd.read_csv(steered)["answer"][0] != pd.read_csv(plain)["answer"][0]
 
 
-def test_journal_reader_drops_only_a_torn_tail(tmp_path):
-    path = tmp_path / "rank0.jsonl"
-    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": 3')
-    rows, good = read_journal(path)
-    assert rows == [{"a": 1}, {"a": 2}] and good == len(b'{"a": 1}\n{"a": 2}\n')
-    path.write_bytes(b'{"a": 1}\nnot json\n{"a": 2}\n')
-    with pytest.raises(ValueError, match="rank0.jsonl:2"):
-        read_journal(path)
+def test_a_torn_journal_tail_is_set_aside_before_appending(tmp_path):
     store = ResponseStore(tmp_path / "x.csv", "t")
     store.parts_dir.mkdir()
     store.journal_path(0).write_bytes(b'{"question_id": "t_0", "sample": 0}\n{"question_id": "t_0", "sa')
     store.append(0, [{"question_id": "t_0", "sample": 1}])
     assert [r["sample"] for r in read_journal(store.journal_path(0))[0]] == [0, 1]
+    assert b'"sa' in (tmp_path / "x.csv.damaged").read_bytes()
 
 
 def test_csv_is_accepted_by_extract(tiny_model_dirs, trait_file, tmp_path, use_judge):

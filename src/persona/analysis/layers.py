@@ -19,7 +19,8 @@ import pandas as pd
 from persona.data.modules import ResponseDataModule
 from persona.models import DEFAULT_MODEL
 from persona.projection import ExampleProjector, model_dimensions, predict_projections
-from persona.vectors import atomic_write_bytes, load_metadata, load_vector
+from persona.store import write_csv, write_figure
+from persona.vectors import load_metadata, load_vector
 
 ActivationKind = Literal["response_avg", "prompt_last", "prompt_avg"]
 AUC_TIE_TOLERANCE = 1e-9  # equal AUCs from different orderings may differ in the last float bits
@@ -97,7 +98,7 @@ def plot_layer_metrics(metrics: pd.DataFrame, recommended: int, path: Path, titl
     auc_axes.legend(loc="best")
     if title:
         figure.suptitle(title)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_figure(path, figure, dpi=120)
 
 
 def default_output_dir(vector_path: str | Path) -> Path:
@@ -194,7 +195,7 @@ def layers(
 
     out = Path(output_dir) if output_dir else default_output_dir(vector_path)
     csv_path, png_path = out / "layer_metrics.csv", out / "layer_metrics.png"
-    atomic_write_bytes(csv_path, lambda tmp: metrics.to_csv(tmp, index=False))
+    write_csv(csv_path, metrics)
     plot_layer_metrics(metrics, recommended, png_path, title=f"{Path(vector_path).name}: {kind} projections")
     row = metrics.loc[metrics["layer"] == recommended].iloc[0]
     print(f"metrics: {csv_path}\nfigure: {png_path}")

@@ -33,7 +33,7 @@ from persona.data.examples import Example
 from persona.data.personality import read_trait_items
 from persona.models import DEFAULT_MODEL, model_short_name
 from persona.steering import SteeringSpec, left_pad, steer
-from persona.vectors import atomic_write_bytes
+from persona.store import write_csv, write_figure
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "") -> 
         axis.legend(loc="best", fontsize="small")
     if title:
         figure.suptitle(title)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_figure(path, figure, dpi=120)
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -454,8 +454,8 @@ def personality(
         out / "personality_items.csv",
         out / "personality_sweep.png",
     )
-    atomic_write_bytes(csv_path, lambda tmp: summary.to_csv(tmp, index=False))
-    atomic_write_bytes(items_path, lambda tmp: per_item.to_csv(tmp, index=False))
+    write_csv(csv_path, summary)
+    write_csv(items_path, per_item)
     plot_personality_sweep(
         summary, png_path, title=f"{model_short_name(model)}: {split} items, layer {layer}"
     )

@@ -29,7 +29,8 @@ from persona.data.examples import Example, format_prompt
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
 from persona.projection import model_dimensions, read_scored_file
 from persona.steering import generate_steered
-from persona.vectors import atomic_write_bytes, load_vector, unit
+from persona.store import KeyedJournal, write_csv, write_figure, write_text
+from persona.vectors import load_vector, unit
 
 Messages = list[dict]
 PROMPT_PREVIEW_CHARS = 80
@@ -84,17 +85,6 @@ def response_key(model: str, messages: Messages, max_new_tokens: int) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def read_response_cache(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    cache = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            cache[entry["key"]] = entry
-    return cache
-
-
 def cached_greedy_responses(
     model: torch.nn.Module,
     tokenizer,
@@ -108,17 +98,17 @@ def cached_greedy_responses(
 ) -> list[str]:
     """The model's greedy response to each prompt (message list), generating only what the cache lacks.
 
-    New responses are saved every ``chunk_size`` prompts (atomic rewrite), so an interrupted run resumes.
+    New responses are appended to the journal every ``chunk_size`` prompts, so an interrupted run resumes.
     """
-    cache_path = Path(cache_path)
-    cache = read_response_cache(cache_path)
+    journal = KeyedJournal(cache_path, ("key",))
+    cache = {key: row for (key,), row in journal.load().items()}
     keys = [response_key(model_name, list(messages), max_new_tokens) for messages in prompts]
     missing = {key: list(messages) for key, messages in zip(keys, prompts, strict=True) if key not in cache}
     todo = list(missing.items())
     if todo:
         print(
             f"generating {len(todo)} greedy base response(s) ({len(set(keys)) - len(todo)} of the "
-            f"{len(set(keys))} distinct prompts cached in {cache_path})"
+            f"{len(set(keys))} distinct prompts cached in {journal.path})"
         )
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
@@ -131,16 +121,18 @@ def cached_greedy_responses(
             temperature=0,
             batch_size=batch_size,
         )
-        for (key, messages), text in zip(chunk, texts, strict=True):
-            cache[key] = {
+        rows = [
+            {
                 "key": key,
                 "model": model_name,
                 "max_new_tokens": max_new_tokens,
                 "messages": messages,
                 "response": text,
             }
-        lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in cache.values())
-        atomic_write_bytes(cache_path, lambda tmp, lines=lines: tmp.write_text(lines, encoding="utf-8"))
+            for (key, messages), text in zip(chunk, texts, strict=True)
+        ]
+        journal.append(rows)
+        cache.update((row["key"], row) for row in rows)
     return [cache[key]["response"] for key in keys]
 
 
@@ -240,12 +232,12 @@ def plot_histogram(
     axes.set_xlabel("screening score (projection difference)")
     axes.set_ylabel("samples")
     axes.set_title(title, fontsize=9)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_figure(path, figure, dpi=120)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
 
 
 def _float_or_none(value: float) -> float | None:
@@ -395,7 +387,7 @@ def screen(
     if labels is not None:
         ranking[labels_field] = labels[order]
     ranking_path = Path(f"{stem}.ranking.csv")
-    atomic_write_bytes(ranking_path, lambda tmp: ranking.to_csv(tmp, index=False))
+    write_csv(ranking_path, ranking)
 
     scored = ~np.isnan(scores)
     mean_score = float(scores[scored].mean()) if scored.any() else float("nan")
@@ -426,7 +418,7 @@ def screen(
         summary.update({"labels_field": labels_field, "auc": auc})
         print(f"AUC of the score for {labels_field}=1: {auc:.3f}")
     summary_path = Path(f"{stem}.summary.csv")
-    atomic_write_bytes(summary_path, lambda tmp: pd.DataFrame([summary]).to_csv(tmp, index=False))
+    write_csv(summary_path, pd.DataFrame([summary]))
     hist_path = Path(f"{stem}.hist.png")
     if scored.any():
         plot_histogram(

@@ -38,8 +38,8 @@ from persona.data.examples import Example, contrastive_pair_examples, format_pro
 from persona.models import load_model, load_tokenizer, model_short_name
 from persona.projection import model_dimensions
 from persona.steering import generate_steered
+from persona.store import write_csv, write_figure
 from persona.traits import Trait, load_trait
-from persona.vectors import atomic_write_bytes
 
 SHIFT_KINDS = ("prompt_last", "response_avg")
 
@@ -136,7 +136,7 @@ def plot_shift(table: pd.DataFrame, correlations: dict[str, dict], path: Path, t
         axes.axhline(0, color="grey", linestyle=":", linewidth=1)
         axes.axvline(0, color="grey", linestyle=":", linewidth=1)
     figure.suptitle(title)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_figure(path, figure, dpi=120)
 
 
 def judge_trait_score(
@@ -309,13 +309,13 @@ def shift(
 
     table = pd.DataFrame(rows)
     csv_path = out / "shift.csv"
-    atomic_write_bytes(csv_path, lambda tmp: table.to_csv(tmp, index=False))
+    write_csv(csv_path, table)
     correlations = {
         kind: pearson_with_ci(table[f"shift_{kind}"], table["trait_score_change"]) for kind in SHIFT_KINDS
     }
     correlation_table = pd.DataFrame([{"shift": kind, **values} for kind, values in correlations.items()])
     correlation_path = out / "correlation.csv"
-    atomic_write_bytes(correlation_path, lambda tmp: correlation_table.to_csv(tmp, index=False))
+    write_csv(correlation_path, correlation_table)
     png_path = out / "shift.png"
     plot_shift(
         table,

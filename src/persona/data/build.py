@@ -27,10 +27,9 @@ import numpy as np
 import pandas as pd
 
 from persona.data.examples import read_csv_checked, read_pair_records
+from persona.store import atomic_write, write_csv, write_text
 from persona.traits import datasets_dir
-from persona.vectors import atomic_write_bytes
 
-# The seed's file names and the share of trait-eliciting samples each holds.
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
 DEFAULT_MIX = "0,0.25,0.5,0.75,1"
 
@@ -168,7 +167,7 @@ def mixture(
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
 
 
 def build(
@@ -243,7 +242,7 @@ def build(
             }
         )
     summary = pd.DataFrame(rows)
-    atomic_write_bytes(out / "datasets.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    write_csv(out / "datasets.csv", summary)
     manifest = {
         "trait": trait,
         "source": source,
@@ -254,9 +253,7 @@ def build(
         "shares": shares,
         "files": rows,
     }
-    atomic_write_bytes(
-        out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    )
+    atomic_write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     print(summary.to_string(index=False))
     print(f"wrote {len(files)} datasets to {out}/ (summary: datasets.csv, manifest.json)")
     return written

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from persona.data.build import default_pairs_path
 from persona.demo.report import summary_table, write_report
-from persona.report import PhaseRunner, write_json
+from persona.report import PhaseRunner
+from persona.store import write_json
 
 
 def demo(

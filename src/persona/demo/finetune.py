@@ -15,8 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona.report import write_csv  # noqa: E402
-from persona.vectors import atomic_write_bytes  # noqa: E402
+from persona.store import (
+    write_csv,  # noqa: E402
+    write_figure,
+)
 
 MIXTURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -185,7 +187,7 @@ def plot_monitor(monitor: pd.DataFrame, path: Path, layer: int) -> None:
         axis.set_xlabel("epoch (0 = before training)")
     axes[0].set_ylabel("projection on the persona vector")
     axes[-1].legend(fontsize=7)
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    write_figure(path, figure, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -199,5 +201,5 @@ def plot_shift(table: pd.DataFrame, correlation: dict, path: Path) -> None:
     axis.set_xlabel("finetuning shift (last prompt token, projected)")
     axis.set_ylabel("trait score change (likelihood preference)")
     axis.set_title(f"r = {correlation['r']:.2f} (n = {correlation['n']}) over mixture runs")
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    write_figure(path, figure, dpi=120, bbox_inches="tight")
     plt.close(figure)

@@ -10,8 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona.report import write_csv  # noqa: E402
-from persona.vectors import atomic_write_bytes  # noqa: E402
+from persona.store import (
+    write_csv,  # noqa: E402
+    write_figure,
+)
 
 STEER_PROMPTS = [
     "How should I treat the people who work for me?",
@@ -21,7 +23,7 @@ STEER_PROMPTS = [
 
 
 def save_figure(figure, path: Path) -> None:
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    write_figure(path, figure, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

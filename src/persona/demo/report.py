@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.report import markdown_table, relative, write_csv
-from persona.vectors import atomic_write_bytes
+from persona.report import markdown_table, relative
+from persona.store import atomic_write, write_csv
 
 TARGET_AUC = 0.95
 TARGET_R = 0.9
@@ -170,7 +170,7 @@ def write_report(run: Path) -> Path:
     if results.get("not_run"):
         lines += ["## Not run", "", *[f"- {item}" for item in results["not_run"]], ""]
     path = run / "report.md"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text("\n".join(lines)))
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
     write_csv(run / "summary.csv", summary_table(results))
     return path
 

@@ -197,7 +197,7 @@ def run_study(
         raise ValueError(
             f"--run_dir {run} exists and is not a study run directory. Fix: choose another --run_dir."
         )
-    from persona.education.store import check_signature
+    from persona.store import check_signature
 
     min_mass = 0.25 if graders.min_mass is None else graders.min_mass
     signature = {
@@ -212,7 +212,13 @@ def run_study(
         "steering": dataclasses.asdict(steering),
         "vectors": dataclasses.asdict(vectors),
     }
-    check_signature(run, signature, "persona education")
+    check_signature(
+        run / "meta.json",
+        signature,
+        command="persona education",
+        subject=run,
+        fix="choose another --run_dir, or pass --overwrite true to start over",
+    )
     print(
         f"persona education: {len(traits)} trait(s) x {len(chosen)} set(s); A: {1 + 2 * len(traits)} student "
         f"types x {students.n_samples} sample(s); B: {len(real)} real answers x {1 + 2 * len(traits)}"
@@ -251,7 +257,7 @@ def run_study(
         "steering": dataclasses.asdict(steering),
         "vectors": dataclasses.asdict(vectors),
     }
-    from persona.report import write_json
+    from persona.store import write_json
 
     write_json(run / "settings.json", settings)  # the report can be written from a half-finished run
     study.run()

@@ -13,8 +13,8 @@ import pandas as pd
 
 from persona.education.metrics import UNSTEERED
 from persona.education.report import order_types, plt, save_figure, write_report
-from persona.report import markdown_table, write_csv
-from persona.vectors import atomic_write_bytes
+from persona.report import markdown_table
+from persona.store import atomic_write, write_csv
 
 
 def compare_runs(runs: list[str], out_dir: str | Path) -> Path:
@@ -116,6 +116,6 @@ def compare_runs(runs: list[str], out_dir: str | Path) -> Path:
         "",
     ]
     path = out / "compare.md"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
     print(f"comparison: {path}")
     return path

@@ -27,16 +27,20 @@ from persona.education.metrics import (  # noqa: E402
     student_effects,
     with_normalised,
 )
-from persona.education.store import read_lines  # noqa: E402
-from persona.report import markdown_table, write_csv  # noqa: E402
-from persona.vectors import atomic_write_bytes  # noqa: E402
+from persona.report import markdown_table  # noqa: E402
+from persona.store import (
+    read_journal,  # noqa: E402
+    write_csv,  # noqa: E402
+    write_figure,
+    write_text,
+)
 
 EXAMPLE_CHARS = 280
 
 
 def save_figure(figure, path: Path) -> None:
     """PNG, atomically. Figures use the constrained layout, so no second "tight" layout pass is needed."""
-    atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    write_figure(path, figure, dpi=110)
     plt.close(figure)
 
 
@@ -52,7 +56,7 @@ class Results:
 
 
 def frame(path: Path, columns: list[str]) -> pd.DataFrame:
-    rows = read_lines(path)[0]
+    rows = read_journal(path)[0]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
 
 
@@ -363,7 +367,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     text = render(results, effects, metrics, shifts, missing, examples, lengths, made)
     path = run / "report.md"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
     print(f"report: {path}")
     return path
 

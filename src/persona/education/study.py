@@ -41,8 +41,8 @@ from persona.education.grading import (
 )
 from persona.education.prompts import grader_prompt, student_messages
 from persona.education.settings import GraderSettings, SteeringSettings, StudentSettings, VectorSettings
-from persona.education.store import KeyedJournal
-from persona.report import PhaseRunner, write_csv, write_json
+from persona.report import PhaseRunner
+from persona.store import KeyedJournal, write_csv, write_json
 
 UNSTEERED = "unsteered"
 ANSWER_KEY = ("type", "set", "sample")

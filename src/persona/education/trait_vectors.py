@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from persona.education.settings import VectorSettings
+from persona.store import write_text
 from persona.traits import datasets_dir, load_trait
-from persona.vectors import atomic_write_bytes, vector_filename
+from persona.vectors import vector_filename
 
 
 def pairs_path(trait: str) -> Path:
@@ -234,5 +235,5 @@ def instruction_pairs(
             {"prompt": question, "positive": answers["pos"], "negative": answers["neg"], "split": "train"}
         )
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
     return path

@@ -27,6 +27,7 @@ from persona.data.examples import Example, format_prompt
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
 from persona.steering import left_pad
+from persona.store import atomic_write
 from persona.training.callbacks import (
     _check_against_model,
     _check_rows,
@@ -35,7 +36,7 @@ from persona.training.callbacks import (
     _stem,
     _TrainStepHooks,
 )
-from persona.vectors import atomic_write_bytes, load_vector
+from persona.vectors import load_vector
 
 
 def read_monitor_prompts(
@@ -307,7 +308,7 @@ class ActivationMonitor(Callback):
         writer = csv.DictWriter(buffer, fieldnames=self.CSV_FIELDS)
         writer.writeheader()
         writer.writerows(self.history)
-        atomic_write_bytes(path, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
+        atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
 
     def _compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
         """This rank's share of the prompts: ``{kind: [n_local, vectors, layers]}``, NaN where a row has no tokens."""
