@@ -1,5 +1,8 @@
 """Read per-example residual-stream means from a batch: the shared step of extraction, projection and metrics.
 
+:func:`example_projections` is the one "score examples along directions" step: ``persona project``,
+layer metrics, screening, finetuning shift and the training monitor all call it.
+
 For each requested layer and each example: the mean over prompt tokens (``prompt_avg``), the mean
 over response tokens (``response_avg``) and the last prompt token (``prompt_last``). Only the blocks
 up to the deepest requested layer run; the LM head never does.
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from persona.hooks import block_hooks, forward_until
-from persona.hooks.operators import gather_positions, masked_mean
+from persona.hooks.operators import gather_positions, masked_mean, project
 from persona.vectors import VECTOR_KINDS
 
 
@@ -56,3 +59,30 @@ def kind_row_mask(batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "response_avg":
         return batch["response_mask"].any(dim=1)
     return batch["prompt_mask"].any(dim=1)
+
+
+def example_projections(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    layers: Sequence[int],
+    directions: torch.Tensor,
+    kinds: Sequence[str] = ("response_avg",),
+    *,
+    cosine: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{kind: [batch, n_targets]}``: each example's ``kind`` mean at ``layers[i]`` on ``directions[i]``.
+
+    ``directions``: ``[n_targets, hidden]``. Projection on the unit direction, or cosine similarity.
+    Rows without tokens of a kind (an empty response) score NaN, as the seed's mean over no tokens
+    does. One forward for every kind and target, blocks up to ``max(layers)``; a layer shared by
+    several targets is read once.
+    """
+    distinct = sorted(set(layers))
+    means = read_example_means(model, batch, distinct, kinds=kinds)
+    slots = [distinct.index(layer) for layer in layers]
+    return {
+        kind: project(values[:, slots], directions, cosine=cosine).masked_fill(
+            ~kind_row_mask(batch, kind)[:, None], float("nan")
+        )
+        for kind, values in means.items()
+    }

@@ -14,6 +14,7 @@ import torch
 
 from persona.activations import kind_row_mask, read_example_means
 from persona.data.modules import ResponseDataModule
+from persona.hardware import make_trainer
 from persona.hooks import locate_blocks
 from persona.models import DEFAULT_MODEL, load_model, model_short_name
 from persona.vectors import VECTOR_KINDS, save_vector, vector_filename
@@ -113,21 +114,6 @@ class VectorExtractor(L.LightningModule):
             self.saved_paths[kind] = save_vector(
                 self.vectors[kind], save_dir / vector_filename(hp.trait, kind), meta
             )
-
-
-def make_trainer(
-    accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", callbacks: list | None = None
-) -> L.Trainer:
-    """A Trainer for predict loops: no logger, no checkpoints (results are written by the loops themselves)."""
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
 
 
 def extract(

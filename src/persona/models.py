@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from persona.hardware import resolve_dtype
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -114,29 +116,20 @@ def resolve_model_path(name: str = DEFAULT_MODEL) -> str:
     return name
 
 
+def model_dimensions(model: str, *, trust_remote_code: bool = False) -> tuple[int, int]:
+    """``(hidden_size, num_layers)`` from the model's config, without loading its weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    return int(text.hidden_size), int(text.num_hidden_layers)
+
+
 def model_short_name(name: str) -> str:
     """Folder-safe short name for output paths: ``Qwen/Qwen2.5-7B-Instruct`` -> ``Qwen2.5-7B-Instruct``."""
     if name in EMBEDDED_MODELS:
         return name
     return Path(name.rstrip("/")).name or name
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(
-            f"dtype={dtype!r} is not a torch dtype. Fix: use float32, bfloat16, float16 or auto."
-        )
-    return value
 
 
 # Tokens some vocabularies reserve for padding, tried in order when the tokenizer names no pad token.

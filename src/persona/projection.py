@@ -15,30 +15,30 @@ place. One difference: layer ``num_layers`` is read before the final norm (the s
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader
 
-from persona.activations import kind_row_mask, read_example_means
-from persona.data.batches import collate, length_sorted, tokenize_examples
-from persona.data.examples import Example, format_prompt, read_csv_checked, read_jsonl
-from persona.extraction import make_trainer
+from persona.activations import example_projections
+from persona.data.modules import ExampleDataModule
+from persona.data.scored_files import (
+    present_fields,
+    projection_column,
+    read_scored_file,
+    scored_file_examples,
+    write_scores,
+)
+from persona.hardware import make_trainer
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
-from persona.models import DEFAULT_MODEL, load_model, load_tokenizer, model_short_name, resolve_model_path
-from persona.store import write_csv, write_text
-from persona.vectors import VECTOR_KINDS, load_vector, unit
+from persona.models import DEFAULT_MODEL, load_model, load_tokenizer, model_dimensions
+from persona.vectors import VECTOR_KINDS, load_vector
 
 ProjectionType = Literal["proj", "prompt_last_proj", "cos_sim"]
 # projection_type -> (activation kind read per example, cosine similarity instead of projection)
@@ -50,76 +50,55 @@ PROJECTION_TYPES: dict[str, tuple[str, bool]] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# The shared mechanism: per-example scores along one direction per (layer, direction) target.
-
-
-def example_projections(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    layers: Sequence[int],
-    directions: torch.Tensor,
-    kind: str = "response_avg",
-    *,
-    cosine: bool = False,
-) -> torch.Tensor:
-    """Scores ``[batch, n_targets]``: example means of ``kind`` at ``layers[i]`` on ``directions[i]``.
-
-    ``directions``: ``[n_targets, hidden]``. Projection is on the unit direction (the seed's
-    ``a_proj_b``); ``cosine`` gives cosine similarity. Rows without tokens of ``kind`` (an empty
-    response) score NaN, as the seed's mean over no tokens does. One forward, blocks up to
-    ``max(layers)``; a layer shared by several targets is read once.
-    """
-    distinct = sorted(set(layers))
-    means = read_example_means(model, batch, distinct, kinds=(kind,))[kind]  # [batch, len(distinct), hidden]
-    activations = means[:, [distinct.index(layer) for layer in layers]]  # [batch, n_targets, hidden]
-    directions = directions.to(activations)
-    if cosine:
-        scores = torch.nn.functional.cosine_similarity(activations, directions.unsqueeze(0), dim=-1)
-    else:
-        scores = torch.einsum("bnh,nh->bn", activations, unit(directions))
-    return scores.masked_fill(~kind_row_mask(batch, kind)[:, None], float("nan"))
+# The predict loop: per-example scores along one direction per (layer, direction) target.
 
 
 class ExampleProjector(L.LightningModule):
-    """Predict loop returning ``{"index": [batch], "scores": [batch, n_targets]}`` per batch."""
+    """Predict loop returning ``{"index": [batch], "scores": [batch, n_kinds, n_targets]}`` per batch."""
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         layers: Sequence[int] = (),
         directions: torch.Tensor | None = None,
-        kind: str = "response_avg",
+        kinds: Sequence[str] = ("response_avg",),
         cosine: bool = False,
         dtype: str = "float32",
+        adapter: str | None = None,
         trust_remote_code: bool = False,
+        module: torch.nn.Module | None = None,
     ):
         """
         Args:
             model: Model alias, hub id or local path.
             layers: Layer of each target (0 = embeddings, L = output of block L-1).
             directions: [len(layers), hidden] direction of each target.
-            kind: Activation read per example: response_avg, prompt_avg or prompt_last.
+            kinds: Activations read per example: response_avg, prompt_avg and/or prompt_last.
             cosine: Cosine similarity instead of the projection on the unit direction.
             dtype: Model dtype (float32, bfloat16, float16, auto).
+            adapter: A PEFT adapter directory to load on the model.
             trust_remote_code: Allow the model's custom code.
+            module: An already-loaded model to use instead of loading ``model`` (not saved as a hyperparameter).
         """
         super().__init__()
-        if kind not in VECTOR_KINDS:
-            raise ValueError(
-                f"kind={kind!r} is not an activation kind. Fix: use one of {', '.join(VECTOR_KINDS)}."
-            )
+        unknown = [kind for kind in kinds if kind not in VECTOR_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"kinds={list(kinds)!r}. Fix: use one or more of {', '.join(VECTOR_KINDS)}.")
         if directions is None or directions.dim() != 2 or directions.shape[0] != len(layers) or not layers:
             raise ValueError("directions must be [len(layers), hidden] with at least one target.")
-        self.save_hyperparameters(ignore=["directions"])
+        self.save_hyperparameters(ignore=["directions", "module"])
         self.hparams.layers = [int(layer) for layer in layers]
+        self.hparams.kinds = list(kinds)
         self.register_buffer("directions", directions.detach().float(), persistent=False)
-        self.model: torch.nn.Module | None = None
+        self.model = module
 
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
-            self.model.requires_grad_(False)
+            self.model = load_model(
+                hp.model, dtype=hp.dtype, adapter=hp.adapter, trust_remote_code=hp.trust_remote_code
+            )
+        self.model.requires_grad_(False)
 
     def on_predict_start(self) -> None:
         # Callers validate against the model config; this checks the loaded model itself, still before any forward.
@@ -135,8 +114,10 @@ class ExampleProjector(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        scores = example_projections(self.model, batch, hp.layers, self.directions, hp.kind, cosine=hp.cosine)
-        return {"index": batch["index"], "scores": scores}
+        scores = example_projections(
+            self.model, batch, hp.layers, self.directions, hp.kinds, cosine=hp.cosine
+        )
+        return {"index": batch["index"], "scores": torch.stack([scores[kind] for kind in hp.kinds], dim=1)}
 
 
 class ProjectionShardWriter(BasePredictionWriter):
@@ -163,18 +144,20 @@ class ProjectionShardWriter(BasePredictionWriter):
         self.scores.append(prediction["scores"].float().cpu())
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n_targets = len(pl_module.hparams.layers)
+        hp = pl_module.hparams
         shard = {
             "index": torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.long),
-            "scores": torch.cat(self.scores) if self.scores else torch.zeros(0, n_targets),
+            "scores": torch.cat(self.scores)
+            if self.scores
+            else torch.zeros(0, len(hp.kinds), len(hp.layers)),
         }
         torch.save(shard, Path(self.shard_dir) / f"rank-{trainer.global_rank}.pt")
         trainer.strategy.barrier()  # rank 0 reads every shard once predict returns
 
 
-def gather_shards(shard_dir: str | Path, n_examples: int, n_targets: int) -> torch.Tensor:
-    """Scores ``[n_examples, n_targets]`` in input order from the shards of every rank."""
-    scores = torch.full((n_examples, n_targets), float("nan"))
+def gather_shards(shard_dir: str | Path, n_examples: int, shape: Sequence[int]) -> torch.Tensor:
+    """Scores ``[n_examples, *shape]`` in input order from the shards of every rank."""
+    scores = torch.full((n_examples, *shape), float("nan"))
     seen = torch.zeros(n_examples, dtype=torch.bool)
     for path in sorted(Path(shard_dir).glob("rank-*.pt")):
         shard = torch.load(path, weights_only=True)
@@ -188,37 +171,6 @@ def gather_shards(shard_dir: str | Path, n_examples: int, n_targets: int) -> tor
     return scores
 
 
-class ExampleDataModule(L.LightningDataModule):
-    """Already-read examples, tokenised once, batched longest-first with right padding.
-
-    Batches carry ``index`` = position in ``examples``, like :class:`persona.data.modules.ResponseDataModule`.
-    """
-
-    def __init__(
-        self, examples: list[Example], tokenizer, batch_size: int = 8, max_length: int | None = None
-    ):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
-        self.examples = examples
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    def setup(self, stage: str) -> None:
-        self.items = length_sorted(
-            tokenize_examples(self.examples, self.tokenizer, max_length=self.max_length)
-        )
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.items,
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
-
-
 def predict_projections(
     projector: ExampleProjector,
     datamodule: L.LightningDataModule,
@@ -227,111 +179,52 @@ def predict_projections(
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
-) -> torch.Tensor | None:
-    """Run the predict loop: scores ``[n_examples, n_targets]`` in input order (None on ranks other than 0)."""
+) -> dict[str, torch.Tensor] | None:
+    """Run the predict loop: ``{kind: [n_examples, n_targets]}`` in input order (None on ranks other than 0)."""
+    hp = projector.hparams
     with tempfile.TemporaryDirectory(prefix="persona-projections-") as shard_dir:
         writer = ProjectionShardWriter(shard_dir)
         trainer = make_trainer(accelerator, devices, strategy, callbacks=[writer])
         trainer.predict(projector, datamodule=datamodule, return_predictions=False)
         if not trainer.is_global_zero:
             return None
-        return gather_shards(writer.shard_dir, n_examples, len(projector.hparams.layers))
+        scores = gather_shards(writer.shard_dir, n_examples, (len(hp.kinds), len(hp.layers)))
+    return {kind: scores[:, i] for i, kind in enumerate(hp.kinds)}
 
 
-def model_dimensions(model: str, *, trust_remote_code: bool = False) -> tuple[int, int]:
-    """``(hidden_size, num_layers)`` from the model's config, without loading its weights."""
-    from transformers import AutoConfig
+def score_examples(
+    module: torch.nn.Module,
+    tokenizer,
+    examples: list,
+    layer: int,
+    direction: torch.Tensor,
+    kinds: Sequence[str],
+    *,
+    batch_size: int = 8,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+) -> dict[str, np.ndarray]:
+    """``{kind: float64 [len(examples)]}``: projections of a loaded model's example means on ``direction``.
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
-    text = config.get_text_config()
-    return int(text.hidden_size), int(text.num_hidden_layers)
+    The same predict loop as ``persona project``, for callers that already hold the model (screening,
+    finetuning shift). NaN where an example has no tokens of a kind.
+    """
+    projector = ExampleProjector(
+        model=getattr(module, "name_or_path", "model"),
+        layers=[layer],
+        directions=direction.detach().float()[None],
+        kinds=kinds,
+        module=module,
+    )
+    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size)
+    scores = predict_projections(
+        projector, datamodule, len(examples), accelerator=accelerator, devices=devices
+    )
+    return {kind: scores[kind][:, 0].double().numpy() for kind in kinds}
 
 
 # ---------------------------------------------------------------------------------------------------
 # `persona project`: score columns added to a CSV or JSONL file.
-
-
-def projection_column(model: str, vector_path: str | Path, projection_type: str, layer: int) -> str:
-    """The seed's column name: ``<model-short-name>_<vector-file-stem>_<type>_layer<L>``."""
-    stem = Path(vector_path).name.split(".")[0]  # the seed cuts at the first dot
-    return f"{model_short_name(model)}_{stem}_{projection_type}_layer{layer}"
-
-
-def read_scored_file(path: Path) -> pd.DataFrame | list[dict]:
-    """A CSV (columns prompt, answer) as a DataFrame, or a JSONL of {messages: [...]} records."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        read_csv_checked(path, ("prompt", "answer"))  # existence, header and columns, with its messages
-        # Read as text so the rewrite leaves other columns as they were ("007" stays "007", "" stays "").
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        missing = frame.index[frame["prompt"] == ""].tolist()
-        if missing:
-            raise ValueError(
-                f"{path}: column 'prompt' is empty in row(s) {missing[:5]}. Fix: fill every prompt."
-            )
-        return frame
-    if suffix in (".jsonl", ".json"):
-        records = read_jsonl(path)
-        for line, record in enumerate(records, start=1):
-            where = f"{path}: record {line}"
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or len(messages) < 2:
-                raise ValueError(
-                    f"{where}: field 'messages' must be a list of at least 2 chat messages "
-                    "(the last one is the response). Fix: use the chat JSONL format."
-                )
-            last = messages[-1]
-            if (
-                not isinstance(last, dict)
-                or last.get("role") != "assistant"
-                or not isinstance(last.get("content"), str)
-            ):
-                raise ValueError(
-                    f"{where}: the last message must be {{'role': 'assistant', 'content': str}} "
-                    f"(the response to score); found {str(last)[:80]!r}."
-                )
-        return records
-    raise ValueError(
-        f"{path}: unknown file type {suffix!r}. Fix: give a .csv (prompt, answer) or .jsonl (messages)."
-    )
-
-
-def present_fields(data: pd.DataFrame | list[dict]) -> set[str]:
-    if isinstance(data, pd.DataFrame):
-        return set(map(str, data.columns))
-    return set.intersection(*(set(record) for record in data))
-
-
-def scored_file_examples(path: Path, data: pd.DataFrame | list[dict], tokenizer) -> list[Example]:
-    if isinstance(data, pd.DataFrame):
-        return [
-            Example(prompt, answer, 0, f"{path.name}:{row}")
-            for row, (prompt, answer) in enumerate(zip(data["prompt"], data["answer"], strict=True))
-        ]
-    return [
-        Example(
-            format_prompt(tokenizer, {"messages": record["messages"][:-1]}, where=f"{path}: record {line}"),
-            record["messages"][-1]["content"],
-            0,
-            f"{path.name}:{line}",
-        )
-        for line, record in enumerate(data, start=1)
-    ]
-
-
-def write_scores(path: Path, data: pd.DataFrame | list[dict], columns: dict[str, np.ndarray]) -> None:
-    """Add (or replace) score columns and rewrite ``path`` atomically, rows in their original order."""
-    if isinstance(data, pd.DataFrame):
-        for name, values in columns.items():
-            data[name] = values
-        write_csv(path, data)
-        return
-    for row, record in enumerate(data):
-        for name, values in columns.items():
-            value = float(values[row])
-            record[name] = None if math.isnan(value) else value  # JSON has no NaN
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in data)
-    write_text(path, text)
 
 
 def project(
@@ -375,6 +268,40 @@ def project(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     path = Path(file_path)
+    data = read_scored_file(path)
+    targets = plan_columns(path, data, model, vector_path, layer, projection_type, overwrite)
+    if not targets:
+        print(f"{path}: nothing to compute.")
+        return []
+    directions = target_directions(model, targets, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
+    examples = scored_file_examples(path, data, tokenizer)
+    kind, cosine = PROJECTION_TYPES[projection_type]
+    names = list(targets)
+    projector = ExampleProjector(
+        model=model,
+        layers=[targets[name][1] for name in names],
+        directions=directions,
+        kinds=[kind],
+        cosine=cosine,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size)
+    scores = predict_projections(
+        projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
+    )
+    if scores is None:  # not global rank 0: rank 0 writes the file
+        return names
+    write_scores(path, data, {name: scores[kind][:, column].numpy() for column, name in enumerate(names)})
+    print(f"{path}: wrote {', '.join(names)} ({len(examples)} rows).")
+    return names
+
+
+def plan_columns(
+    path, data, model, vector_path, layer, projection_type, overwrite
+) -> dict[str, tuple[str, int]]:
+    """``column -> (vector path, layer)`` still to compute (existing columns skipped unless ``overwrite``)."""
     vector_paths = list(dict.fromkeys([vector_path] if isinstance(vector_path, str | Path) else vector_path))
     layer_list = list(dict.fromkeys([layer] if isinstance(layer, int) else layer))
     if not vector_paths or not layer_list:
@@ -384,9 +311,7 @@ def project(
             raise ValueError(
                 f"--layer {value!r}: layers are integers >= 0 (0 = embeddings, L = output of block L-1)."
             )
-    data = read_scored_file(path)
-
-    targets: dict[str, tuple[str, int]] = {}  # column -> (vector path, layer)
+    targets: dict[str, tuple[str, int]] = {}
     for vector in vector_paths:
         for value in layer_list:
             name = projection_column(model, vector, projection_type, value)
@@ -400,10 +325,13 @@ def project(
     for name in [name for name in targets if name in existing and not overwrite]:
         print(f"{path}: column {name} already exists, skipping (pass --overwrite to recompute).")
         del targets[name]
-    if not targets:
-        print(f"{path}: nothing to compute.")
-        return []
+    return targets
 
+
+def target_directions(
+    model: str, targets: dict[str, tuple[str, int]], *, trust_remote_code: bool
+) -> torch.Tensor:
+    """``[n_targets, hidden]``: each target's row of its vector file, checked against the model's dimensions."""
     hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
     vectors = {
         vector: load_vector(vector, hidden_size=hidden_size, num_layers=num_layers)
@@ -417,29 +345,6 @@ def project(
             )
         if float(vectors[vector][value].norm()) == 0.0:
             raise ValueError(
-                f"{vector}: row {value} is all zeros (no direction to project on). "
-                "Fix: choose another --layer."
+                f"{vector}: row {value} is all zeros (no direction to project on). Fix: choose another --layer."
             )
-
-    tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
-    examples = scored_file_examples(path, data, tokenizer)
-    kind, cosine = PROJECTION_TYPES[projection_type]
-    names = list(targets)
-    projector = ExampleProjector(
-        model=model,
-        layers=[targets[name][1] for name in names],
-        directions=torch.stack([vectors[targets[name][0]][targets[name][1]] for name in names]),
-        kind=kind,
-        cosine=cosine,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size)
-    scores = predict_projections(
-        projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
-    )
-    if scores is None:  # not global rank 0: rank 0 writes the file
-        return names
-    write_scores(path, data, {name: scores[:, column].numpy() for column, name in enumerate(names)})
-    print(f"{path}: wrote {', '.join(names)} ({len(examples)} rows).")
-    return names
+    return torch.stack([vectors[vector][value] for vector, value in targets.values()])

@@ -160,7 +160,7 @@ def steer_eval(
         trust_remote_code: Allow custom model code from the hub.
     """
     from persona.generation import generate
-    from persona.projection import model_dimensions
+    from persona.models import model_dimensions
     from persona.steering import POSITIONS, SteeringSpec
     from persona.traits import load_trait
     from persona.vectors import load_vector

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from persona.chat import Messages, answer_text, encode_chat
+from persona.hardware import input_device
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
@@ -96,11 +97,6 @@ def hidden_size(layout: DecoderLayout) -> int:
     return layout.model.get_input_embeddings().embedding_dim
 
 
-def _layer_device(layout: DecoderLayout, layer: int) -> torch.device:
-    block = layout.blocks[max(layer - 1, 0)]
-    return next(block.parameters()).device
-
-
 def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | None:
     """bool [batch, seq] (or broadcastable) of the prefill positions to steer; None = all of them."""
     if state.attention_mask is not None and state.attention_mask.dim() != 2:
@@ -161,14 +157,10 @@ def steer(model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec) -> Ite
         if spec.coef == 0:
             continue
         scale = spec.scale()
-        direction = spec.vector.detach().to(device=_layer_device(layout, spec.layer), dtype=torch.float32)
+        direction = spec.vector.detach().to(device=layout.layer_device(spec.layer), dtype=torch.float32)
         hooks.append((spec.layer, _steering_hook(spec.positions, direction, scale)))
     with block_hooks(model, hooks):
         yield layout
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()
@@ -193,7 +185,7 @@ def mean_residual_norm(
         raise ValueError(
             "The tokenizer has no pad token. Fix: set tokenizer.pad_token = tokenizer.eos_token."
         )
-    device = _input_device(model)
+    device = input_device(model)
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
 
@@ -264,7 +256,7 @@ def generate_steered(
     if temperature > 0:
         kwargs["temperature"] = temperature
     kwargs.update(generate_kwargs)
-    device = _input_device(model)
+    device = input_device(model)
     outputs: list[str] = [""] * len(encoded)
     with steer(model, specs):
         for start in range(0, len(order), batch_size):

@@ -85,7 +85,3 @@ def load_vector(
 def load_metadata(path: str | Path) -> dict:
     side = sidecar_path(path)
     return json.loads(side.read_text()) if side.is_file() else {}
-
-
-def unit(vector: torch.Tensor) -> torch.Tensor:
-    return vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-12)

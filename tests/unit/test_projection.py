@@ -9,8 +9,9 @@ import torch
 
 from conftest import hidden_states_without_final_norm
 from persona.cli import main
+from persona.data.scored_files import projection_column
 from persona.models import load_model, load_tokenizer
-from persona.projection import project, projection_column
+from persona.projection import project
 from persona.vectors import save_vector
 
 QUESTIONS = [

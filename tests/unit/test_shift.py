@@ -104,9 +104,9 @@ def test_shift_matches_independent_computation_and_is_zero_for_an_identity_adapt
     ]
     zero = make_adapter(base_dir, tmp_path / "zero", seed=0, b_std=0)
     reads, generations = [], []
-    original_scores, original_generate = shift_module.example_scores, screening.generate_steered
+    original_scores, original_generate = shift_module.score_examples, screening.generate_steered
     monkeypatch.setattr(
-        shift_module, "example_scores", lambda *a, **k: reads.append(1) or original_scores(*a, **k)
+        shift_module, "score_examples", lambda *a, **k: reads.append(1) or original_scores(*a, **k)
     )
     monkeypatch.setattr(
         screening, "generate_steered", lambda *a, **k: generations.append(1) or original_generate(*a, **k)

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from persona.data.modules import ResponseDataModule
-from persona.models import DEFAULT_MODEL
-from persona.projection import ExampleProjector, model_dimensions, predict_projections
+from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.projection import ExampleProjector, predict_projections
 from persona.store import write_csv, write_figure
 from persona.vectors import load_metadata, load_vector
 
@@ -180,7 +180,7 @@ def layers(
         model=model,
         layers=list(range(num_layers + 1)),
         directions=vector,
-        kind=kind,
+        kinds=[kind],
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
@@ -189,7 +189,7 @@ def layers(
     )
     if scores is None:  # not global rank 0
         return None
-    metrics = layer_metrics(scores.numpy(), labels)
+    metrics = layer_metrics(scores[kind].numpy(), labels)
     recommended = recommend_layer(metrics)
     metrics["recommended"] = metrics["layer"] == recommended
 

@@ -13,6 +13,7 @@ import torch
 
 from persona.data.batches import collate, tokenize_examples
 from persona.data.examples import Example
+from persona.hardware import input_device
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def response_mean_logprobs(
     """Mean log-probability per response token of each example: [len(examples)] in input order."""
     items = tokenize_examples(list(examples), tokenizer)
     out = torch.empty(len(items))
-    device = next(model.parameters()).device
+    device = input_device(model)
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_token_id=tokenizer.pad_token_id)
         logits = model(

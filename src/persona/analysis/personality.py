@@ -31,6 +31,7 @@ from persona.analysis.likelihood import response_mean_logprobs
 from persona.chat import has_chat_template, render_chat, user_turn
 from persona.data.examples import Example
 from persona.data.personality import read_trait_items
+from persona.hardware import input_device
 from persona.models import DEFAULT_MODEL, model_short_name
 from persona.steering import SteeringSpec, left_pad, steer
 from persona.store import write_csv, write_figure
@@ -164,7 +165,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size:
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     rows = []
     for start in range(0, len(encoded), batch_size):
         input_ids, attention_mask = left_pad(encoded[start : start + batch_size], pad_id)
@@ -350,7 +351,7 @@ def personality(
         trust_remote_code: Allow custom model code from the hub.
     """
     from persona.extraction import extract
-    from persona.projection import model_dimensions
+    from persona.models import model_dimensions
     from persona.steer_eval import parse_coefs
     from persona.vectors import load_vector, vector_filename
 

@@ -23,52 +23,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from persona.activations import kind_row_mask, read_example_means
-from persona.data.batches import collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, format_prompt
-from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.projection import model_dimensions, read_scored_file
+from persona.data.scored_files import read_scored_file
+from persona.hardware import resolve_device
+from persona.models import DEFAULT_MODEL, load_model, load_tokenizer, model_dimensions
+from persona.projection import score_examples
 from persona.steering import generate_steered
 from persona.store import KeyedJournal, write_csv, write_figure, write_text
-from persona.vectors import load_vector, unit
+from persona.vectors import load_vector
 
 Messages = list[dict]
 PROMPT_PREVIEW_CHARS = 80
-
-
-def resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.inference_mode()
-def example_scores(
-    model: torch.nn.Module,
-    tokenizer,
-    examples: Sequence[Example],
-    layer: int,
-    direction: torch.Tensor,
-    kinds: Sequence[str] = ("response_avg",),
-    *,
-    batch_size: int = 8,
-) -> dict[str, np.ndarray]:
-    """Projection of each example's ``kind`` mean at ``layer`` on the unit ``direction [hidden]``.
-
-    ``{kind: float64 [len(examples)]}`` in input order; NaN where the example has no tokens of that
-    kind (an empty response). All kinds come from one truncated forward per batch.
-    """
-    items = length_sorted(tokenize_examples(list(examples), tokenizer))
-    device = model.get_input_embeddings().weight.device
-    direction = unit(direction.float()).to(device)
-    out = {kind: np.full(len(items), np.nan) for kind in kinds}
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start : start + batch_size], pad_token_id=tokenizer.pad_token_id)
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        means = read_example_means(model, batch, [layer], kinds=kinds)
-        for kind in kinds:
-            scores = means[kind][:, 0] @ direction  # [batch]
-            scores = scores.masked_fill(~kind_row_mask(batch, kind), float("nan"))
-            out[kind][batch["index"].cpu().numpy()] = scores.double().cpu().numpy()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +224,7 @@ def screen(
     cache_path: str | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
-    device: str | None = None,
+    accelerator: str = "auto",
     trust_remote_code: bool = False,
 ) -> dict:
     """Score each training sample by how far its response pushes the model along a persona vector.
@@ -284,7 +249,7 @@ def screen(
         cache_path: Greedy-response cache; default <data>.base_responses.jsonl.
         batch_size: Examples per forward / generation batch.
         dtype: Model dtype: float32, bfloat16, float16 or auto.
-        device: cpu, cuda, cuda:1 ...; default cuda if available.
+        accelerator: cpu, gpu or auto (the GPU when there is one).
         trust_remote_code: Allow custom model code from the hub.
     """
     path = Path(data)
@@ -304,7 +269,9 @@ def screen(
     ]
     responses = [record["messages"][-1]["content"] for record in records]
 
-    net = load_model(model, dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code)
+    net = load_model(
+        model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
+    )
     net.requires_grad_(False)
     train_examples = [
         Example(p, r, 0, f"{path.name}:{i}")
@@ -312,7 +279,7 @@ def screen(
     ]
     if cheap:
         method = "cheap: response_avg(train) - prompt_last"
-        found = example_scores(
+        found = score_examples(
             net,
             tokenizer,
             train_examples,
@@ -320,6 +287,7 @@ def screen(
             direction,
             ("response_avg", "prompt_last"),
             batch_size=batch_size,
+            accelerator=accelerator,
         )
         train_proj, reference = found["response_avg"], found["prompt_last"]
     else:
@@ -338,7 +306,7 @@ def screen(
             Example(p, r, 0, f"{path.name}:{i}:base")
             for i, (p, r) in enumerate(zip(prompt_texts, base_responses, strict=True), 1)
         ]
-        found = example_scores(
+        found = score_examples(
             net,
             tokenizer,
             train_examples + base_examples,
@@ -346,6 +314,7 @@ def screen(
             direction,
             ("response_avg",),
             batch_size=batch_size,
+            accelerator=accelerator,
         )["response_avg"]
         train_proj, reference = found[: len(records)], found[len(records) :]
     del net

@@ -27,16 +27,12 @@ import pandas as pd
 import torch
 
 from persona.analysis.likelihood import pair_preference
-from persona.analysis.screening import (
-    cached_greedy_responses,
-    check_vector_and_layer,
-    example_scores,
-    resolve_device,
-)
+from persona.analysis.screening import cached_greedy_responses, check_vector_and_layer
 from persona.data.build import default_pairs_path
 from persona.data.examples import Example, contrastive_pair_examples, format_prompt
-from persona.models import load_model, load_tokenizer, model_short_name
-from persona.projection import model_dimensions
+from persona.hardware import resolve_device
+from persona.models import load_model, load_tokenizer, model_dimensions, model_short_name
+from persona.projection import score_examples
 from persona.steering import generate_steered
 from persona.store import write_csv, write_figure
 from persona.traits import Trait, load_trait
@@ -197,7 +193,7 @@ def shift(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     dtype: str = "float32",
-    device: str | None = None,
+    accelerator: str = "auto",
     seed: int = 0,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -224,7 +220,7 @@ def shift(
         max_new_tokens: Length of the base model's greedy responses (and judged samples).
         batch_size: Examples per forward / generation batch.
         dtype: Model dtype: float32, bfloat16, float16 or auto.
-        device: cpu, cuda, cuda:1 ...; default cuda if available.
+        accelerator: cpu, gpu or auto (the GPU when there is one).
         seed: Seed for judged sampling.
         trust_remote_code: Allow custom model code from the hub.
     """
@@ -254,7 +250,11 @@ def shift(
     )
     prompts = [[{"role": "user", "content": question}] for question in questions]
     prompt_texts = [format_prompt(tokenizer, {"messages": p}, where=str(trait_file.path)) for p in prompts]
-    load_kwargs = {"dtype": dtype, "device": resolve_device(device), "trust_remote_code": trust_remote_code}
+    load_kwargs = {
+        "dtype": dtype,
+        "device": resolve_device(accelerator),
+        "trust_remote_code": trust_remote_code,
+    }
 
     def trait_score(net) -> float:
         if judge is None:
@@ -276,8 +276,15 @@ def shift(
         Example(text, response, 0, f"{trait_file.path.name}:q{i}")
         for i, (text, response) in enumerate(zip(prompt_texts, responses, strict=True))
     ]
-    base_scores = example_scores(
-        base, tokenizer, examples, layer, direction, SHIFT_KINDS, batch_size=batch_size
+    base_scores = score_examples(
+        base,
+        tokenizer,
+        examples,
+        layer,
+        direction,
+        SHIFT_KINDS,
+        batch_size=batch_size,
+        accelerator=accelerator,
     )
     base_trait = trait_score(base)
     del base
@@ -286,7 +293,16 @@ def shift(
     rows = []
     for name in finetuned:
         net = load_finetuned(base_model, name, **load_kwargs).requires_grad_(False)
-        found = example_scores(net, tokenizer, examples, layer, direction, SHIFT_KINDS, batch_size=batch_size)
+        found = score_examples(
+            net,
+            tokenizer,
+            examples,
+            layer,
+            direction,
+            SHIFT_KINDS,
+            batch_size=batch_size,
+            accelerator=accelerator,
+        )
         row = {"adapter": name}
         for kind in SHIFT_KINDS:
             difference = found[kind] - base_scores[kind]

@@ -1,4 +1,10 @@
-"""LightningDataModule over (prompt, response) examples: scored CSVs or contrastive pairs."""
+"""The one LightningDataModule over (prompt, response) examples, and its file-reading form.
+
+:class:`ExampleDataModule` takes examples already read; :class:`ResponseDataModule` reads them from
+scored CSVs or contrastive pairs (its init arguments are the config schema of ``persona predict``).
+Both tokenise once and batch longest-first with right padding; batches carry ``index`` = position in
+the examples, so predictions can be put back in input order.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,37 @@ from persona.data.examples import Example, contrastive_pair_examples, scored_csv
 from persona.models import DEFAULT_MODEL, load_tokenizer
 
 
-class ResponseDataModule(L.LightningDataModule):
+class ExampleDataModule(L.LightningDataModule):
+    """Already-read examples, tokenised once, batched longest-first with right padding."""
+
+    def __init__(
+        self, examples: list[Example], tokenizer, batch_size: int = 8, max_length: int | None = None
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def load_examples(self) -> list[Example]:
+        return self.examples
+
+    def setup(self, stage: str) -> None:
+        examples = self.load_examples()
+        self.items = length_sorted(tokenize_examples(examples, self.tokenizer, max_length=self.max_length))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.items,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+        )
+
+
+class ResponseDataModule(ExampleDataModule):
     """Examples to read activations from, tokenised once, batched longest-first with right padding.
 
     Give either ``pos_path`` + ``neg_path`` (the generate step's CSVs, filtered as the seed does) or
@@ -48,18 +84,14 @@ class ResponseDataModule(L.LightningDataModule):
             max_length: Truncate prompt+response to this many tokens.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
         """
-        super().__init__()
+        super().__init__(None, None, batch_size=batch_size, max_length=max_length)
         if pairs_path is None and (pos_path is None or neg_path is None):
             raise ValueError("Give pos_path and neg_path (scored CSVs) or pairs_path (contrastive pairs).")
         if pairs_path is None and trait is None and not no_filter:
             raise ValueError(
                 "trait is required to filter scored CSVs. Fix: pass --trait NAME or --no_filter."
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
         self.save_hyperparameters()
-        self.examples: list[Example] | None = None
-        self.tokenizer = None
 
     def sources(self) -> list[str]:
         hp = self.hparams
@@ -80,21 +112,7 @@ class ResponseDataModule(L.LightningDataModule):
                 )
         return self.examples
 
-    def setup(self, stage: str) -> None:
-        examples = self.load_examples()
-        self.items = length_sorted(
-            tokenize_examples(examples, self.tokenizer, max_length=self.hparams.max_length)
-        )
-
     def counts(self) -> dict[str, int]:
         examples = self.load_examples()
         positives = sum(example.label for example in examples)
         return {"n_positive": positives, "n_negative": len(examples) - positives}
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.items,
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )

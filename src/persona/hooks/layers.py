@@ -32,6 +32,10 @@ class DecoderLayout:
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    def layer_device(self, layer: int):
+        """The device of the residual stream at ``layer`` (models split across GPUs have several)."""
+        return next(self.blocks[max(layer - 1, 0)].parameters()).device
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip PEFT and DDP wrappers so attribute paths are the architecture's own."""

@@ -50,13 +50,18 @@ def gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
-def project(hidden: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """Scalar projection on the unit direction of one ``vector`` [hidden]: [..., hidden] -> [...]."""
-    if vector.dim() != 1:
-        raise ValueError(f"project takes one direction [hidden], got shape {list(vector.shape)}.")
-    unit = vector / vector.norm().clamp_min(1e-12)
-    return hidden @ unit.to(hidden.dtype)
+def project(hidden: torch.Tensor, directions: torch.Tensor, *, cosine: bool = False) -> torch.Tensor:
+    """Scalar projection on unit directions (the seed's ``a_proj_b``), or cosine similarity.
 
-
-def cosine_similarity(hidden: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(hidden, vector.to(hidden.dtype).expand_as(hidden), dim=-1)
+    One direction ``[hidden]``: ``hidden [..., hidden] -> [...]``. One direction per target ``[n, hidden]``:
+    ``hidden [..., n, hidden] -> [..., n]`` (target i of ``hidden`` on direction i).
+    """
+    if directions.dim() not in (1, 2):
+        raise ValueError(
+            f"project takes directions [hidden] or [n, hidden], got shape {list(directions.shape)}."
+        )
+    directions = directions.to(hidden)
+    if cosine:
+        return torch.nn.functional.cosine_similarity(hidden, directions.expand_as(hidden), dim=-1)
+    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (hidden * unit).sum(dim=-1)

@@ -85,10 +85,6 @@ def _lm(pl_module: L.LightningModule, owner: str) -> nn.Module:
     return model
 
 
-def _layer_device(layout: DecoderLayout, layer: int) -> torch.device:
-    return next(layout.blocks[max(layer - 1, 0)].parameters()).device
-
-
 def _stem(path: str) -> str:
     return Path(path).name.split(".")[0]  # as in projection column names: cut at the first dot
 
@@ -226,7 +222,7 @@ class PreventativeSteering(_TrainStepHooks):
         self._specs = [
             SteeringSpec(
                 layer=layer,
-                vector=self._vector[layer].to(_layer_device(layout, layer)),
+                vector=self._vector[layer].to(layout.layer_device(layer)),
                 coef=self.coef,
                 positions="all",
             )
@@ -335,7 +331,7 @@ class ConceptAblation(_TrainStepHooks):
             )
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"ConceptAblation.layers[{index}]")
-        self._placed = {layer: basis.to(_layer_device(layout, layer)) for layer, basis in self.bases.items()}
+        self._placed = {layer: basis.to(layout.layer_device(layer)) for layer, basis in self.bases.items()}
 
     def _hooks(self, model: nn.Module) -> AbstractContextManager:
         return block_hooks(model, [(layer, _ablation_hook(basis)) for layer, basis in self._placed.items()])

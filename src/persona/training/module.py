@@ -19,7 +19,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from persona.models import DEFAULT_MODEL, load_tokenizer, resolve_dtype, resolve_model_path
+from persona.hardware import resolve_dtype
+from persona.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 

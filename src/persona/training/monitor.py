@@ -21,9 +21,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from persona.activations import read_example_means
+from persona.activations import example_projections
 from persona.data.batches import TokenizedExample, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, format_prompt
+from persona.hardware import input_device
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
 from persona.steering import left_pad
@@ -47,7 +48,10 @@ def read_monitor_prompts(
     ``prompts`` are user turns. ``eval_file`` is a chat JSONL (``messages``, the last one the response),
     a response CSV (``prompt`` already chat-formatted, ``answer``) or a trait JSON (its ``questions``).
     """
-    from persona.projection import read_scored_file, scored_file_examples  # the `persona project` readers
+    from persona.data.scored_files import (  # the `persona project` readers
+        read_scored_file,
+        scored_file_examples,
+    )
 
     if (prompts is None) == (eval_file is None):
         raise ValueError("ActivationMonitor: pass exactly one of prompts or eval_file.")
@@ -202,7 +206,7 @@ class ActivationMonitor(Callback):
             _check_against_model("ActivationMonitor", path, shape, layout, rows=True)
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"ActivationMonitor.layers[{index}]")
-        device = layout.model.get_input_embeddings().weight.device
+        device = input_device(layout.model)
         self._units = (self._vectors / self._vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(device)
 
     def _tokenize(self, tokenizer) -> None:
@@ -321,14 +325,14 @@ class ActivationMonitor(Callback):
                     if isinstance(callback, _TrainStepHooks):
                         paused.enter_context(callback.paused())
                 out: dict[str, list[Tensor]] = {kind: [] for kind in self.kinds}
+                vectors, layers, hidden = self._units.shape
+                target_layers = self.layers * vectors  # target (v, l) at v * layers + l
                 for batch in self._rank_batches(trainer, pl_module):
-                    means = read_example_means(model, batch, self.layers, self.kinds)
+                    scores = example_projections(
+                        model, batch, target_layers, self._units.reshape(-1, hidden), self.kinds
+                    )
                     for kind in self.kinds:
-                        projection = torch.einsum("blh,vlh->bvl", means[kind], self._units)
-                        if kind == "response_avg":
-                            empty = ~batch["response_mask"].any(dim=1)
-                            projection = projection.masked_fill(empty[:, None, None], float("nan"))
-                        out[kind].append(projection)
+                        out[kind].append(scores[kind].view(-1, vectors, layers))
         finally:
             for module, mode in modes.items():
                 module.train(mode)

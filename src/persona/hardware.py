@@ -1,0 +1,66 @@
+"""One meaning for ``--accelerator``, ``--devices``, ``--strategy`` and ``--dtype`` in every command.
+
+Lightning loops (extract, project, layers, generate, fit, screen, shift) take them as Lightning does. Work
+that runs in this process on one device (generation inside a study phase, the local judge) asks
+:func:`resolve_device`, which reads ``--accelerator`` the same way: ``auto`` is the GPU when there is one.
+``--dtype auto`` is bfloat16 on a GPU that supports it, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def resolve_device(accelerator: str = "auto") -> torch.device:
+    """The one device in-process work runs on, for a Lightning ``accelerator`` name."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"--accelerator {accelerator!r}. Fix: use one of {', '.join(ACCELERATORS)}.")
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator == "auto":
+        return torch.device("cpu")
+    raise ValueError(
+        f"--accelerator {accelerator} but no CUDA device is visible. Fix: --accelerator cpu (or auto)."
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(
+            f"--dtype {dtype!r} is not a torch dtype. Fix: use float32, bfloat16, float16 or auto."
+        )
+    return value
+
+
+def make_trainer(
+    accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", callbacks: list | None = None
+):
+    """A Trainer for predict loops: no logger, no checkpoints (the loops write their own results)."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids must go: its input embeddings' device (also under device_map="auto")."""
+    return model.get_input_embeddings().weight.device
