@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from persona.extraction import extract
+from persona.commands.extract import extract
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
 from persona.vectors import VECTOR_KINDS, load_vector
 

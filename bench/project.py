@@ -20,7 +20,7 @@ import torch
 
 from persona.data.scored_files import projection_column
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.projection import project
+from persona.commands.project import project
 from persona.vectors import save_vector
 
 ROOT = Path(__file__).resolve().parents[1]

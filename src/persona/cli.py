@@ -6,11 +6,14 @@ follow the seed research scripts (``--pos_path``, ``--vector_path``, ``--layer``
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass
 
@@ -18,8 +21,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Subcommand:
     summary: str
-    target: str | None  # "module:function", imported only when run; None = not built yet
-    issue: int | None = None  # the issue that builds it, for unbuilt commands
+    target: str  # "module:function", imported only when run ("lightning" for LightningCLI)
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -40,11 +42,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "traits": Subcommand("List trait artifacts, or write a new trait's with an LLM", "persona.traits:traits"),
     "extract": Subcommand(
         "Persona vectors from pos/neg CSVs or contrastive pairs (was generate_vec)",
-        "persona.extraction:extract",
+        "persona.commands.extract:extract",
     ),
     "project": Subcommand(
         "Project activations of a CSV/JSONL dataset on vectors (was cal_projection)",
-        "persona.projection:project",
+        "persona.commands.project:project",
     ),
     "steer-eval": Subcommand(
         "Judge trait and coherence of steered answers over a coefficient grid",
@@ -52,24 +54,24 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "personality": Subcommand(
         "Judge-free TRAIT personality scores (likelihood, multiple choice) over steering coefficients",
-        "persona.analysis.personality:personality",
+        "persona.commands.personality:personality",
     ),
     "layers": Subcommand(
         "Per-layer AUC, separation and variance; recommend a layer (CSV + PNG)",
-        "persona.analysis.layers:layers",
+        "persona.commands.layers:layers",
     ),
     "screen": Subcommand(
-        "Screen training data by projection difference before training", "persona.analysis.screening:screen"
+        "Screen training data by projection difference before training", "persona.commands.screen:screen"
     ),
     "shift": Subcommand(
-        "Finetuning shift along a persona vector vs trait score", "persona.analysis.shift:shift"
+        "Finetuning shift along a persona vector vs trait score", "persona.commands.shift:shift"
     ),
     "dataset": Subcommand(
         "Build chat JSONL training sets mixing trait-eliciting and normal samples",
         "persona.data.build:dataset",
     ),
     "export-gguf": Subcommand(
-        "Export vectors as a llama.cpp control vector (and import back)", "persona.gguf_export:export_gguf"
+        "Export vectors as a llama.cpp control vector", "persona.gguf_export:export_gguf"
     ),
     "report": Subcommand(
         "Rewrite report.md of a demo run directory from its results.json", "persona.demo.report:report"
@@ -93,8 +95,7 @@ def usage() -> str:
         "commands:",
     ]
     for name, sub in SUBCOMMANDS.items():
-        todo = "" if sub.target else f"  [not built yet: issue #{sub.issue}]"
-        lines.append(f"  {name:<{width}}  {sub.summary}{todo}")
+        lines.append(f"  {name:<{width}}  {sub.summary}")
     lines += ["", "The default model is the embedded SmolLM2-135M-Instruct (--model smollm2-135m)."]
     return "\n".join(lines)
 
@@ -126,6 +127,58 @@ def bare_bool_flags_as_true(function, argv: list[str]) -> list[str]:
     return out
 
 
+# Flag names we used before; the seed's own names are the primary ones, so these stay only as aliases.
+FLAG_ALIASES = {"--output": "--output_path", "--out": "--output_path", "--out_dir": "--output_dir"}
+
+
+def _list_item_type(hint) -> type | None:
+    """The element type when ``hint`` admits a list (``list[float]``, ``list[str] | None``, ...), else None."""
+    for option in (
+        typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    ):
+        if typing.get_origin(option) in (list, collections.abc.Sequence):
+            return (typing.get_args(option) or (str,))[0]
+    return None
+
+
+def lists_as_lists(function, argv: list[str]) -> list[str]:
+    """Every list flag takes ``a,b,c``, ``[a,b,c]`` or ``a b c``: rewritten to one JSON list for jsonargparse."""
+    hints = typing.get_type_hints(function)
+    items = {f"--{name}": kind for name, hint in hints.items() if (kind := _list_item_type(hint)) is not None}
+    out: list[str] = []
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        flag, has_value, inline = token.partition("=")
+        position += 1
+        if flag not in items:
+            out.append(token)
+            continue
+        values = [inline] if has_value else []
+        while not has_value and position < len(argv) and not argv[position].startswith("--"):
+            values.append(argv[position])
+            position += 1
+        parts = [
+            part.strip() for value in values for part in value.strip().strip("[]").split(",") if part.strip()
+        ]
+        if items[flag] is str:
+            parts = [part.strip("'\"") for part in parts]
+            out += [flag, json.dumps(parts)]
+        else:
+            out += [flag, "[" + ",".join(parts) + "]"]
+    return out
+
+
+def apply_aliases(function, argv: list[str]) -> list[str]:
+    names = {f"--{name}" for name in inspect.signature(function).parameters}
+    out = []
+    for token in argv:
+        flag, sep, value = token.partition("=")
+        target = FLAG_ALIASES.get(flag)
+        out.append(f"{target}{sep}{value}" if target in names and flag not in names else token)
+    return out
+
+
 def attach_negative_values(argv: list[str]) -> list[str]:
     """``--coefs -2,-1,0`` -> ``--coefs=-2,-1,0``: argparse would read a leading minus as another option."""
     out: list[str] = []
@@ -142,7 +195,8 @@ def run_function(name: str, target: str, argv: list[str]):
 
     module_name, _, function_name = target.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    argv = attach_negative_values(bare_bool_flags_as_true(function, argv))
+    argv = apply_aliases(function, argv)
+    argv = lists_as_lists(function, attach_negative_values(bare_bool_flags_as_true(function, argv)))
     if argv and not argv[0].startswith("-") and "action" in inspect.signature(function).parameters:
         argv = ["--action", *argv]  # `persona dataset build ...` == `persona dataset --action build ...`
     return auto_cli(function, args=argv, as_positional=False, prog=f"persona {name}")
@@ -164,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     if sub is None:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    if sub.target is None:
-        print(
-            f"persona {name}: not built yet (issue #{sub.issue}). It will keep the seed's flag names.",
-            file=sys.stderr,
-        )
-        return 2
-    run_function(name, sub.target, rest)
+    try:
+        run_function(name, sub.target, rest)
+    except Exception as error:
+        from persona.errors import USER_ERRORS, one_line
+
+        if os.environ.get("PERSONA_DEBUG") or not isinstance(error, USER_ERRORS):
+            raise
+        print(f"persona {name}: error: {one_line(error)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,15 +13,9 @@ import lightning as L
 import torch
 
 from persona.activations import kind_row_mask, read_example_means
-from persona.data.modules import ResponseDataModule
-from persona.hardware import make_trainer
 from persona.hooks import locate_blocks
-from persona.models import DEFAULT_MODEL, load_model, model_short_name
-from persona.vectors import VECTOR_KINDS, save_vector, vector_filename
-
-
-def default_save_dir(model: str) -> Path:
-    return Path("persona_vectors") / model_short_name(model)
+from persona.models import DEFAULT_MODEL, load_model
+from persona.vectors import VECTOR_KINDS, default_save_dir, save_vector, vector_filename
 
 
 class VectorExtractor(L.LightningModule):
@@ -114,69 +108,3 @@ class VectorExtractor(L.LightningModule):
             self.saved_paths[kind] = save_vector(
                 self.vectors[kind], save_dir / vector_filename(hp.trait, kind), meta
             )
-
-
-def extract(
-    model: str = DEFAULT_MODEL,
-    pos_path: str | None = None,
-    neg_path: str | None = None,
-    trait: str = "trait",
-    save_dir: str | None = None,
-    threshold: float = 50.0,
-    no_filter: bool = False,
-    pairs_path: str | None = None,
-    split: str | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
-) -> dict[str, str]:
-    """Extract persona vectors: mean activation on trait-showing responses minus on the others, per layer.
-
-    Writes <save_dir>/<trait>_{prompt_avg,response_avg,prompt_last}_diff.pt ([num_layers+1, hidden],
-    row 0 = embeddings, row L = output of block L-1) with a JSON sidecar each.
-
-    Args:
-        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
-        pos_path: CSV of responses showing the trait (question, prompt, answer, question_id, <trait>, coherence).
-        neg_path: CSV of responses not showing it, row-aligned with pos_path.
-        trait: Trait name (the score column, and the output file prefix).
-        save_dir: Output folder; default persona_vectors/<model-short-name>/.
-        threshold: Keep pairs with pos score >= threshold, neg score < 100 - threshold (both coherence >= 50).
-        no_filter: Use every row (files without score columns).
-        pairs_path: Contrastive pairs instead of CSVs (JSONL {prompt|messages, positive, negative}, TRAIT items, persona statements).
-        split: With pairs_path: only pairs of this split (e.g. train).
-        batch_size: Examples per forward pass.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes) to use; with strategy ddp the sums are reduced across ranks.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
-    """
-    datamodule = ResponseDataModule(
-        model=model,
-        pos_path=pos_path,
-        neg_path=neg_path,
-        trait=trait,
-        threshold=threshold,
-        no_filter=no_filter,
-        pairs_path=pairs_path,
-        split=split,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
-    datamodule.load_examples()  # bad input fails here, before the model loads
-    extractor = VectorExtractor(
-        model=model, trait=trait, save_dir=save_dir, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    make_trainer(accelerator, devices, strategy).predict(
-        extractor, datamodule=datamodule, return_predictions=False
-    )
-    # Named here rather than read back from the module: under ddp_spawn rank 0 writes in a child process.
-    folder = Path(save_dir) if save_dir else default_save_dir(model)
-    paths = {kind: str(folder / vector_filename(trait, kind)) for kind in VECTOR_KINDS}
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return paths

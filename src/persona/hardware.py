@@ -8,14 +8,13 @@ that runs in this process on one device (generation inside a study phase, the lo
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
-def resolve_device(accelerator: str = "auto") -> torch.device:
-    """The one device in-process work runs on, for a Lightning ``accelerator`` name."""
+def resolve_device(accelerator: str = "auto"):
+    """The one ``torch.device`` in-process work runs on, for a Lightning ``accelerator`` name."""
+    import torch
+
     if accelerator not in ACCELERATORS:
         raise ValueError(f"--accelerator {accelerator!r}. Fix: use one of {', '.join(ACCELERATORS)}.")
     if accelerator == "cpu":
@@ -29,7 +28,20 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
     )
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def check_dtype(dtype: str) -> str:
+    """Validate a ``--dtype`` value without importing torch."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}. Fix: use one of {', '.join(DTYPES)}.")
+    return dtype
+
+
+def resolve_dtype(dtype):
+    """A ``torch.dtype`` for a ``--dtype`` value (``auto``: bfloat16 on a GPU that supports it, else float32)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -61,6 +73,6 @@ def make_trainer(
     )
 
 
-def input_device(model: nn.Module) -> torch.device:
+def input_device(model):
     """Where a model's token ids must go: its input embeddings' device (also under device_map="auto")."""
     return model.get_input_embeddings().weight.device

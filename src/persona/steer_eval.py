@@ -19,22 +19,9 @@ from persona.models import DEFAULT_MODEL
 from persona.store import write_csv, write_figure
 
 
-def parse_coefs(coefs: str | float | Sequence[float]) -> list[float]:
-    """``"-2,-1,0,1,2"``, ``"[-2, 0, 2]"``, ``2`` or ``[-2, 0, 2]`` -> sorted distinct finite floats."""
-    if isinstance(coefs, str):
-        text = coefs.strip().removeprefix("[").removesuffix("]")
-        parts = [part.strip() for part in text.split(",")]
-        try:
-            values = [float(part) for part in parts]
-        except ValueError:
-            raise ValueError(
-                f"--coefs {coefs!r} is not a list of numbers. Fix: e.g. --coefs=-2,-1,0,1,2 "
-                "or --coefs '[-2, 0, 2]'."
-            ) from None
-    elif isinstance(coefs, int | float):
-        values = [float(coefs)]
-    else:
-        values = [float(value) for value in coefs]
+def parse_coefs(coefs: Sequence[float]) -> list[float]:
+    """A list of steering coefficients -> sorted distinct finite floats (the CLI also takes -2,-1,0,1,2)."""
+    values = [float(value) for value in ([coefs] if isinstance(coefs, int | float) else coefs)]
     if not values:
         raise ValueError("--coefs is empty. Fix: e.g. --coefs=-2,-1,0,1,2.")
     bad = [value for value in values if not math.isfinite(value)]
@@ -111,7 +98,7 @@ def steer_eval(
     vector_path: str,
     layer: int,
     model: str = DEFAULT_MODEL,
-    coefs: str | list[float] = "-2,-1,0,1,2",
+    coefs: list[float] = (-2.0, -1.0, 0.0, 1.0, 2.0),
     steering_type: str = "response",
     n_per_question: int = 1,
     max_questions: int | None = None,

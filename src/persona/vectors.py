@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from persona import __version__
 from persona.store import atomic_write
 
@@ -29,13 +27,24 @@ def vector_filename(trait: str, kind: str) -> str:
     return f"{trait}_{kind}_diff.pt"
 
 
+def default_save_dir(model: str) -> Path:
+    """Where ``persona extract`` writes a model's vectors by default: ``persona_vectors/<model-short-name>``."""
+    from persona.models import model_short_name
+
+    return Path("persona_vectors") / model_short_name(model)
+
+
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_vector(vector: torch.Tensor, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save a vector tensor and its JSON sidecar atomically."""
+def save_vector(vector, path: str | Path, metadata: dict | None = None) -> Path:
+    """Save a vector tensor and its JSON sidecar atomically (a non-finite vector is refused)."""
+    import torch
+
     path = Path(path)
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"{path}: refusing to save a vector with NaN or infinite values (see the inputs).")
     tensor = vector.detach().to("cpu", torch.float32).contiguous()
     atomic_write(path, lambda tmp: torch.save(tensor, tmp))
     meta = {
@@ -48,40 +57,78 @@ def save_vector(vector: torch.Tensor, path: str | Path, metadata: dict | None = 
     return path
 
 
-def load_vector(
-    path: str | Path, *, hidden_size: int | None = None, num_layers: int | None = None
-) -> torch.Tensor:
-    """Load a vector file safely (never unpickles objects) and check it against a model's shape."""
+def read_vector_file(path: str | Path, *, hidden_size: int | None = None, num_layers: int | None = None):
+    """A vector file as a float32 numpy array ``[rows, hidden]``, checked, without importing torch.
+
+    Refuses (naming the file and the fix): a missing, empty, truncated or pickled file; a shape that is
+    not ``[num_layers + 1, hidden]`` for the model; any NaN or infinite element (naming the rows).
+    """
+    import numpy as np
+
+    from persona.vector_file import NotATensorFile, read_tensor_array
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"Vector file {path} does not exist. Fix: run `persona extract` or check the path."
         )
     try:
+        array = read_tensor_array(path)
+    except NotATensorFile as error:
+        raise ValueError(
+            f"{path}: not a vector file: {error}. Fix: point at a .pt file written by `persona extract` "
+            "(a plain tensor [num_layers+1, hidden])."
+        ) from None
+    if array is None:  # a format only torch reads (legacy pickle): still weights_only
+        array = _torch_load_array(path)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"{path}: expected shape [num_layers+1, hidden], found {list(array.shape)}.")
+    if hidden_size is not None and array.shape[-1] != hidden_size:
+        raise ValueError(
+            f"{path}: hidden size {array.shape[-1]} does not match the model's {hidden_size}. "
+            "Fix: use a vector extracted from this model."
+        )
+    if num_layers is not None and array.shape[0] != num_layers + 1:
+        raise ValueError(
+            f"{path}: {array.shape[0]} rows, but the model has {num_layers} blocks (expected {num_layers + 1} rows: "
+            "embeddings + one per block). Fix: use a vector extracted from this model."
+        )
+    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=-1))
+    if bad_rows.size:
+        raise ValueError(
+            f"{path}: row(s) {', '.join(map(str, bad_rows[:10].tolist()))} hold NaN or infinite values. "
+            "Fix: re-extract the vector (check the inputs it was made from) or use another file."
+        )
+    return array
+
+
+def _torch_load_array(path: Path):
+    import torch
+
+    try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses pickled objects; say which file
         raise ValueError(
-            f"{path}: not a plain tensor file loadable with weights_only=True ({error})."
+            f"{path}: not a plain tensor file (torch could not read it with weights_only=True). Fix: point at a "
+            "vector .pt file written by `persona extract`."
         ) from error
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor [num_layers+1, hidden], found {type(tensor).__name__}.")
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    if tensor.dim() != 2:
-        raise ValueError(f"{path}: expected shape [num_layers+1, hidden], found {list(tensor.shape)}.")
-    if hidden_size is not None and tensor.shape[-1] != hidden_size:
-        raise ValueError(
-            f"{path}: hidden size {tensor.shape[-1]} does not match the model's {hidden_size}. "
-            "Fix: use a vector extracted from this model."
-        )
-    if num_layers is not None and tensor.shape[0] != num_layers + 1:
-        raise ValueError(
-            f"{path}: {tensor.shape[0]} rows, but the model has {num_layers} blocks (expected {num_layers + 1} rows: "
-            "embeddings + one per block). Fix: use a vector extracted from this model."
-        )
-    return tensor.to(torch.float32)
+    return tensor.detach().to(torch.float32).numpy()
+
+
+def load_vector(path: str | Path, *, hidden_size: int | None = None, num_layers: int | None = None):
+    """A checked vector file (see :func:`read_vector_file`) as a float32 torch tensor ``[rows, hidden]``."""
+    import torch
+
+    return torch.from_numpy(read_vector_file(path, hidden_size=hidden_size, num_layers=num_layers).copy())
 
 
 def load_metadata(path: str | Path) -> dict:
+    """The JSON sidecar of a vector file ({} when there is none)."""
+    from persona.store import read_json
+
     side = sidecar_path(path)
-    return json.loads(side.read_text()) if side.is_file() else {}
+    return read_json(side, what="vector sidecar") if side.is_file() else {}

@@ -15,7 +15,7 @@ shipped traits (likelihood score, 10 test items, coefs -2 / -1 / 0 / +1 / +2), e
 import pandas as pd
 import pytest
 
-from persona.analysis.personality import personality
+from persona.commands.personality import personality
 
 TRAITS = ("psychopathy", "extraversion")
 COEFS = (-2.0, 0.0, 2.0)

@@ -8,9 +8,9 @@ from sklearn.metrics import roc_auc_score
 
 from persona.activations import read_example_means
 from persona.analysis.likelihood import pair_preference
+from persona.commands.extract import extract
 from persona.data.batches import collate, tokenize_examples
 from persona.data.examples import contrastive_pair_examples
-from persona.extraction import extract
 from persona.hooks import block_hooks
 from persona.hooks.operators import add_direction, project
 from persona.vectors import load_vector

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, NEGATIVE, POSITIVE, QUESTIONS, hidden_states_without_final_norm
+from persona.commands.extract import extract
 from persona.data.examples import Example
-from persona.extraction import extract
 from persona.models import load_model, load_tokenizer
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from persona.extraction import extract
+from persona.commands.extract import extract
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
 
 

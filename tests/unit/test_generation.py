@@ -273,7 +273,7 @@ def test_a_torn_journal_tail_is_set_aside_before_appending(tmp_path):
 
 
 def test_csv_is_accepted_by_extract(tiny_model_dirs, trait_file, tmp_path, use_judge):
-    from persona.extraction import extract
+    from persona.commands.extract import extract
 
     model = tiny_model_dirs["llama"]
     use_judge(FakeJudge(trait_score=80))

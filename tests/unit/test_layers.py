@@ -9,8 +9,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import NEGATIVE, POSITIVE, QUESTIONS, hidden_states_without_final_norm
-from persona.analysis.layers import layer_metrics, layers, recommend_layer
+from persona.analysis.layers import layer_metrics, recommend_layer
 from persona.cli import main
+from persona.commands.layers import layers
 from persona.models import load_model, load_tokenizer
 from persona.vectors import save_vector
 
@@ -245,7 +246,7 @@ def test_scored_csvs_default_output_and_trait_from_sidecar(tiny_model_dirs, tmp_
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"pos_path": "a.csv", "neg_path": "b.csv"}, "not both"),
+        ({"pos_path": "a.csv", "neg_path": "b.csv"}, "both given"),
         ({"hidden": 16}, r"v\.pt: hidden size 16 does not match the model's 32"),
     ],
 )

@@ -10,13 +10,14 @@ import torch
 
 from conftest import build_tiny_model
 from persona import cli
-from persona.analysis import personality as pers
 from persona.analysis.personality import (
     HIGH_FIRST,
     choice_item_scores,
     likelihood_item_scores,
     personality_sweep,
 )
+from persona.analysis import personality as analysis_personality
+from persona.commands import personality as pers
 from persona.vectors import save_vector
 
 ITEM = {
@@ -115,9 +116,10 @@ def test_choice_reads_the_letter_probabilities_at_the_answer_position(tokenizer)
     letter_ids = letter_spellings(tokenizer)
     for index, item in enumerate(items):
         shares = []
-        for order, high in ((HIGH_FIRST, slice(0, 2)), (pers.LOW_FIRST, slice(2, 4))):
+        for order, high in ((HIGH_FIRST, slice(0, 2)), (analysis_personality.LOW_FIRST, slice(2, 4))):
             ids = tokenizer(
-                pers.chat_prompt(tokenizer, pers.choice_prompt(item, order)), add_special_tokens=False
+                analysis_personality.chat_prompt(tokenizer, analysis_personality.choice_prompt(item, order)),
+                add_special_tokens=False,
             )
             with torch.no_grad():
                 probs = torch.softmax(
@@ -177,11 +179,12 @@ def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dir
     # A second run reuses the cached vector.
     stamp = vector.stat().st_mtime_ns
     pers.personality(
-        traits=str(items_file),
+        traits=[str(items_file)],
         model=tiny_model_dirs["llama"],
         coefs=[0.0, 1.0],
         method="likelihood",
         output_dir=str(out),
+        overwrite=True,
         accelerator="cpu",
     )
     assert vector.stat().st_mtime_ns == stamp
@@ -189,27 +192,26 @@ def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dir
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import persona.extraction
+    import persona.commands.extract
     import persona.models
 
     def fail(*args, **kwargs):
         pytest.fail("a model was loaded before the input was checked")
 
     monkeypatch.setattr(persona.models, "load_model", fail)
-    monkeypatch.setattr(persona.extraction, "extract", fail)
+    monkeypatch.setattr(persona.commands.extract, "extract", fail)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"traits": "no_such_trait"}, "Available: agreeableness"),
-        ({"traits": "openness", "coefs": "-2,x"}, "not a list of numbers"),
-        ({"traits": "openness", "coefs": "1,1"}, "twice"),
-        ({"traits": "openness", "method": "vote"}, "likelihood, choice or both"),
-        ({"traits": "openness,psychopathy", "vector_path": "v.pt"}, "lists 2"),
-        ({"traits": "openness", "split": "validation"}, "no items with split='validation'"),
-        ({"traits": "openness", "layer": 9}, "out of range"),
-        ({"traits": "openness", "vector_dir": "/nonexistent"}, "lacks"),
+        ({"traits": ["no_such_trait"]}, "Available: agreeableness"),
+        ({"traits": ["openness"], "coefs": [1, 1]}, "twice"),
+        ({"traits": ["openness"], "method": "vote"}, "likelihood, choice or both"),
+        ({"traits": ["openness", "psychopathy"], "vector_path": "v.pt"}, "lists 2"),
+        ({"traits": ["openness"], "split": "validation"}, "no items with split='validation'"),
+        ({"traits": ["openness"], "layer": 9}, "out of range"),
+        ({"traits": ["openness"], "vector_dir": "/nonexistent"}, "lacks"),
     ],
 )
 def test_bad_input_fails_before_any_model_loads(kwargs, message, tiny_model_dirs, no_model_load, tmp_path):
@@ -221,7 +223,7 @@ def test_bad_input_fails_before_any_model_loads(kwargs, message, tiny_model_dirs
 def test_vector_shape_must_match_the_model(tiny_model_dirs, no_model_load, tmp_path):
     save_vector(torch.zeros(31, 576), tmp_path / "openness_response_avg_diff.pt")  # SmolLM2's shape
     with pytest.raises(ValueError, match="hidden size 576 does not match the model's 32"):
-        pers.personality(traits="openness", model=tiny_model_dirs["llama"], vector_dir=str(tmp_path))
+        pers.personality(traits=["openness"], model=tiny_model_dirs["llama"], vector_dir=str(tmp_path))
 
 
 def test_cli_parses_comma_and_list_coefs(monkeypatch):
@@ -234,6 +236,12 @@ def test_cli_parses_comma_and_list_coefs(monkeypatch):
     monkeypatch.setattr(pers, "personality", record)
     cli.main(["personality", "--traits", "openness,psychopathy", "--coefs=-2,-1,0,1,2"])
     cli.main(["personality", "--traits", "[openness, psychopathy]", "--coefs", "[-2, 0, 2]", "--layer", "10"])
-    assert seen[0]["traits"] == "openness,psychopathy" and seen[0]["coefs"] == "-2,-1,0,1,2"
+    assert seen[0]["traits"] == ["openness", "psychopathy"] and seen[0]["coefs"] == [
+        -2.0,
+        -1.0,
+        0.0,
+        1.0,
+        2.0,
+    ]
     assert seen[1]["traits"] == ["openness", "psychopathy"] and seen[1]["coefs"] == [-2.0, 0.0, 2.0]
     assert seen[1]["layer"] == 10

@@ -9,9 +9,9 @@ import torch
 
 from conftest import hidden_states_without_final_norm
 from persona.cli import main
+from persona.commands.project import project
 from persona.data.scored_files import projection_column
 from persona.models import load_model, load_tokenizer
-from persona.projection import project
 from persona.vectors import save_vector
 
 QUESTIONS = [
@@ -204,7 +204,7 @@ def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path
 
     with monkeypatch.context() as patch:  # everything present: nothing computed, no model loaded
         _refuse_model_loading(patch)
-        patch.setattr("persona.projection.model_dimensions", lambda *a, **k: pytest.fail("config read"))
+        patch.setattr("persona.commands.project.model_dimensions", lambda *a, **k: pytest.fail("config read"))
         assert project(file_path=str(path), vector_path=vector_path, layer=[1, 2], model=model_dir) == []
     pd.testing.assert_frame_equal(pd.read_csv(path), marked)
 
@@ -291,7 +291,7 @@ def test_cli_route(tiny_model_dirs, tmp_path):
         ("hidden_size", r"evil_response_avg_diff\.pt: hidden size 16 does not match the model's 32"),
         ("layer_range", r"--layer 4 is out of range for .* with 3 blocks\. Fix: choose 0\.\.3"),
         ("negative_layer", r"--layer -1: layers are integers >= 0"),
-        ("missing_file", r"nope\.csv does not exist"),
+        ("missing_file", r"nope\.csv: no such file"),
         ("not_assistant", r"chat\.jsonl: record 1: the last message must be \{'role': 'assistant'"),
         ("suffix", r"data\.txt: unknown file type '\.txt'"),
         ("zero_row", r"evil_response_avg_diff\.pt: row 1 is all zeros"),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from persona.analysis import screening
-from persona.analysis.screening import screen
+from persona import steering
+from persona.commands.screen import screen
 from persona.models import load_model, load_tokenizer
 from persona.vectors import save_vector
 
@@ -67,13 +67,13 @@ def model_dir(tiny_model_dirs):
 @pytest.fixture
 def generation_counter(monkeypatch):
     calls = []
-    original = screening.generate_steered
+    original = steering.generate_steered
 
     def counting(model, tokenizer, prompts, *args, **kwargs):
         calls.append(len(prompts))
         return original(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(screening, "generate_steered", counting)
+    monkeypatch.setattr(steering, "generate_steered", counting)
     return calls
 
 
@@ -114,7 +114,7 @@ def test_projection_difference_matches_independent_computation_and_cache_is_reus
         layer=LAYER,
         model=model_dir,
         max_new_tokens=6,
-        output=str(tmp_path / "again.jsonl"),
+        output_path=str(tmp_path / "again.jsonl"),
     )
     assert generation_counter == []
     assert [r["persona_screen"]["score"] for r in read_jsonl(again["output"])] == got
@@ -126,7 +126,7 @@ def test_projection_difference_matches_independent_computation_and_cache_is_reus
         layer=LAYER,
         model=model_dir,
         max_new_tokens=4,
-        output=str(tmp_path / "short.jsonl"),
+        output_path=str(tmp_path / "short.jsonl"),
     )
     assert sum(generation_counter) == len(SAMPLES)
 
@@ -166,7 +166,7 @@ def test_ranking_top_and_filtered_copy(tmp_path, model_dir, capsys):
         max_new_tokens=5,
         filtered_out=str(tmp_path / "minus_one.jsonl"),
         top=1,
-        output=str(tmp_path / "o.jsonl"),
+        output_path=str(tmp_path / "o.jsonl"),
     )
     assert len(read_jsonl(tmp_path / "minus_one.jsonl")) == 3
 
@@ -230,7 +230,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was validated")
 
-    monkeypatch.setattr(screening, "load_model", refuse)
+    monkeypatch.setattr("persona.models.load_model", refuse)
 
 
 def bad_jsonl(path, records):
@@ -241,7 +241,7 @@ def bad_jsonl(path, records):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing_file", "does not exist"),
+        ("missing_file", "no such file"),
         ("no_messages", "messages"),
         ("no_assistant", "last message must be"),
         ("hidden_size", "hidden size 16"),

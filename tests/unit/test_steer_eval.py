@@ -114,20 +114,18 @@ def test_writes_per_coef_csvs_summary_and_png(tiny_model_dirs, setup, tmp_path, 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("-2,-1,0,1,2", [-2.0, -1.0, 0.0, 1.0, 2.0]),
-        ("[2, -0.5]", [-0.5, 2.0]),
+        ([-2, -1, 0, 1, 2], [-2.0, -1.0, 0.0, 1.0, 2.0]),
+        ([2, -0.5], [-0.5, 2.0]),
         ([1, -1], [-1.0, 1.0]),
         (3, [3.0]),
-        ("-0", [0.0]),
+        ([-0.0], [0.0]),
     ],
 )
 def test_parse_coefs(text, expected):
     assert parse_coefs(text) == expected
 
 
-@pytest.mark.parametrize(
-    "text, message", [("1,,2", "not a list"), ("1,nan", "finite"), ("1,1.0", "twice"), ([], "empty")]
-)
+@pytest.mark.parametrize("text, message", [([1, float("nan")], "finite"), ([1, 1.0], "twice"), ([], "empty")])
 def test_parse_coefs_rejects(text, message):
     with pytest.raises(ValueError, match=message):
         parse_coefs(text)
@@ -151,7 +149,6 @@ def no_model_load(monkeypatch):
     "kwargs, message",
     [
         ({"trait": "no_such_trait"}, "Unknown trait"),
-        ({"coefs": "1,x"}, "not a list of numbers"),
         ({"layer": 7}, "out of range"),
         ({"steering_type": "middle"}, "steering_type"),
         ({"judge_model": "gpt-4.1-mini", "judge_min_mass": 0.0}, "local judges only"),
@@ -214,4 +211,4 @@ def test_cli_accepts_a_comma_list_starting_with_a_minus_as_a_separate_argument(m
     cli.main(
         ["steer-eval", "--trait", "evil", "--vector_path", "v.pt", "--layer", "15", "--coefs", "-2,-1,0,1,2"]
     )
-    assert seen[0]["coefs"] == "-2,-1,0,1,2"
+    assert seen[0]["coefs"] == [-2.0, -1.0, 0.0, 1.0, 2.0]

@@ -11,18 +11,12 @@ recommended layer has the highest AUC, ties broken by the larger normalised sepa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from persona.data.modules import ResponseDataModule
-from persona.models import DEFAULT_MODEL, model_dimensions
-from persona.projection import ExampleProjector, predict_projections
-from persona.store import write_csv, write_figure
-from persona.vectors import load_metadata, load_vector
+from persona.store import write_figure
 
-ActivationKind = Literal["response_avg", "prompt_last", "prompt_avg"]
 AUC_TIE_TOLERANCE = 1e-9  # equal AUCs from different orderings may differ in the last float bits
 
 
@@ -104,103 +98,3 @@ def plot_layer_metrics(metrics: pd.DataFrame, recommended: int, path: Path, titl
 def default_output_dir(vector_path: str | Path) -> Path:
     vector_path = Path(vector_path)
     return vector_path.parent / f"{vector_path.stem}_layers"
-
-
-def layers(
-    vector_path: str,
-    model: str = DEFAULT_MODEL,
-    pos_path: str | None = None,
-    neg_path: str | None = None,
-    trait: str | None = None,
-    threshold: float = 50.0,
-    no_filter: bool = False,
-    pairs_path: str | None = None,
-    split: str | None = None,
-    output_dir: str | None = None,
-    kind: ActivationKind = "response_avg",
-    batch_size: int = 8,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
-) -> int | None:
-    """Per-layer AUC, separation and variance of projections on a persona vector; recommends a layer.
-
-    Writes <output_dir>/layer_metrics.csv and layer_metrics.png and prints and returns the recommended
-    layer (highest AUC, ties broken by the larger normalised separation; layer 0 excluded). Under DDP
-    only global rank 0 returns it (the others return None).
-
-    Args:
-        vector_path: Vector file [num_layers+1, hidden] from `persona extract`.
-        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
-        pos_path: CSV of responses showing the trait (prompt, answer, <trait>, coherence).
-        neg_path: CSV of responses not showing it, row-aligned with pos_path.
-        trait: Score column for filtering the CSVs; default: the trait in the vector's sidecar.
-        threshold: Keep pairs with pos score >= threshold, neg score < 100 - threshold (both coherence >= 50).
-        no_filter: Use every CSV row.
-        pairs_path: Contrastive pairs JSONL instead of CSVs (positive = trait shown).
-        split: With pairs_path: only pairs of this split; use held-out pairs (e.g. test) to pick a layer fairly.
-        output_dir: Where to write the CSV and PNG; default <vector-stem>_layers/ beside the vector file.
-        kind: Activation projected per example: response_avg, prompt_last or prompt_avg.
-        batch_size: Examples per forward pass.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes) to use.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
-    """
-    if pairs_path is not None and (pos_path is not None or neg_path is not None):
-        raise ValueError("Give --pos_path and --neg_path, or --pairs_path, not both.")
-    if pairs_path is None and trait is None and not no_filter:
-        trait = load_metadata(vector_path).get("trait")
-    datamodule = ResponseDataModule(
-        model=model,
-        pos_path=pos_path,
-        neg_path=neg_path,
-        trait=trait,
-        threshold=threshold,
-        no_filter=no_filter,
-        pairs_path=pairs_path,
-        split=split,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
-    examples = datamodule.load_examples()  # bad input fails here, before the model loads
-    labels = np.array([example.label for example in examples])
-    if labels.min() == labels.max():
-        raise ValueError(
-            f"{', '.join(datamodule.sources())}: only {'positive' if labels[0] else 'negative'} "
-            "examples. Fix: give both kinds."
-        )
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)
-
-    projector = ExampleProjector(
-        model=model,
-        layers=list(range(num_layers + 1)),
-        directions=vector,
-        kinds=[kind],
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    scores = predict_projections(
-        projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
-    )
-    if scores is None:  # not global rank 0
-        return None
-    metrics = layer_metrics(scores[kind].numpy(), labels)
-    recommended = recommend_layer(metrics)
-    metrics["recommended"] = metrics["layer"] == recommended
-
-    out = Path(output_dir) if output_dir else default_output_dir(vector_path)
-    csv_path, png_path = out / "layer_metrics.csv", out / "layer_metrics.png"
-    write_csv(csv_path, metrics)
-    plot_layer_metrics(metrics, recommended, png_path, title=f"{Path(vector_path).name}: {kind} projections")
-    row = metrics.loc[metrics["layer"] == recommended].iloc[0]
-    print(f"metrics: {csv_path}\nfigure: {png_path}")
-    print(
-        f"recommended layer: {recommended} (AUC {row['auc']:.3f}, normalised separation "
-        f"{row['normalized_separation']:.2f})"
-    )
-    return recommended

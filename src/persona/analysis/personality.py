@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,11 +29,9 @@ import torch
 from persona.analysis.likelihood import response_mean_logprobs
 from persona.chat import has_chat_template, render_chat, user_turn
 from persona.data.examples import Example
-from persona.data.personality import read_trait_items
 from persona.hardware import input_device
-from persona.models import DEFAULT_MODEL, model_short_name
 from persona.steering import SteeringSpec, left_pad, steer
-from persona.store import write_csv, write_figure
+from persona.store import write_figure
 
 log = logging.getLogger(__name__)
 
@@ -48,50 +45,6 @@ CHOICE_TEMPLATE = (
     "A. {A}\nB. {B}\nC. {C}\nD. {D}\n\n"
     "Answer with a single letter: A, B, C or D."
 )
-
-
-# --------------------------------------------------------------------------------------------- items
-
-
-def items_dir() -> Path:
-    from persona.traits import datasets_dir
-
-    return datasets_dir() / "personality"
-
-
-def available_traits() -> list[str]:
-    return sorted(path.stem for path in items_dir().glob("*.json"))
-
-
-def resolve_items_path(trait: str) -> tuple[str, Path]:
-    """(trait name, item file): a shipped trait name (datasets/personality/<name>.json) or a JSON/JSONL path."""
-    if trait.endswith((".json", ".jsonl")) or "/" in trait or os.sep in trait:
-        path = Path(trait).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"TRAIT item file {path} does not exist. Fix: check the path.")
-        return path.stem, path
-    path = items_dir() / f"{trait}.json"
-    if not path.is_file():
-        raise ValueError(
-            f"Unknown personality trait {trait!r}: no {path}. Available: {', '.join(available_traits()) or 'none'}. "
-            "Fix: pick one of those or pass a TRAIT-format JSON/JSONL file."
-        )
-    return trait, path
-
-
-def split_items(items: list[dict], split: str | None, source: Path | str) -> list[dict]:
-    """Items of one split (all when ``split`` is None), each with its 1-based position in the file as ``item``."""
-    numbered = [{**item, "item": number} for number, item in enumerate(items, start=1)]
-    if split is None:
-        return numbered
-    chosen = [item for item in numbered if item.get("split") == split]
-    if not chosen:
-        found = sorted({str(item.get("split")) for item in items})
-        raise ValueError(
-            f"{source}: no items with split={split!r} (splits found: {', '.join(found)}). "
-            "Fix: choose one of those with --split."
-        )
-    return chosen
 
 
 def chat_prompt(tokenizer, user_text: str) -> str:
@@ -296,169 +249,3 @@ def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "") -> 
     if title:
         figure.suptitle(title)
     write_figure(path, figure, dpi=120)
-
-
-# --------------------------------------------------------------------------------------------- command
-
-
-def _cached_vector_is_fresh(path: Path, model: str, source: Path) -> bool:
-    from persona.vectors import load_metadata
-
-    if not path.is_file():
-        return False
-    meta = load_metadata(path)
-    return (
-        meta.get("model") == model
-        and meta.get("sources") == [str(source)]
-        and path.stat().st_mtime >= source.stat().st_mtime
-    )
-
-
-def personality(
-    traits: str | list[str],
-    model: str = DEFAULT_MODEL,
-    vector_dir: str | None = None,
-    vector_path: str | None = None,
-    layer: int | None = None,
-    coefs: str | list[float] = "-2,-1,0,1,2",
-    method: str = "both",
-    split: str = "test",
-    output_dir: str | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    trust_remote_code: bool = False,
-) -> str:
-    """Judge-free TRAIT personality scores in [0, 1] per trait, swept over steering coefficients.
-
-    Writes <output_dir>/personality_sweep.csv (trait, method, coef, score, sem, n), personality_items.csv
-    (per-item scores) and personality_sweep.png. A trait without a given vector gets one extracted from
-    its train split (response_avg, cached in <output_dir>/vectors/).
-
-    Args:
-        traits: Comma list or list of traits (datasets/personality/<trait>.json) or TRAIT-format JSON/JSONL files.
-        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
-        vector_dir: Folder with <trait>_response_avg_diff.pt for every trait.
-        vector_path: One vector file [num_layers+1, hidden] (a single trait only).
-        layer: Layer to steer at (0 = embeddings, L = output of block L-1); default the middle layer.
-        coefs: Steering coefficients, e.g. "-2,-1,0,1,2" (write --coefs=-2,-1,0,1,2 when it starts with a minus) or [-2, 0, 2].
-        method: likelihood, choice or both.
-        split: Items scored: test, train, or all.
-        output_dir: Where to write results; default runs/personality/<model-short-name>/.
-        batch_size: Sequences per forward pass.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: cpu, gpu/cuda or auto (extraction and scoring).
-        trust_remote_code: Allow custom model code from the hub.
-    """
-    from persona.extraction import extract
-    from persona.models import model_dimensions
-    from persona.steer_eval import parse_coefs
-    from persona.vectors import load_vector, vector_filename
-
-    # Everything that can be wrong with the inputs fails here, before a model loads.
-    names = (
-        [t.strip() for t in traits.split(",")]
-        if isinstance(traits, str)
-        else [str(t).strip() for t in traits]
-    )
-    if not names or not all(names):
-        raise ValueError(f"--traits {traits!r}: give trait names, e.g. --traits openness,psychopathy.")
-    resolved = dict(resolve_items_path(name) for name in names)
-    if len(resolved) != len(names):
-        raise ValueError(f"--traits {traits!r} names a trait twice. Fix: list each once.")
-    if method not in (*METHODS, "both"):
-        raise ValueError(f"--method {method!r}. Fix: use likelihood, choice or both.")
-    methods = list(METHODS) if method == "both" else [method]
-    coef_list = parse_coefs(coefs)
-    if vector_path is not None and vector_dir is not None:
-        raise ValueError("Give --vector_path or --vector_dir, not both.")
-    if vector_path is not None and len(resolved) != 1:
-        raise ValueError(
-            f"--vector_path is one trait's vector but --traits lists {len(resolved)}. "
-            "Fix: use --vector_dir with <trait>_response_avg_diff.pt files, or one trait."
-        )
-    items_by_trait = {
-        name: split_items(read_trait_items(path), None if split == "all" else split, path)
-        for name, path in resolved.items()
-    }
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    layer = num_layers // 2 if layer is None else layer
-    if not isinstance(layer, int) or not 0 <= layer <= num_layers:
-        raise ValueError(
-            f"--layer {layer!r} is out of range for {model} with {num_layers} blocks. "
-            f"Fix: choose 0..{num_layers} (0 = embedding output, L = output of block L-1)."
-        )
-    out = Path(output_dir) if output_dir else Path("runs") / "personality" / model_short_name(model)
-    steered = any(c != 0 for c in coef_list)
-    given: dict[str, Path] = {}
-    if steered and vector_path is not None:
-        given = {next(iter(resolved)): Path(vector_path)}
-    elif steered and vector_dir is not None:
-        given = {name: Path(vector_dir) / vector_filename(name, "response_avg") for name in resolved}
-        absent = [str(p) for p in given.values() if not p.is_file()]
-        if absent:
-            raise FileNotFoundError(
-                f"--vector_dir {vector_dir} lacks {', '.join(absent)}. Fix: extract them "
-                "(persona extract --pairs_path <items> --split train) or drop --vector_dir."
-            )
-    for path in given.values():
-        load_vector(path, hidden_size=hidden_size, num_layers=num_layers)
-    to_extract = [name for name in resolved if steered and name not in given]
-    for name in to_extract:
-        split_items(read_trait_items(resolved[name]), "train", resolved[name])
-    if split == "train" and to_extract:
-        log.warning("Scoring the train split with vectors extracted from it: the scores are in-sample.")
-
-    from persona.models import load_model_and_tokenizer, load_tokenizer
-
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    chat_prompt(tokenizer, "check")  # a chat template, and (for choice) one-token option letters
-    if "choice" in methods:
-        letter_token_ids(tokenizer)
-    device = (
-        "cuda"
-        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    for name in to_extract:
-        cached = out / "vectors" / vector_filename(name, "response_avg")
-        if not _cached_vector_is_fresh(cached, model, resolved[name]):
-            extract(
-                model=model,
-                pairs_path=str(resolved[name]),
-                split="train",
-                trait=name,
-                save_dir=str(out / "vectors"),
-                batch_size=batch_size,
-                dtype=dtype,
-                accelerator="gpu" if device == "cuda" else "cpu",
-                trust_remote_code=trust_remote_code,
-            )
-        else:
-            print(f"{name}: reusing {cached}")
-        given[name] = cached
-    vectors = {
-        name: load_vector(path, hidden_size=hidden_size, num_layers=num_layers)
-        for name, path in given.items()
-    }
-
-    lm, tokenizer = load_model_and_tokenizer(
-        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
-    lm.requires_grad_(False)
-    summary, per_item = personality_sweep(
-        lm, tokenizer, items_by_trait, vectors, layer, coef_list, methods, batch_size=batch_size
-    )
-    summary["layer"] = layer
-    csv_path, items_path, png_path = (
-        out / "personality_sweep.csv",
-        out / "personality_items.csv",
-        out / "personality_sweep.png",
-    )
-    write_csv(csv_path, summary)
-    write_csv(items_path, per_item)
-    plot_personality_sweep(
-        summary, png_path, title=f"{model_short_name(model)}: {split} items, layer {layer}"
-    )
-    print(f"scores: {csv_path}\nitems: {items_path}\nfigure: {png_path}")
-    return str(csv_path)

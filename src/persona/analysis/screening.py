@@ -17,19 +17,16 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from persona.data.examples import Example, format_prompt
-from persona.data.scored_files import read_scored_file
 from persona.hardware import resolve_device
-from persona.models import DEFAULT_MODEL, load_model, load_tokenizer, model_dimensions
-from persona.projection import score_examples
-from persona.steering import generate_steered
-from persona.store import KeyedJournal, write_csv, write_figure, write_text
+from persona.models import load_model, load_tokenizer, model_dimensions
+from persona.store import KeyedJournal, write_figure, write_text
 from persona.vectors import load_vector
 
 Messages = list[dict]
@@ -51,7 +48,7 @@ def response_key(model: str, messages: Messages, max_new_tokens: int) -> str:
 
 
 def cached_greedy_responses(
-    model: torch.nn.Module,
+    model,
     tokenizer,
     prompts: Sequence[Messages],
     *,
@@ -65,6 +62,8 @@ def cached_greedy_responses(
 
     New responses are appended to the journal every ``chunk_size`` prompts, so an interrupted run resumes.
     """
+    from persona.steering import generate_steered
+
     journal = KeyedJournal(cache_path, ("key",))
     cache = {key: row for (key,), row in journal.load().items()}
     keys = [response_key(model_name, list(messages), max_new_tokens) for messages in prompts]
@@ -209,58 +208,30 @@ def _float_or_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def screen(
-    data: str,
-    vector_path: str,
+def screening_scores(
+    records: list[dict],
+    path: Path,
+    *,
+    model: str,
     layer: int,
-    model: str = DEFAULT_MODEL,
-    top: int | None = None,
-    filtered_out: str | None = None,
-    filter_top: float | None = None,
-    cheap: bool = False,
-    max_new_tokens: int = 128,
-    output: str | None = None,
-    labels_field: str | None = None,
-    cache_path: str | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    trust_remote_code: bool = False,
-) -> dict:
-    """Score each training sample by how far its response pushes the model along a persona vector.
+    direction,
+    cheap: bool,
+    max_new_tokens: int,
+    cache_path: Path,
+    batch_size: int,
+    dtype: str,
+    accelerator: str,
+    trust_remote_code: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, train projections, reference projections) per record, float64 with NaN for an empty response.
 
-    Score = (a(x, y_train) - a(x, y_base)) · v̂, a = mean response-token activation at --layer, y_base
-    = the model's own greedy response (cached). Writes <data>.screened.jsonl (or --output) with a
-    persona_screen field per sample, <output stem>.ranking.csv (rank, index, score, prompt),
-    <output stem>.summary.csv (dataset mean, AUC) and <output stem>.hist.png.
-
-    Args:
-        data: Chat JSONL, one {"messages": [..., {"role": "assistant", ...}]} per line.
-        vector_path: Vector file [num_layers+1, hidden] from `persona extract` (response_avg recommended).
-        layer: Layer to read (0 = embeddings, L = output of block L-1).
-        model: The base model (before fine-tuning): alias, hub id or local path.
-        top: Print the K highest-scoring samples.
-        filtered_out: Write a copy of the data without the highest-scoring samples here.
-        filter_top: With --filtered_out: how many to drop, a fraction in (0, 1) or a count; default --top.
-        cheap: No generation: training-response projection minus last-prompt-token projection.
-        max_new_tokens: Length of the greedy base responses.
-        output: Where to write the scored copy; default <data>.screened.jsonl.
-        labels_field: A 0/1 field of every sample (e.g. is_trait): prints the AUC of the score for it.
-        cache_path: Greedy-response cache; default <data>.base_responses.jsonl.
-        batch_size: Examples per forward / generation batch.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: cpu, gpu or auto (the GPU when there is one).
-        trust_remote_code: Allow custom model code from the hub.
+    Reference = the last prompt token (``cheap``) or the model's own greedy response (cached in
+    ``cache_path``, so an interrupted run resumes).
     """
-    path = Path(data)
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: screening reads chat JSONL (messages). Fix: convert the file to .jsonl.")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("--batch_size and --max_new_tokens must be >= 1.")
-    records = read_scored_file(path)  # exists, messages present, last message an assistant string
-    labels = check_labels(path, records, labels_field) if labels_field else None
-    n_drop = drop_count(filter_top, top, len(records)) if filtered_out else 0
-    direction = check_vector_and_layer(model, vector_path, layer, trust_remote_code=trust_remote_code)
+    import torch
+
+    from persona.projection import score_examples
+
     tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
     prompts = [record["messages"][:-1] for record in records]
     prompt_texts = [
@@ -268,148 +239,104 @@ def screen(
         for i, p in enumerate(prompts, start=1)
     ]
     responses = [record["messages"][-1]["content"] for record in records]
-
     net = load_model(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
     )
     net.requires_grad_(False)
-    train_examples = [
+    direction = torch.as_tensor(direction)
+    train = [
         Example(p, r, 0, f"{path.name}:{i}")
         for i, (p, r) in enumerate(zip(prompt_texts, responses, strict=True), 1)
     ]
+    score = partial(
+        score_examples,
+        net,
+        tokenizer,
+        layer=layer,
+        direction=direction,
+        batch_size=batch_size,
+        accelerator=accelerator,
+    )
     if cheap:
-        method = "cheap: response_avg(train) - prompt_last"
-        found = score_examples(
-            net,
-            tokenizer,
-            train_examples,
-            layer,
-            direction,
-            ("response_avg", "prompt_last"),
-            batch_size=batch_size,
-            accelerator=accelerator,
-        )
+        found = score(train, kinds=("response_avg", "prompt_last"))
         train_proj, reference = found["response_avg"], found["prompt_last"]
     else:
-        method = "projection_difference: response_avg(train) - response_avg(base greedy)"
-        cache = Path(cache_path) if cache_path else path.with_name(path.stem + ".base_responses.jsonl")
         base_responses = cached_greedy_responses(
             net,
             tokenizer,
             prompts,
             model_name=model,
-            cache_path=cache,
+            cache_path=cache_path,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )
-        base_examples = [
+        base = [
             Example(p, r, 0, f"{path.name}:{i}:base")
             for i, (p, r) in enumerate(zip(prompt_texts, base_responses, strict=True), 1)
         ]
-        found = score_examples(
-            net,
-            tokenizer,
-            train_examples + base_examples,
-            layer,
-            direction,
-            ("response_avg",),
-            batch_size=batch_size,
-            accelerator=accelerator,
-        )["response_avg"]
+        found = score(train + base, kinds=("response_avg",))["response_avg"]
         train_proj, reference = found[: len(records)], found[len(records) :]
-    del net
-    scores = train_proj - reference
+    return train_proj - reference, train_proj, reference
 
-    out_path = Path(output) if output else path.with_name(path.stem + ".screened.jsonl")
-    stem = out_path.with_suffix("")
-    screened = []
-    for record, score, train_value, reference_value in zip(
-        records, scores, train_proj, reference, strict=True
-    ):
-        screened.append(
-            {
-                **record,
-                "persona_screen": {
-                    "score": _float_or_none(score),
-                    "method": "cheap" if cheap else "projection_difference",
-                    "layer": layer,
-                    "vector": str(vector_path),
-                    "model": model,
-                    "train_projection": _float_or_none(train_value),
-                    ("prompt_last_projection" if cheap else "base_projection"): _float_or_none(
-                        reference_value
-                    ),
-                },
-            }
+
+def screened_records(
+    records, scores, train_proj, reference, *, cheap: bool, layer: int, vector_path, model
+) -> list[dict]:
+    """The input records, each with a ``persona_screen`` field (score and the two projections it came from)."""
+    method = "cheap" if cheap else "projection_difference"
+    reference_field = "prompt_last_projection" if cheap else "base_projection"
+    return [
+        {
+            **record,
+            "persona_screen": {
+                "score": _float_or_none(score),
+                "method": method,
+                "layer": layer,
+                "vector": str(vector_path),
+                "model": model,
+                "train_projection": _float_or_none(train_value),
+                reference_field: _float_or_none(reference_value),
+            },
+        }
+        for record, score, train_value, reference_value in zip(
+            records, scores, train_proj, reference, strict=True
         )
-    write_jsonl(out_path, screened)
+    ]
 
+
+def ranking_table(scores: np.ndarray, records: list[dict], labels, labels_field) -> pd.DataFrame:
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
     ranking = pd.DataFrame(
         {
             "rank": np.arange(1, len(records) + 1),
             "index": order,
             "score": scores[order],
-            "prompt": [prompt_preview(prompts[i]) for i in order],
+            "prompt": [prompt_preview(records[i]["messages"][:-1]) for i in order],
         }
     )
     if labels is not None:
         ranking[labels_field] = labels[order]
-    ranking_path = Path(f"{stem}.ranking.csv")
-    write_csv(ranking_path, ranking)
+    return ranking
 
+
+def screening_summary(scores: np.ndarray, labels, labels_field, **facts) -> dict:
+    """Dataset mean and spread of the scores, and with labels the AUC of the score for label 1."""
     scored = ~np.isnan(scores)
-    mean_score = float(scores[scored].mean()) if scored.any() else float("nan")
     summary = {
-        "data": str(path),
-        "output": str(out_path),
-        "model": model,
-        "vector": str(vector_path),
-        "layer": layer,
-        "method": "cheap" if cheap else "projection_difference",
-        "n": len(records),
+        **facts,
+        "n": len(scores),
         "n_scored": int(scored.sum()),
-        "mean_score": mean_score,
+        "mean_score": float(scores[scored].mean()) if scored.any() else float("nan"),
         "std_score": float(scores[scored].std(ddof=1)) if scored.sum() > 1 else float("nan"),
     }
-    print(f"{path}: {method} at layer {layer}")
-    print(f"dataset mean score: {mean_score:.4f} over {int(scored.sum())} of {len(records)} samples")
-    if int((~scored).sum()):
-        print(f"note: {int((~scored).sum())} sample(s) have no score (an empty response).")
     if labels is not None:
         from sklearn.metrics import roc_auc_score
 
         if len(set(labels[scored].tolist())) < 2:
             raise ValueError(
-                f"{path}: the scored samples have only one {labels_field!r} value; AUC is undefined."
+                f"{facts.get('data')}: the scored samples have only one {labels_field!r} value; AUC is undefined."
             )
-        auc = float(roc_auc_score(labels[scored], scores[scored]))
-        summary.update({"labels_field": labels_field, "auc": auc})
-        print(f"AUC of the score for {labels_field}=1: {auc:.3f}")
-    summary_path = Path(f"{stem}.summary.csv")
-    write_csv(summary_path, pd.DataFrame([summary]))
-    hist_path = Path(f"{stem}.hist.png")
-    if scored.any():
-        plot_histogram(
-            scores,
-            labels,
-            hist_path,
-            f"{path.name}: {summary['method']}, layer {layer}",
-            labels_field or "label",
+        summary.update(
+            {"labels_field": labels_field, "auc": float(roc_auc_score(labels[scored], scores[scored]))}
         )
-    if top:
-        print(ranking.head(top).to_string(index=False))
-    if filtered_out:
-        dropped = rows_to_drop(scores, n_drop)
-        kept = [record for index, record in enumerate(records) if index not in dropped]
-        write_jsonl(Path(filtered_out), kept)
-        print(f"filtered copy without the top {len(dropped)} sample(s): {filtered_out} ({len(kept)} kept)")
-    print(f"scored copy: {out_path}\nranking: {ranking_path}\nsummary: {summary_path}")
-    return {
-        "output": str(out_path),
-        "ranking": str(ranking_path),
-        "summary": str(summary_path),
-        "histogram": str(hist_path),
-        "mean_score": mean_score,
-        "auc": summary.get("auc"),
-    }
+    return summary

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from persona.data.examples import Example
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,10 @@ def tokenize_examples(
 
     Chat templates end the prompt with a newline or a special token, so this equals tokenising
     ``prompt + response`` as the seed does, while giving the prompt length without a second pass.
+    ``max_length`` None means the tokenizer's context length; longer examples are cut, with a warning
+    that counts them.
     """
+    max_length = max_length or context_length(tokenizer)
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
     out = []
@@ -37,7 +43,26 @@ def tokenize_examples(
         if max_length is not None:
             ids = ids[:max_length]
         out.append(TokenizedExample(ids, min(len(prompt_ids), len(ids)), example.label, index))
+    cut = (
+        sum(len(p) + len(r) > max_length for p, r in zip(prompts, responses, strict=True))
+        if max_length
+        else 0
+    )
+    if cut:
+        log.warning(
+            "%d of %d examples are longer than max_length=%d tokens and were cut there (the rest of their "
+            "response is not read). Fix: pass a larger --max_length if the model's context allows it.",
+            cut,
+            len(examples),
+            max_length,
+        )
     return out
+
+
+def context_length(tokenizer) -> int | None:
+    """The tokenizer's model context in tokens, or None where it only holds transformers' "no limit" sentinel."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10_000_000 else None
 
 
 def length_sorted(items: list[TokenizedExample]) -> list[TokenizedExample]:

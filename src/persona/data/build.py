@@ -31,7 +31,7 @@ from persona.store import atomic_write, write_csv, write_text
 from persona.traits import datasets_dir
 
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
-DEFAULT_MIX = "0,0.25,0.5,0.75,1"
+DEFAULT_MIX = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def default_pairs_path(trait: str) -> Path:
@@ -46,17 +46,9 @@ def default_pairs_path(trait: str) -> Path:
     )
 
 
-def parse_shares(mix: str | Sequence[float]) -> list[float]:
-    """``"0,0.25,1"`` or ``[0, 0.25, 1]`` -> sorted distinct shares in [0, 1]."""
-    if isinstance(mix, str):
-        try:
-            values = [float(part) for part in mix.split(",") if part.strip()]
-        except ValueError as error:
-            raise ValueError(
-                f"--mix {mix!r}: not a comma-separated list of numbers. Fix: e.g. --mix 0,0.5,1."
-            ) from error
-    else:
-        values = [float(value) for value in mix]
+def parse_shares(mix: Sequence[float]) -> list[float]:
+    """Shares of trait-eliciting samples (the CLI also takes 0,0.25,1) -> sorted distinct values in [0, 1]."""
+    values = [float(value) for value in mix]
     if not values:
         raise ValueError("--mix is empty. Fix: give shares such as 0,0.25,0.5,0.75,1.")
     bad = [value for value in values if not 0.0 <= value <= 1.0]
@@ -175,8 +167,8 @@ def build(
     out_dir: str,
     source: Literal["pairs", "generated"] = "pairs",
     pairs_path: str | None = None,
-    generated_csv: str | list[str] | None = None,
-    mix: str | list[float] = DEFAULT_MIX,
+    generated_csv: list[str] | None = None,
+    mix: list[float] = DEFAULT_MIX,
     n: int = 64,
     seed: int = 0,
     split: str | None = "train",
@@ -205,7 +197,7 @@ def build(
                 "--source generated needs --generated_csv (the generate step's CSV(s), with question, answer and "
                 f"a {trait!r} score column; pass the positive and the negative CSV together)."
             )
-        paths = [Path(p) for p in ([generated_csv] if isinstance(generated_csv, str) else generated_csv)]
+        paths = [Path(p) for p in generated_csv]
         trait_pool, normal_pool = generated_pools(paths, trait, threshold, min_coherence)
         sources = [str(p) for p in paths]
     needs_trait = any(trait_count(s, n) > 0 for s in [*shares, *SEED_NAMES.values()])
@@ -266,8 +258,8 @@ def dataset(
     out_dir: str,
     source: Literal["pairs", "generated"] = "pairs",
     pairs_path: str | None = None,
-    generated_csv: str | list[str] | None = None,
-    mix: str | list[float] = DEFAULT_MIX,
+    generated_csv: list[str] | None = None,
+    mix: list[float] = DEFAULT_MIX,
     n: int = 64,
     seed: int = 0,
     split: str | None = "train",

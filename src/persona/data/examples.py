@@ -24,24 +24,46 @@ class Example:
     example_id: str
 
 
-def read_csv_checked(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
+def read_csv_checked(
+    path: str | Path, required: tuple[str, ...], *, numeric: tuple[str, ...] = (), flag: str = ""
+) -> pd.DataFrame:
+    """A CSV with ``required`` columns (``numeric`` ones holding numbers or blanks); errors name file, column, row."""
     path = Path(path)
+    where = f"{flag} {path}".strip()
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} does not exist. Fix: check the path (or run `persona generate` first)."
+            f"{where} does not exist. Fix: check the path (or run `persona generate` first)."
         )
     try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError as error:
-        raise ValueError(f"{path} is empty. Fix: point at a CSV with a header and rows.") from error
+        frame = pd.read_csv(path, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{where} is empty. Fix: point at a CSV with a header and rows.") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{where}: not UTF-8 text (byte {error.start}: {error.reason}); a binary file or another encoding. "
+            "Fix: save the CSV as UTF-8."
+        ) from None
+    except pd.errors.ParserError as error:
+        raise ValueError(
+            f"{where}: not a readable CSV ({' '.join(str(error).split())}). Fix: check its quoting."
+        ) from None
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise ValueError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))}). "
+            f"{where}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))}). "
             f"Fix: use the generate step's CSV format ({', '.join(required)})."
         )
     if frame.empty:
-        raise ValueError(f"{path} has a header but no rows.")
+        raise ValueError(f"{where} has a header but no rows. Fix: point at a CSV with rows.")
+    for column in numeric:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame.index[values.isna() & frame[column].notna()].tolist()
+        if bad:
+            raise ValueError(
+                f"{where}: column {column!r} holds non-numbers, e.g. {frame[column][bad[0]]!r} in row {bad[0] + 1}. "
+                "Fix: scores must be numbers (or empty for a missing judgement)."
+            )
+        frame[column] = values
     return frame
 
 
@@ -56,8 +78,9 @@ def scored_csv_examples(
     """Effective pairs as in the seed: row i of pos and row i of neg are kept together when
     pos[trait] >= threshold, neg[trait] < 100 - threshold and both coherences >= 50."""
     required = ("prompt", "answer") if no_filter else ("prompt", "answer", trait, "coherence")
-    pos = read_csv_checked(pos_path, required)
-    neg = read_csv_checked(neg_path, required)
+    numeric = () if no_filter else (trait, "coherence")
+    pos = read_csv_checked(pos_path, required, numeric=numeric, flag="--pos_path")
+    neg = read_csv_checked(neg_path, required, numeric=numeric, flag="--neg_path")
     if no_filter:
         keep_pos = pd.Series(True, index=pos.index)
         keep_neg = pd.Series(True, index=neg.index)
@@ -107,16 +130,26 @@ def read_jsonl_numbered(
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist. Fix: check the path.")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}). {fix}"
-                ) from None
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}). {fix}"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"{path}:{line_number}: a JSON {type(record).__name__}, but each line must be an object. {fix}"
+                    )
+                records.append((line_number, record))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}). Fix: save the file as UTF-8 JSONL."
+        ) from None
     if not records:
         raise ValueError(f"{path}: empty file (no records). {fix}")
     return records

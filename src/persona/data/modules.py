@@ -67,7 +67,7 @@ class ResponseDataModule(ExampleDataModule):
         pairs_path: str | None = None,
         split: str | None = None,
         batch_size: int = 8,
-        max_length: int | None = 2048,
+        max_length: int | None = None,
         trust_remote_code: bool = False,
     ):
         """
@@ -81,7 +81,7 @@ class ResponseDataModule(ExampleDataModule):
             pairs_path: Contrastive pairs instead of CSVs: JSONL {prompt|messages, positive, negative[, split]}, TRAIT items, or persona statements.
             split: Only pairs with this ``split`` value (e.g. train); None for all.
             batch_size: Examples per forward pass.
-            max_length: Truncate prompt+response to this many tokens.
+            max_length: Cut prompt+response to this many tokens (default: the model's context), with a warning.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
         """
         super().__init__(None, None, batch_size=batch_size, max_length=max_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 TRAIT_ITEM_FIELDS = (
@@ -81,3 +82,44 @@ def persona_statements_as_pairs(path: str | Path) -> list[dict]:
         prompt = f'Is the following statement something you would say?\n"{record["statement"]}"'
         pairs.append({"prompt": prompt, "positive": matching, "negative": other})
     return pairs
+
+
+def items_dir() -> Path:
+    from persona.traits import datasets_dir
+
+    return datasets_dir() / "personality"
+
+
+def available_traits() -> list[str]:
+    return sorted(path.stem for path in items_dir().glob("*.json"))
+
+
+def resolve_items_path(trait: str) -> tuple[str, Path]:
+    """(trait name, item file): a shipped trait name (datasets/personality/<name>.json) or a JSON/JSONL path."""
+    if trait.endswith((".json", ".jsonl")) or "/" in trait or os.sep in trait:
+        path = Path(trait).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"TRAIT item file {path} does not exist. Fix: check the path.")
+        return path.stem, path
+    path = items_dir() / f"{trait}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"Unknown personality trait {trait!r}: no {path}. Available: {', '.join(available_traits()) or 'none'}. "
+            "Fix: pick one of those or pass a TRAIT-format JSON/JSONL file."
+        )
+    return trait, path
+
+
+def split_items(items: list[dict], split: str | None, source: Path | str) -> list[dict]:
+    """Items of one split (all when ``split`` is None), each with its 1-based position in the file as ``item``."""
+    numbered = [{**item, "item": number} for number, item in enumerate(items, start=1)]
+    if split is None:
+        return numbered
+    chosen = [item for item in numbered if item.get("split") == split]
+    if not chosen:
+        found = sorted({str(item.get("split")) for item in items})
+        raise ValueError(
+            f"{source}: no items with split={split!r} (splits found: {', '.join(found)}). "
+            "Fix: choose one of those with --split."
+        )
+    return chosen

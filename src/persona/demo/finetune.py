@@ -83,8 +83,8 @@ def finetune_study(
     screen_tokens: int,
     quick: bool,
 ) -> dict:
-    from persona.analysis.screening import screen
-    from persona.analysis.shift import shift
+    from persona.commands.screen import screen
+    from persona.commands.shift import shift
     from persona.data.build import dataset, default_pairs_path
     from persona.training.callbacks import ConceptAblation, PreventativeSteering
     from persona.traits import traits_dir
@@ -128,6 +128,7 @@ def finetune_study(
         layer=layer,
         trait=trait,
         output_dir=str(phase_dir / "shift"),
+        overwrite=True,  # the caller decides when to recompute
         pairs_path=str(default_pairs_path(trait)),
         split="test",
         max_new_tokens=screen_tokens,
@@ -147,7 +148,8 @@ def finetune_study(
         model=model,
         labels_field="is_trait",
         max_new_tokens=screen_tokens,
-        output=str(phase_dir / "screen" / "mix_0.5.screened.jsonl"),
+        output_path=str(phase_dir / "screen" / "mix_0.5.screened.jsonl"),
+        overwrite=True,  # the caller decides when to recompute
         cache_path=str(phase_dir / "screen" / "base_responses.jsonl"),
     )
     return {

@@ -28,7 +28,7 @@ def save_figure(figure, path: Path) -> None:
 
 
 def extract_phase(phase_dir: Path, *, model: str, trait: str, source: Path) -> dict:
-    from persona.extraction import extract
+    from persona.commands.extract import extract
 
     return {
         "vectors": extract(
@@ -37,13 +37,14 @@ def extract_phase(phase_dir: Path, *, model: str, trait: str, source: Path) -> d
             split="train",
             trait=trait,
             save_dir=str(phase_dir),
+            overwrite=True,  # the caller decides when to recompute
             accelerator="cpu",
         )
     }
 
 
 def layers_phase(phase_dir: Path, *, model: str, vector_path: str, source: Path) -> dict:
-    from persona.analysis.layers import layers
+    from persona.commands.layers import layers
 
     recommended = layers(
         vector_path=vector_path,
@@ -51,6 +52,7 @@ def layers_phase(phase_dir: Path, *, model: str, vector_path: str, source: Path)
         pairs_path=str(source),
         split="test",
         output_dir=str(phase_dir),
+        overwrite=True,  # the caller decides when to recompute
         accelerator="cpu",
     )
     metrics = pd.read_csv(phase_dir / "layer_metrics.csv")
@@ -121,7 +123,7 @@ def generated_phase(
     """The paper's route: persona-prompted answers, judged by the local judge, filtered, extracted."""
     import torch
 
-    from persona.extraction import extract
+    from persona.commands.extract import extract
     from persona.generation import generate
     from persona.vectors import load_vector
 
@@ -156,6 +158,7 @@ def generated_phase(
             trait=trait,
             threshold=50,
             save_dir=str(phase_dir / "vectors"),
+            overwrite=True,  # the caller decides when to recompute
             accelerator="cpu",
         )
         summary["filter"] = "threshold 50, coherence >= 50 (the seed's)"
@@ -168,6 +171,7 @@ def generated_phase(
             trait=trait,
             no_filter=True,
             save_dir=str(phase_dir / "vectors"),
+            overwrite=True,  # the caller decides when to recompute
             accelerator="cpu",
         )
     generated = load_vector(vectors["response_avg"])[layer]

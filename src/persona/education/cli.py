@@ -49,7 +49,7 @@ def education(
     overwrite: bool = False,
     dtype: str = "float32",
     accelerator: str = "auto",
-    runs: list[str] | str | None = None,
+    runs: list[str] | None = None,
     out_dir: str = "runs/education/compare",
 ) -> str:
     """ASAP-SAS study: how persona steering changes students' answers (A) and graders' scores (B).
@@ -92,8 +92,6 @@ def education(
     if action == "compare":
         from persona.education.compare import compare_runs
 
-        if isinstance(runs, str):
-            runs = [run for run in runs.split(",") if run.strip()]
         return str(compare_runs(list(runs or []), out_dir))
     return run_study(
         data_dir=data_dir,

@@ -112,7 +112,7 @@ def build_vector(
     accelerator: str,
 ) -> dict:
     """Make (or find) the trait's response-average vector file; returns its path, route and provenance."""
-    from persona.extraction import extract
+    from persona.commands.extract import extract
 
     if route == "given":
         return {
@@ -128,6 +128,7 @@ def build_vector(
             split="train",
             trait=trait,
             save_dir=str(phase_dir),
+            overwrite=True,  # the caller decides when to recompute
             dtype=dtype,
             accelerator=accelerator,
         )
@@ -164,6 +165,7 @@ def build_vector(
             neg_path=str(csvs["neg"]),
             trait=trait,
             save_dir=str(phase_dir),
+            overwrite=True,  # the caller decides when to recompute
             threshold=settings.threshold,
             no_filter=kept == 0,
             dtype=dtype,
@@ -190,6 +192,7 @@ def build_vector(
             pairs_path=str(path),
             trait=trait,
             save_dir=str(phase_dir),
+            overwrite=True,  # the caller decides when to recompute
             dtype=dtype,
             accelerator=accelerator,
         )

@@ -1,0 +1,102 @@
+"""``persona extract``: persona vectors from scored response CSVs or contrastive pairs (the seed's generate_vec)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona import checks
+from persona.errors import PersonaError
+from persona.hardware import check_dtype
+from persona.models import DEFAULT_MODEL
+from persona.vectors import VECTOR_KINDS, default_save_dir, vector_filename
+
+
+def extract(
+    model: str = DEFAULT_MODEL,
+    pos_path: str | None = None,
+    neg_path: str | None = None,
+    trait: str = "trait",
+    save_dir: str | None = None,
+    threshold: float = 50.0,
+    no_filter: bool = False,
+    pairs_path: str | None = None,
+    split: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict[str, str]:
+    """Extract persona vectors: mean activation on trait-showing responses minus on the others, per layer.
+
+    Writes <save_dir>/<trait>_{prompt_avg,response_avg,prompt_last}_diff.pt ([num_layers+1, hidden],
+    row 0 = embeddings, row L = output of block L-1) with a JSON sidecar each.
+
+    Args:
+        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        pos_path: CSV of responses showing the trait (question, prompt, answer, question_id, <trait>, coherence).
+        neg_path: CSV of responses not showing it, row-aligned with pos_path.
+        trait: Trait name (the score column, and the output file prefix).
+        save_dir: Output folder; default persona_vectors/<model-short-name>/.
+        threshold: Keep pairs with pos score >= threshold, neg score < 100 - threshold (both coherence >= 50).
+        no_filter: Use every row (files without score columns).
+        pairs_path: Contrastive pairs instead of CSVs (JSONL {prompt|messages, positive, negative}, TRAIT items, persona statements).
+        split: With pairs_path: only pairs of this split (e.g. train).
+        batch_size: Examples per forward pass.
+        max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
+        overwrite: Replace vector files that already exist in save_dir.
+        dtype: Model dtype: float32, bfloat16, float16 or auto.
+        accelerator: Lightning accelerator (cpu, gpu, auto).
+        devices: Devices (processes) to use; with strategy ddp the sums are reduced across ranks.
+        strategy: Lightning strategy (auto, ddp, ddp_spawn).
+        trust_remote_code: Allow custom model code from the hub.
+    """
+    checks.not_both({"--pairs_path": pairs_path}, {"--pos_path": pos_path, "--neg_path": neg_path})
+    if pairs_path is None and (pos_path is None or neg_path is None):
+        raise PersonaError(
+            "Give --pos_path and --neg_path (scored CSVs) or --pairs_path (contrastive pairs)."
+        )
+    for flag, path in (("--pos_path", pos_path), ("--neg_path", neg_path), ("--pairs_path", pairs_path)):
+        checks.input_file(path, flag)
+    checks.at_least(batch_size, 1, "--batch_size")
+    if max_length is not None:
+        checks.at_least(max_length, 2, "--max_length")
+    check_dtype(dtype)
+    checks.model_source(model)
+    folder = Path(save_dir) if save_dir else default_save_dir(model)
+    names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
+    inputs = {"--pos_path": pos_path, "--neg_path": neg_path, "--pairs_path": pairs_path}
+    checks.output_dir(folder, "--save_dir", produces=names, overwrite=overwrite, inputs=inputs)
+
+    from persona.data.modules import ResponseDataModule
+    from persona.extraction import VectorExtractor
+    from persona.hardware import make_trainer
+
+    datamodule = ResponseDataModule(
+        model=model,
+        pos_path=pos_path,
+        neg_path=neg_path,
+        trait=trait,
+        threshold=threshold,
+        no_filter=no_filter,
+        pairs_path=pairs_path,
+        split=split,
+        batch_size=batch_size,
+        max_length=max_length,
+        trust_remote_code=trust_remote_code,
+    )
+    datamodule.load_examples()  # the rows and their filter, before the model loads
+    extractor = VectorExtractor(
+        model=model, trait=trait, save_dir=str(folder), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    make_trainer(accelerator, devices, strategy).predict(
+        extractor, datamodule=datamodule, return_predictions=False
+    )
+    # Named here rather than read back from the module: under ddp_spawn rank 0 writes in a child process.
+    paths = {kind: str(folder / name) for kind, name in zip(VECTOR_KINDS, names, strict=True)}
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return paths

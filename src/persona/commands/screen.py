@@ -1,0 +1,185 @@
+"""``persona screen``: score training samples by how far their responses push the model along a persona vector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona import checks
+from persona.analysis.screening import (
+    check_labels,
+    drop_count,
+    plot_histogram,
+    ranking_table,
+    rows_to_drop,
+    screened_records,
+    screening_scores,
+    screening_summary,
+    write_jsonl,
+)
+from persona.data.scored_files import read_scored_file
+from persona.errors import PersonaError
+from persona.hardware import check_dtype
+from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.store import write_csv
+from persona.vectors import read_vector_file
+
+
+def screen(
+    data: str,
+    vector_path: str,
+    layer: int,
+    model: str = DEFAULT_MODEL,
+    top: int | None = None,
+    filtered_out: str | None = None,
+    filter_top: float | None = None,
+    cheap: bool = False,
+    max_new_tokens: int = 128,
+    output_path: str | None = None,
+    labels_field: str | None = None,
+    cache_path: str | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict:
+    """Score each training sample by how far its response pushes the model along a persona vector.
+
+    Score = (a(x, y_train) - a(x, y_base)) · v̂, a = mean response-token activation at --layer, y_base
+    = the model's own greedy response (cached). Writes <data>.screened.jsonl (or --output_path) with a
+    persona_screen field per sample, <output stem>.ranking.csv (rank, index, score, prompt),
+    <output stem>.summary.csv (dataset mean, AUC) and <output stem>.hist.png.
+
+    Args:
+        data: Chat JSONL, one {"messages": [..., {"role": "assistant", ...}]} per line.
+        vector_path: Vector file [num_layers+1, hidden] from `persona extract` (response_avg recommended).
+        layer: Layer to read (0 = embeddings, L = output of block L-1).
+        model: The base model (before fine-tuning): alias, hub id or local path.
+        top: Print the K highest-scoring samples.
+        filtered_out: Write a copy of the data without the highest-scoring samples here.
+        filter_top: With --filtered_out: how many to drop, a fraction in (0, 1) or a count; default --top.
+        cheap: No generation: training-response projection minus last-prompt-token projection.
+        max_new_tokens: Length of the greedy base responses.
+        output_path: Where to write the scored copy; default <data>.screened.jsonl (alias --output).
+        labels_field: A 0/1 field of every sample (e.g. is_trait): prints the AUC of the score for it.
+        cache_path: Greedy-response cache; default <data>.base_responses.jsonl (reused and extended).
+        batch_size: Examples per forward / generation batch.
+        overwrite: Replace outputs that already exist.
+        dtype: Model dtype: float32, bfloat16, float16 or auto.
+        accelerator: cpu, gpu or auto (the GPU when there is one).
+        trust_remote_code: Allow custom model code from the hub.
+    """
+    path = checks.input_file(data, "--data")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise PersonaError(
+            f"--data {path}: screening reads chat JSONL (messages). Fix: convert the file to .jsonl."
+        )
+    checks.at_least(batch_size, 1, "--batch_size")
+    checks.at_least(max_new_tokens, 1, "--max_new_tokens")
+    check_dtype(dtype)
+    checks.input_file(vector_path, "--vector_path", what="vector file")
+    checks.model_source(model)
+    out_path = Path(output_path) if output_path else path.with_name(path.stem + ".screened.jsonl")
+    stem = out_path.with_suffix("")
+    outputs = {"--output_path": out_path, **{f"--output_path ({s})": Path(f"{stem}.{s}") for s in SUFFIXES}}
+    if filtered_out:
+        outputs["--filtered_out"] = Path(filtered_out)
+    inputs = {"--data": path, "--vector_path": vector_path, "--cache_path": cache_path}
+    for flag, target in outputs.items():
+        checks.output_file(target, flag, inputs=inputs, overwrite=overwrite)
+    records = read_scored_file(path)  # messages present, last message an assistant string
+    labels = check_labels(path, records, labels_field) if labels_field else None
+    n_drop = drop_count(filter_top, top, len(records)) if filtered_out else 0
+    if n_drop >= len(records):
+        raise PersonaError(
+            f"--filter_top {filter_top if filter_top is not None else top}: drops {n_drop} of {len(records)} samples, "
+            "leaving an empty file. Fix: drop fewer."
+        )
+    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
+    checks.layers_in_range([layer], num_layers, "--layer", model)
+    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    if not vector[layer].any():
+        raise PersonaError(
+            f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
+        )
+
+    cache = Path(cache_path) if cache_path else path.with_name(path.stem + ".base_responses.jsonl")
+    scores, train_proj, reference = screening_scores(
+        records,
+        path,
+        model=model,
+        layer=layer,
+        direction=vector[layer],
+        cheap=cheap,
+        max_new_tokens=max_new_tokens,
+        cache_path=cache,
+        batch_size=batch_size,
+        dtype=dtype,
+        accelerator=accelerator,
+        trust_remote_code=trust_remote_code,
+    )
+    method = "cheap" if cheap else "projection_difference"
+    write_jsonl(
+        out_path,
+        screened_records(
+            records,
+            scores,
+            train_proj,
+            reference,
+            cheap=cheap,
+            layer=layer,
+            vector_path=vector_path,
+            model=model,
+        ),
+    )
+    ranking = ranking_table(scores, records, labels, labels_field)
+    write_csv(f"{stem}.ranking.csv", ranking)
+    summary = screening_summary(
+        scores,
+        labels,
+        labels_field,
+        data=str(path),
+        output=str(out_path),
+        model=model,
+        vector=str(vector_path),
+        layer=layer,
+        method=method,
+    )
+    import pandas as pd
+
+    write_csv(f"{stem}.summary.csv", pd.DataFrame([summary]))
+    if summary["n_scored"]:
+        title = f"{path.name}: {method}, layer {layer}"
+        plot_histogram(scores, labels, Path(f"{stem}.hist.png"), title, labels_field or "label")
+    report(summary, ranking, top, path, method)
+    if filtered_out:
+        dropped = rows_to_drop(scores, n_drop)
+        kept = [record for index, record in enumerate(records) if index not in dropped]
+        write_jsonl(Path(filtered_out), kept)
+        print(f"filtered copy without the top {len(dropped)} sample(s): {filtered_out} ({len(kept)} kept)")
+    print(f"scored copy: {out_path}\nranking: {stem}.ranking.csv\nsummary: {stem}.summary.csv")
+    return {
+        "output": str(out_path),
+        "ranking": f"{stem}.ranking.csv",
+        "summary": f"{stem}.summary.csv",
+        "histogram": f"{stem}.hist.png",
+        "mean_score": summary["mean_score"],
+        "auc": summary.get("auc"),
+    }
+
+
+SUFFIXES = ("ranking.csv", "summary.csv", "hist.png")
+
+
+def report(summary: dict, ranking, top: int | None, path: Path, method: str) -> None:
+    unscored = summary["n"] - summary["n_scored"]
+    print(f"{path}: {method} at layer {summary['layer']}")
+    print(
+        f"dataset mean score: {summary['mean_score']:.4f} over {summary['n_scored']} of {summary['n']} samples"
+    )
+    if unscored:
+        print(f"note: {unscored} sample(s) have no score (an empty response).")
+    if "auc" in summary:
+        print(f"AUC of the score for {summary['labels_field']}=1: {summary['auc']:.3f}")
+    if top:
+        print(ranking.head(top).to_string(index=False))

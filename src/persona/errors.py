@@ -1,0 +1,26 @@
+"""What a user sees when something is wrong: one line that names the input, the field and the fix.
+
+Commands raise :class:`PersonaError` (or the library errors listed in :data:`USER_ERRORS`, whose
+messages the project writes the same way); the ``persona`` entry point prints
+``persona <command>: error: <message>`` and exits 1. The traceback is shown only with ``PERSONA_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class PersonaError(ValueError):
+    """A bad input, setting or state the user can fix; the message says where and how."""
+
+
+# Expected failures with messages written for users (ours, or the standard library's naming the path).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, json.JSONDecodeError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (library messages sometimes span several)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text or type(error).__name__
