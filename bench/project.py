@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from persona.commands.project import project
 from persona.data.scored_files import projection_column
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.commands.project import project
 from persona.vectors import save_vector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import torch
 
 from conftest import build_tiny_model
 from persona import cli
+from persona.analysis import personality as analysis_personality
 from persona.analysis.personality import (
     HIGH_FIRST,
     choice_item_scores,
     likelihood_item_scores,
     personality_sweep,
 )
-from persona.analysis import personality as analysis_personality
 from persona.commands import personality as pers
 from persona.vectors import save_vector
 
