@@ -37,7 +37,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "generate": Subcommand(
         "Persona-prompted responses scored by a judge, CSV out (was eval_persona)",
-        "persona.generation:generate",
+        "persona.commands.generate:generate",
     ),
     "traits": Subcommand("List trait artifacts, or write a new trait's with an LLM", "persona.traits:traits"),
     "extract": Subcommand(
@@ -128,7 +128,12 @@ def bare_bool_flags_as_true(function, argv: list[str]) -> list[str]:
 
 
 # Flag names we used before; the seed's own names are the primary ones, so these stay only as aliases.
-FLAG_ALIASES = {"--output": "--output_path", "--out": "--output_path", "--out_dir": "--output_dir"}
+FLAG_ALIASES = {
+    "--output": "--output_path",
+    "--out": "--output_path",
+    "--out_dir": "--output_dir",
+    "--max_new_tokens": "--max_tokens",
+}
 
 
 def _list_item_type(hint) -> type | None:

@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from persona import checks
 from persona.store import atomic_write
-from persona.vectors import load_metadata, load_vector
+from persona.vectors import load_metadata, read_vector_file
 
 ARCHITECTURE = "controlvector"
 DIRECTION_NAME = re.compile(r"^direction\.(\d+)$")
@@ -65,10 +65,11 @@ def _check_rows(vector_path: str, layers: list[int], num_layers: int) -> list[in
 
 def export_gguf(
     vector_path: str,
-    out: str,
+    output_path: str,
     layers: list[int] | None = None,
     coef: float = 1.0,
     model_hint: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write a persona vector as a llama.cpp control vector (``--control-vector out.gguf``).
 
@@ -78,17 +79,23 @@ def export_gguf(
 
     Args:
         vector_path: Vector file ``[num_layers + 1, hidden]`` (``*_diff.pt``).
-        out: Output ``.gguf`` path.
+        output_path: Output ``.gguf`` path (alias --out).
         layers: Rows to export (our layer numbering, 2..num_layers); default: all of them.
         coef: Multiplier applied to every exported row.
         model_hint: ``controlvector.model_hint``; default: the sidecar's ``model`` field, else the file stem.
+        overwrite: Replace ``output_path`` if it exists.
 
     Returns:
         The path written.
     """
+    checks.input_file(vector_path, "--vector_path", what="vector file")
+    checks.output_file(
+        output_path, "--output_path", inputs={"--vector_path": vector_path}, overwrite=overwrite
+    )
+    checks.finite(coef, "--coef")
     import gguf
 
-    vector = load_vector(vector_path)
+    vector = read_vector_file(vector_path)
     num_layers = vector.shape[0] - 1
     if num_layers < FIRST_EXPRESSIBLE_ROW:
         raise ValueError(
@@ -101,7 +108,7 @@ def export_gguf(
         num_layers,
     )
     scaled = vector[rows] * coef
-    if not torch.isfinite(scaled).all():
+    if not np.isfinite(scaled).all():
         raise ValueError(
             f"{vector_path}: non-finite values in the exported rows (coef={coef}). Fix: check the vector."
         )
@@ -113,16 +120,19 @@ def export_gguf(
         writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
         writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(rows))
         for row, direction in zip(rows, scaled, strict=True):
-            writer.add_tensor(
-                f"direction.{row_to_direction_index(row)}", direction.numpy().astype(np.float32)
-            )
+            writer.add_tensor(f"direction.{row_to_direction_index(row)}", direction.astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write(Path(out), write)
-    return str(out)
+    atomic_write(Path(output_path), write)
+    norms = ", ".join(f"{row}: {np.linalg.norm(scaled[i]):.1f}" for i, row in enumerate(rows[:8]))
+    print(
+        f"{output_path}: llama.cpp control vector, {len(rows)} layer(s) (row: norm {norms}{', ...' if len(rows) > 8 else ''}). "
+        f"Use: llama-cli -m MODEL.gguf --control-vector-scaled {output_path}:SCALE"
+    )
+    return str(output_path)
 
 
 def _string_field(reader, key: str) -> str | None:
@@ -130,7 +140,7 @@ def _string_field(reader, key: str) -> str | None:
     return None if field is None else str(field.contents())
 
 
-def import_gguf(path: str, num_layers: int | None = None) -> torch.Tensor:
+def import_gguf(path: str, num_layers: int | None = None):
     """Read a llama.cpp control vector back as ``[num_layers + 1, hidden]`` float32.
 
     ``direction.k`` lands in row k+1; rows absent from the file (always 0 and 1) are zeros. Several
@@ -141,6 +151,7 @@ def import_gguf(path: str, num_layers: int | None = None) -> torch.Tensor:
         num_layers: Number of decoder blocks of the target model; default: highest direction index + 1.
     """
     import gguf
+    import torch
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"Control vector {path} does not exist. Fix: check the path.")

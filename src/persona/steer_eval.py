@@ -146,7 +146,7 @@ def steer_eval(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
-    from persona.generation import generate
+    from persona.commands.generate import generate
     from persona.models import model_dimensions
     from persona.steering import POSITIONS, SteeringSpec
     from persona.traits import load_trait

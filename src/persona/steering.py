@@ -15,13 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from persona.chat import Messages, answer_text, encode_chat
+from persona.constants import POSITIONS
 from persona.hardware import input_device
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-
-POSITIONS: tuple[str, ...] = ("response", "generated", "prompt", "all")
 
 
 @dataclass

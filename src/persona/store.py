@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -203,3 +204,9 @@ def write_csv(path: str | Path, frame) -> Path:
 def write_figure(path: str | Path, figure, *, dpi: int = 120, **savefig) -> Path:
     """A matplotlib figure as PNG, atomically (the figure stays open; the caller closes it)."""
     return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi, **savefig))
+
+
+def batch_seed(seed: int, *parts) -> int:
+    """A seed from the base seed and a batch's keys only, so a resumed batch samples exactly as the first time."""
+    text = "|".join(map(str, (seed, *parts)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from persona import __version__
+from persona.constants import VECTOR_KINDS  # noqa: F401  (re-exported: the file kinds)
 from persona.store import atomic_write
 
-VECTOR_KINDS = ("prompt_avg", "response_avg", "prompt_last")
 LAYER_CONVENTION = (
     "row 0 = embedding output; row L = output of decoder block L-1 (HF hidden_states[L]); "
     "the last row is the last block's raw output, before the final norm"

@@ -61,11 +61,13 @@ def test_vector_routes(tmp_path, monkeypatch):
 
     settings = VectorSettings()
     assert trait_vectors.choose_route("evil", settings) == "pairs"  # hand-written pairs
-    assert trait_vectors.choose_route("optimistic", settings) == "generated"  # persona.generation exists
+    assert trait_vectors.choose_route("optimistic", settings) == "generated"
     save_vector(torch.zeros(4, 8), tmp_path / vector_filename("optimistic", "response_avg"), {})
     assert trait_vectors.choose_route("optimistic", VectorSettings(vector_dir=str(tmp_path))) == "given"
-    monkeypatch.setattr(trait_vectors, "generation_available", lambda: False)
-    assert trait_vectors.choose_route("impolite", settings) == "instruction_pairs"
+    assert (
+        trait_vectors.choose_route("impolite", VectorSettings(route="instruction_pairs"))
+        == "instruction_pairs"
+    )
     with pytest.raises(ValueError, match="vectors.route=pairs but .*impolite.jsonl does not exist"):
         trait_vectors.choose_route("impolite", VectorSettings(route="pairs"))
     with pytest.raises(ValueError, match="vectors.route='nope'"):

@@ -7,8 +7,9 @@ import zlib
 import pandas as pd
 import pytest
 
-from persona import generation
-from persona.generation import ResponseStore, generate
+from persona import generation_loop
+from persona.commands.generate import generate
+from persona.generation import ResponseStore
 from persona.judges import JudgeScore as Score
 from persona.store import read_journal
 
@@ -66,7 +67,7 @@ def trait_file(tmp_path):
 @pytest.fixture
 def use_judge(monkeypatch):
     def install(judge):
-        monkeypatch.setattr(generation, "build_judge", lambda spec, base_url, min_mass=None: judge)
+        monkeypatch.setattr(generation_loop, "build_judge", lambda **kwargs: judge)
         return judge
 
     return install
@@ -178,7 +179,11 @@ def test_missing_scores_stay_empty_and_are_retried_on_rerun(
 ):
     out = tmp_path / "out.csv"
     use_judge(FakeJudge(missing=True))
-    run(tiny_model_dirs["llama"], trait_file, out, max_questions=1, n_per_question=1)
+    # Every judgement failed: the run fails with one line, but the answers are kept for the re-run.
+    with pytest.raises(
+        ValueError, match="every judge call failed .*judge unreachable.*re-run the same command"
+    ):
+        run(tiny_model_dirs["llama"], trait_file, out, max_questions=1, n_per_question=1)
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 5 and all(row["wicked"] == "" and row["coherence"] == "" for row in rows)
@@ -233,20 +238,22 @@ def test_other_settings_on_the_same_output_are_refused(tiny_model_dirs, trait_fi
         ({"persona_instruction_type": "both"}, "use pos, neg or none"),
         ({"steering_type": "last"}, "--steering_type 'last'"),
         ({"trait": "no_such_trait"}, "Unknown trait 'no_such_trait'.*Available"),
-        ({"coef": 1.0, "layer": 1, "vector_path": "missing.pt"}, "missing.pt does not exist"),
+        ({"coef": 1.0, "layer": 1, "vector_path": "missing.pt"}, "missing.pt: no such vector file"),
     ],
 )
-def test_bad_inputs_fail_before_any_model_loads(trait_file, tmp_path, kwargs, message, monkeypatch):
-    monkeypatch.setattr(generation, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+def test_bad_inputs_fail_before_any_model_loads(
+    trait_file, tmp_path, kwargs, message, monkeypatch, tiny_model_dirs
+):
+    monkeypatch.setattr(generation_loop, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        run("no-such-model", trait_file, tmp_path / "out.csv", **kwargs)
+        run(tiny_model_dirs["llama"], trait_file, tmp_path / "out.csv", **kwargs)
 
 
-def test_unwritable_output_fails_early(trait_file, tmp_path):
+def test_unwritable_output_fails_early(trait_file, tmp_path, tiny_model_dirs):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ValueError, match="Cannot write to"):
-        run("no-such-model", trait_file, blocker / "sub" / "out.csv")
+    with pytest.raises(ValueError, match="is a file, so nothing can be written under it"):
+        run(tiny_model_dirs["llama"], trait_file, blocker / "sub" / "out.csv")
 
 
 def test_steered_generation_runs(tiny_model_dirs, trait_file, tmp_path, use_judge):

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from persona import cli, generation, steer_eval
+from persona import cli, generation_loop, steer_eval
+from persona.commands import generate as commands_generate
 from persona.judges import JudgeScore
 from persona.steer_eval import coef_filename, parse_coefs
 from persona.vectors import save_vector
@@ -42,7 +43,7 @@ class FakeJudge:
 @pytest.fixture
 def judge(monkeypatch):
     fake = FakeJudge()
-    monkeypatch.setattr(generation, "build_judge", lambda spec, base_url, min_mass=None: fake)
+    monkeypatch.setattr(generation_loop, "build_judge", lambda **kwargs: fake)
     return fake
 
 
@@ -142,7 +143,7 @@ def test_coef_filenames():
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    monkeypatch.setattr(generation, "generate", lambda **kwargs: pytest.fail("generation started"))
+    monkeypatch.setattr(commands_generate, "generate", lambda **kwargs: pytest.fail("generation started"))
 
 
 @pytest.mark.parametrize(

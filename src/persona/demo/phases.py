@@ -124,7 +124,7 @@ def generated_phase(
     import torch
 
     from persona.commands.extract import extract
-    from persona.generation import generate
+    from persona.commands.generate import generate
     from persona.vectors import load_vector
 
     paths = {}
@@ -214,4 +214,8 @@ def generations_phase(
 def export_phase(phase_dir: Path, *, trait: str, vector_path: str) -> dict:
     from persona.gguf_export import export_gguf
 
-    return {"gguf": export_gguf(vector_path=vector_path, out=str(phase_dir / f"{trait}.gguf"))}
+    return {
+        "gguf": export_gguf(
+            vector_path=vector_path, output_path=str(phase_dir / f"{trait}.gguf"), overwrite=True
+        )
+    }

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+from persona.constants import MIN_MASS
 from persona.education.settings import (
     SEED_TRAITS,
     GraderSettings,
@@ -197,7 +198,7 @@ def run_study(
         )
     from persona.store import check_signature
 
-    min_mass = 0.25 if graders.min_mass is None else graders.min_mass
+    min_mass = MIN_MASS if graders.min_mass is None else graders.min_mass
     signature = {
         "model": model,
         "dtype": dtype,

@@ -27,12 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from persona.constants import MIN_MASS
 from persona.judges.aggregation import integer_probs, is_refusal
 from persona.judges.base import FAILED, REFUSAL
 
 RANGE_AGGREGATION = "0_10"  # the judges' candidates 0..10 cover every ASAP range (max 3)
 UNSCORABLE = "unscorable"  # too little probability on the allowed scores
-DEFAULT_MIN_MASS = 0.25  # the seed's threshold for "the judge answered with a number"
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class LocalRangeGrader:
     name: str
     judge: object  # persona.judges.LocalJudge, built with aggregation RANGE_AGGREGATION
     specs: list = field(default_factory=list)  # SteeringSpec list, positions="all"
-    min_mass: float = DEFAULT_MIN_MASS
+    min_mass: float = MIN_MASS
 
     def grade(self, prompts: Sequence[str], ranges: Sequence[tuple[int, int]]) -> list[Grade]:
         from persona.judges.base import DIGIT_CHAIN

@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from persona.chat import render_chat
+from persona.constants import MIN_MASS
 from persona.education.data import SetConfig
 from persona.education.grading import (
-    DEFAULT_MIN_MASS,
     RANGE_AGGREGATION,
     Grade,
     Grader,
@@ -113,7 +113,7 @@ class Study:
 
     @property
     def min_mass(self) -> float:
-        return DEFAULT_MIN_MASS if self.graders.min_mass is None else self.graders.min_mass
+        return MIN_MASS if self.graders.min_mass is None else self.graders.min_mass
 
     def run(self) -> None:
         steps = 2 + len(self.traits) + 3

@@ -9,7 +9,7 @@ Routes, tried in this order by ``route="auto"`` (the report says which one each 
   the ``pos`` and the ``neg`` persona system prompts, judges them (trait and coherence, 0-100), and
   ``persona extract`` keeps pairs with pos >= threshold, neg < 100 - threshold, both coherent. If no pair
   survives (likely with a 135M model judging itself) every pair is used and the report says so.
-- ``instruction_pairs`` (fallback when ``persona.generation`` is not available): the model answers each
+- ``instruction_pairs`` (only when asked for): the model answers each
   extract question under the ``pos`` system prompt and under the ``neg`` one (same question, same seed,
   greedy); the two answers form a contrastive pair *without* the system prompt, so the response tokens
   carry the difference. Cached as a pairs JSONL in the phase directory.
@@ -17,7 +17,6 @@ Routes, tried in this order by ``route="auto"`` (the report says which one each 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -39,10 +38,6 @@ def given_path(trait: str, settings: VectorSettings) -> Path | None:
     return Path(settings.vector_dir) / vector_filename(trait, "response_avg")
 
 
-def generation_available() -> bool:
-    return importlib.util.find_spec("persona.generation") is not None
-
-
 def choose_route(trait: str, settings: VectorSettings) -> str:
     """The route a trait takes; an explicit route that cannot work is refused here, before any model loads."""
     given = given_path(trait, settings)
@@ -51,7 +46,7 @@ def choose_route(trait: str, settings: VectorSettings) -> str:
             return "given"
         if pairs_path(trait).is_file():
             return "pairs"
-        return "generated" if generation_available() else "instruction_pairs"
+        return "generated"
     if settings.route == "given" and (given is None or not given.is_file()):
         raise ValueError(
             f"vectors.route=given but {given or '<vector_dir>/...'} does not exist. "
@@ -59,10 +54,6 @@ def choose_route(trait: str, settings: VectorSettings) -> str:
         )
     if settings.route == "pairs" and not pairs_path(trait).is_file():
         raise ValueError(f"vectors.route=pairs but {pairs_path(trait)} does not exist. Fix: use route auto.")
-    if settings.route == "generated" and not generation_available():
-        raise ValueError(
-            "vectors.route=generated needs persona.generation. Fix: use route instruction_pairs."
-        )
     return settings.route
 
 
@@ -139,7 +130,7 @@ def build_vector(
             "detail": f"hand-written pairs {pairs_path(trait).name} (train split)",
         }
     if route == "generated":
-        from persona.generation import generate
+        from persona.commands.generate import generate
 
         csvs = {}
         for kind in ("pos", "neg"):

@@ -6,6 +6,7 @@ judge = make_judge("local")  # the embedded SmolLM2, in process, offline
 scores = judge.score(prompts)  # [JudgeScore(score, method, error)], same order
 """
 
+from persona.constants import MIN_MASS
 from persona.judges.aggregation import AGGREGATIONS, aggregate
 from persona.judges.base import (
     DIGIT_CHAIN,
@@ -22,6 +23,14 @@ from persona.judges.local_judge import LocalJudge
 from persona.judges.openai_judge import OpenAIJudge
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m"
+
+
+def judge_name(spec: str = "local", *, min_mass: float | None = None) -> str:
+    """The name a judge built from ``spec`` records beside its scores (without building it)."""
+    if spec == "local" or spec.startswith("local:"):
+        name = f"local:{spec.partition(':')[2] or DEFAULT_LOCAL_MODEL}"
+        return name if min_mass is None or min_mass == MIN_MASS else f"{name}@min_mass={min_mass:g}"
+    return f"openai:{spec.removeprefix('openai:')}"
 
 
 def make_judge(
@@ -49,6 +58,7 @@ def make_judge(
                 "Fix: drop base_url, or name the served model instead, e.g. make_judge('openai:<model>', base_url=...)."
             )
         model = spec.partition(":")[2] or DEFAULT_LOCAL_MODEL
+        kwargs.setdefault("name", judge_name(spec, min_mass=kwargs.get("min_mass")))
         return LocalJudge(model, aggregation=aggregation, cache_dir=cache_dir, **kwargs)
     model = spec.removeprefix("openai:")
     if not model:
@@ -70,5 +80,6 @@ __all__ = [
     "LocalJudge",
     "OpenAIJudge",
     "aggregate",
+    "judge_name",
     "make_judge",
 ]

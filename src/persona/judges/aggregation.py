@@ -16,8 +16,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
+from persona.constants import MIN_MASS
+
 AGGREGATIONS = ("0_100", "0_10", "binary")
-MIN_MASS = 0.25  # the seed's threshold: below it the judge did not really answer with a number
 REFUSAL_WORD = "REFUSAL"
 YES_WORDS = ("yes",)
 NO_WORDS = ("no",)

@@ -1,0 +1,202 @@
+"""``persona generate``: persona-prompted answers to a trait's questions, judged for the trait and coherence.
+
+The seed's ``eval_persona.py`` flags. Resumable (see :mod:`persona.generation`); a re-run with another judge
+re-judges the kept answers without regenerating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from persona import checks
+from persona.constants import POSITIONS
+from persona.errors import PersonaError
+from persona.generation import ResponseStore, plan_items
+from persona.hardware import check_dtype
+from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.traits import load_trait
+from persona.vectors import load_metadata, read_vector_file
+
+log = logging.getLogger(__name__)
+
+
+def generate(
+    trait: str,
+    output_path: str,
+    model: str = DEFAULT_MODEL,
+    persona_instruction_type: str | None = None,
+    assistant_name: str | None = None,
+    version: str = "extract",
+    n_per_question: int = 10,
+    max_questions: int | None = None,
+    max_tokens: int = 1000,
+    temperature: float | None = None,
+    judge_model: str = "local",
+    judge_base_url: str | None = None,
+    judge_min_mass: float | None = None,
+    judge_timeout: float | None = None,
+    judge_concurrency: int | None = None,
+    coef: float | None = None,
+    vector_path: str | None = None,
+    layer: int | None = None,
+    steering_type: str = "response",
+    batch_size: int = 16,
+    seed: int = 0,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    trust_remote_code: bool = False,
+) -> str:
+    """Answer a trait's questions under persona system prompts (or steering) and judge each answer 0-100.
+
+    Writes a CSV with question, prompt, answer, question_id, sample, <trait>, coherence (+ <trait>_method,
+    coherence_method, judge); `persona extract` reads a pos and a neg file. Re-running the same command
+    resumes an interrupted run and retries missing judge scores; with another --judge_model it re-judges
+    every answer without regenerating it.
+
+    Args:
+        trait: Trait name (datasets/traits/<version>/<trait>.json) or a trait file/folder path.
+        output_path: The CSV to write (resumed if it exists and was made with the same settings).
+        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        persona_instruction_type: pos, neg or none: which instruction of each pair goes into the system prompt.
+        assistant_name: Name in "You are a/an <name> assistant."; default the trait (pos) or its antonym/"helpful" (neg).
+        version: extract or eval: which question set.
+        n_per_question: Samples per (question, instruction).
+        max_questions: Only the first N questions (quick runs).
+        max_tokens: Maximum new tokens per answer (alias --max_new_tokens).
+        temperature: Sampling temperature; default 1.0, or 0 (greedy) when n_per_question is 1, as the seed.
+        judge_model: Judge: local (in-process smollm2-135m), local:<model>, or a model served by an OpenAI-compatible API.
+        judge_base_url: Base URL of the judge's OpenAI-compatible API (key from the environment).
+        judge_min_mass: Local judges only: least probability on numeric answers for a score (default the seed's 0.25); 0 scores the expected number given a numeric answer, which small judges such as the embedded model need.
+        judge_timeout: API judges: seconds per call before it is retried (default 30; raise it for slow local servers).
+        judge_concurrency: API judges: calls in flight at once (default 8; 1-2 for a local server on one GPU).
+        coef: Steering coefficient (with vector_path and layer).
+        vector_path: Vector file [num_layers+1, hidden] to steer with.
+        layer: Layer to steer at (0 = embeddings, L = output of block L-1).
+        steering_type: Positions to steer: response, generated, prompt or all.
+        batch_size: Answers generated per batch (also the unit of resumption).
+        seed: Base seed; each batch's seed is derived from it and the batch's keys.
+        overwrite: Start over, deleting an existing output_path and its journal.
+        dtype: Model dtype: float32, bfloat16, float16 or auto.
+        accelerator: Lightning accelerator (cpu, gpu, auto).
+        devices: Devices (processes); batches are sharded across ranks.
+        strategy: Lightning strategy (auto, ddp, ddp_spawn).
+        trust_remote_code: Allow custom model code from the hub.
+    """
+    instruction_type = check_flags(
+        persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
+    )
+    checks.model_source(model)
+    steering = check_steering(model, coef, vector_path, layer, trust_remote_code)
+    if steering is not None:
+        steering["steering_type"] = steering_type
+    if temperature is None:
+        temperature = 0.0 if n_per_question == 1 else 1.0
+    if temperature < 0:
+        raise PersonaError(f"--temperature {temperature}: must be >= 0 (0 = greedy).")
+    if judge_timeout is not None:
+        checks.at_least(judge_timeout, 1, "--judge_timeout")
+    if judge_concurrency is not None:
+        checks.at_least(judge_concurrency, 1, "--judge_concurrency")
+    loaded = load_trait(trait, version)
+    if instruction_type is None and assistant_name is not None:
+        log.warning("--assistant_name is ignored without --persona_instruction_type pos|neg")
+    path = checks.output_file(
+        output_path, "--output_path", inputs={"--vector_path": vector_path}, exists_ok=True
+    )
+    items = plan_items(loaded, instruction_type, assistant_name, n_per_question, max_questions)
+    store = ResponseStore(path, loaded.name)
+    signature = run_signature(
+        loaded,
+        model,
+        dtype,
+        version,
+        instruction_type,
+        assistant_name,
+        max_tokens,
+        temperature,
+        seed,
+        steering,
+    )
+    from persona.generation_loop import run_generation
+
+    return run_generation(
+        store, loaded, items, signature, overwrite=overwrite, batch_size=batch_size, seed=seed, model=model,
+        dtype=dtype, max_tokens=max_tokens, temperature=temperature, steering=steering,
+        judge=dict(spec=judge_model, base_url=judge_base_url, min_mass=judge_min_mass, timeout=judge_timeout,
+                   concurrency=judge_concurrency),
+        trainer=dict(accelerator=accelerator, devices=devices, strategy=strategy), trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+
+
+def check_flags(
+    persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
+):
+    instruction_type = None if persona_instruction_type in (None, "none") else persona_instruction_type
+    if instruction_type not in (None, "pos", "neg"):
+        raise PersonaError(
+            f"--persona_instruction_type {persona_instruction_type!r}. Fix: use pos, neg or none."
+        )
+    for flag, value in (
+        ("--n_per_question", n_per_question),
+        ("--max_tokens", max_tokens),
+        ("--batch_size", batch_size),
+    ):
+        checks.at_least(value, 1, flag)
+    if max_questions is not None:
+        checks.at_least(max_questions, 1, "--max_questions")
+    if steering_type not in POSITIONS:
+        raise PersonaError(f"--steering_type {steering_type!r}. Fix: use one of {', '.join(POSITIONS)}.")
+    check_dtype(dtype)
+    return instruction_type
+
+
+def check_steering(model, coef, vector_path, layer, trust_remote_code) -> dict | None:
+    """The steering settings, all three given or none, checked against the model (no weights loaded)."""
+    steering = {"coef": coef, "vector_path": vector_path, "layer": layer}
+    given = [f"--{k}" for k, v in steering.items() if v is not None]
+    if not given:
+        return None
+    if len(given) != 3:
+        absent = [f"--{k}" for k, v in steering.items() if v is None]
+        raise PersonaError(
+            f"Steering needs --coef, --vector_path and --layer together; got {', '.join(given)} "
+            f"without {', '.join(absent)}. Fix: pass all three, or none."
+        )
+    checks.finite(coef, "--coef")
+    checks.input_file(vector_path, "--vector_path", what="vector file")
+    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
+    checks.layers_in_range([layer], num_layers, "--layer", model)
+    read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    source_model = load_metadata(vector_path).get("model")
+    if source_model not in (None, model):
+        log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)
+    return {"vector_path": str(vector_path), "layer": layer, "coef": float(coef)}
+
+
+def run_signature(
+    loaded, model, dtype, version, instruction_type, assistant_name, max_tokens, temperature, seed, steering
+):
+    """The settings that make two runs' rows comparable; a resumed run must match them exactly."""
+    content = json.dumps(
+        [loaded.questions, [(p.pos, p.neg) for p in loaded.instructions], loaded.eval_prompt]
+    )
+    return {
+        "model": model,
+        "dtype": dtype,
+        "trait": loaded.name,
+        "version": version,
+        "trait_sha256": hashlib.sha256(content.encode()).hexdigest()[:16],
+        "persona_instruction_type": instruction_type,
+        "assistant_name": None
+        if instruction_type is None
+        else (assistant_name or loaded.assistant_name(instruction_type)),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "steering": steering,
+    }

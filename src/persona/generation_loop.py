@@ -1,0 +1,270 @@
+"""The predict loop of `persona generate`: answers per planned batch, judged per batch, journaled per rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+from collections import Counter
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from persona.chat import has_chat_template, render_chat
+from persona.errors import PersonaError
+from persona.generation import Key, ResponseStore, pending_batches
+from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
+from persona.steering import SteeringSpec, generate_steered
+from persona.traits import Trait, coherence_prompt
+from persona.vectors import load_vector
+
+# ------------------------------------------------------------------------------------------------- judging
+
+
+def needs_score(row: dict, metric: str, judge: str | None = None) -> bool:
+    """Not judged yet, the judge call failed, or another judge than ``judge`` gave the verdict (a re-run
+    with a new judge re-judges the kept answers). A refusal or unreadable verdict is an answer: not retried."""
+    if judge is not None and row.get("judge") not in (None, judge):
+        return True
+    return row.get(metric) is None and row.get(f"{metric}_method") in (None, "failed")
+
+
+def score_rows(rows: list[dict], trait: Trait, judge) -> list[str]:
+    """Fill the trait and coherence scores that :func:`needs_score` in place; returns the judge's errors."""
+    errors = []
+    for metric, make_prompt in ((trait.name, trait.judge_prompt), ("coherence", coherence_prompt)):
+        todo = [row for row in rows if needs_score(row, metric, judge.name)]
+        if not todo:
+            continue
+        scores = judge.score([make_prompt(row["question"], row["answer"]) for row in todo])
+        if len(scores) != len(todo):
+            raise RuntimeError(f"judge {judge.name!r} returned {len(scores)} scores for {len(todo)} prompts.")
+        for row, score in zip(todo, scores, strict=True):
+            value = score.score
+            row[metric] = float(value) if value is not None and math.isfinite(value) else None
+            row[f"{metric}_method"] = score.method
+            row["judge"] = judge.name
+            if score.error:
+                errors.append(score.error)
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+
+
+class ResponseGenerator(L.LightningModule):
+    """predict_step: generate answers for one planned batch (its own seed); rows out, unjudged."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        max_tokens: int = 1000,
+        temperature: float = 1.0,
+        vector_path: str | None = None,
+        layer: int | None = None,
+        coef: float | None = None,
+        steering_type: str = "response",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.model, padding_side="left", trust_remote_code=hp.trust_remote_code)
+        if not has_chat_template(tokenizer):
+            raise ValueError(f"{hp.model} has no chat template. Fix: use an instruct/chat model.")
+        self.tokenizer = tokenizer
+        self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+        self.model.requires_grad_(False)
+        self.specs = (
+            []
+            if hp.vector_path is None
+            else [SteeringSpec(hp.layer, load_vector(hp.vector_path), hp.coef, positions=hp.steering_type)]
+        )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        random.seed(batch["seed"])
+        torch.manual_seed(batch["seed"])
+        hp = self.hparams
+        sampling = {"top_p": 1.0, "top_k": 0} if hp.temperature > 0 else {}
+        answers = generate_steered(
+            self.model,
+            self.tokenizer,
+            batch["messages"],
+            self.specs,
+            max_new_tokens=hp.max_tokens,
+            temperature=hp.temperature,
+            batch_size=len(batch["messages"]),
+            min_new_tokens=1,
+            **sampling,
+        )
+        prompts = [render_chat(self.tokenizer, m) for m in batch["messages"]]
+        return [
+            {"question": q, "prompt": p, "answer": a, "question_id": qid, "sample": int(s)}
+            for q, p, a, qid, s in zip(
+                batch["question"], prompts, answers, batch["question_id"], batch["sample"], strict=True
+            )
+        ]
+
+
+class ResponseWriter(BasePredictionWriter):
+    """Judges each batch's new rows and appends them to this rank's journal."""
+
+    def __init__(self, store: ResponseStore, trait: Trait, judge):
+        super().__init__(write_interval="batch")
+        self.store, self.trait, self.judge = store, trait, judge
+        self.errors: list[str] = []
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
+        rows = [row for row, pending in zip(prediction, batch["pending"], strict=True) if pending]
+        for row in rows:
+            row.update(
+                {
+                    self.trait.name: None,
+                    "coherence": None,
+                    f"{self.trait.name}_method": None,
+                    "coherence_method": None,
+                    "judge": None,
+                }
+            )
+        self.errors += score_rows(rows, self.trait, self.judge)
+        self.store.append(trainer.global_rank, rows)
+
+
+def _unwrap(items: list[dict]) -> dict:
+    return items[0]
+
+
+def build_judge(
+    spec: str,
+    base_url: str | None,
+    min_mass: float | None = None,
+    *,
+    timeout: float | None = None,
+    concurrency: int | None = None,
+):
+    """The judge of a command's --judge_* flags, caching its scores under the persona cache directory."""
+    from persona.judges import make_judge
+    from persona.models import cache_root
+
+    kwargs: dict = {"cache_dir": str(cache_root() / "judge")}
+    if spec.startswith("local"):
+        if min_mass is not None:
+            kwargs["min_mass"] = min_mass
+    else:
+        if min_mass is not None:
+            raise PersonaError(
+                "--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local."
+            )
+        kwargs.update(
+            {k: v for k, v in (("timeout", timeout), ("max_concurrency", concurrency)) if v is not None}
+        )
+    return make_judge(spec, base_url=base_url, **kwargs)
+
+
+def _is_launch_rank_zero() -> bool:
+    # Under Lightning's ddp launcher every rank re-runs this command; only the first may delete or create files.
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "no scores"
+    return f"{statistics.fmean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
+def finalize(store: ResponseStore, trait: Trait, stale: set[Key], judge_factory, errors: list[str]) -> dict:
+    """Re-judge rows from earlier runs that lack a score, write the CSV in plan order, report what is missing."""
+    rows = store.load()
+    retry = [rows[key] for key in stale if key in rows]
+    if retry:
+        errors = errors + score_rows(retry, trait, judge_factory())
+    store.write_csv(list(rows.values()))
+    print(f"{store.csv_path}: {len(rows)} rows")
+    missing = {}
+    for metric in (trait.name, "coherence"):
+        print(f"{metric}: {_mean_std([r[metric] for r in rows.values() if r.get(metric) is not None])}")
+        why = Counter(
+            row.get(f"{metric}_method") or "not judged" for row in rows.values() if row.get(metric) is None
+        )
+        missing[metric] = dict(why)
+    if any(missing.values()):
+        counts = "; ".join(
+            f"{m}: " + ", ".join(f"{n} {why}" for why, n in c.items()) for m, c in missing.items() if c
+        )
+        shown = "; ".join(sorted(set(errors))[:3])
+        print(
+            f"Missing judge scores (left empty): {counts}."
+            + (f" Judge errors: {shown}." if shown else "")
+            + (" Re-run the same command to retry the failed ones." if "failed" in counts else "")
+        )
+    failed = sum(row.get(f"{trait.name}_method") == "failed" for row in rows.values())
+    if rows and failed == len(rows):
+        shown = sorted(set(errors))[0] if errors else "no error was reported"
+        raise PersonaError(
+            f"every judge call failed ({len(rows)} rows in {store.csv_path} have no {trait.name} score; first error: "
+            f"{shown}). The answers are kept. Fix: check --judge_model/--judge_base_url (is the server up?), "
+            "then re-run the same command to judge them."
+        )
+    return {"rows": len(rows), "missing": missing}
+
+
+def run_generation(
+    store: ResponseStore, trait: Trait, items, signature: dict, *, overwrite: bool, batch_size: int, seed: int,
+    model: str, dtype: str, max_tokens: int, temperature: float, steering: dict | None, judge: dict, trainer: dict,
+    trust_remote_code: bool,
+) -> str:  # fmt: skip
+    """Resume or start the run in ``store``: generate the unfinished batches, judge, write the CSV."""
+    if _is_launch_rank_zero():
+        if overwrite:
+            store.remove_all()
+        store.check_meta(signature)
+    from persona.judges import judge_name
+
+    current = judge_name(judge["spec"], min_mass=judge["min_mass"])
+    existing = store.load()
+    stale = {
+        key
+        for key, row in existing.items()
+        if any(needs_score(row, m, current) for m in (trait.name, "coherence"))
+    }
+    batches = pending_batches(items, batch_size, set(existing), seed)
+    print(
+        f"{trait.name} ({trait.path}): {len(items)} answers planned, {sum(sum(b['pending']) for b in batches)} to generate"
+    )
+    built = []
+
+    def judge_factory():  # built once, and only when something needs judging
+        if not built:
+            built.append(build_judge(**judge))
+        return built[0]
+
+    errors: list[str] = []
+    is_global_zero = True
+    if batches:
+        writer = ResponseWriter(store, trait, judge_factory())
+        generator = ResponseGenerator(
+            model=model, dtype=dtype, trust_remote_code=trust_remote_code, max_tokens=max_tokens,
+            temperature=temperature, **(steering or {}),
+        )  # fmt: skip
+        from torch.utils.data import DataLoader
+
+        from persona.hardware import make_trainer
+
+        lightning = make_trainer(**trainer, callbacks=[writer])
+        loader = DataLoader(batches, batch_size=1, shuffle=False, collate_fn=_unwrap)
+        lightning.predict(generator, dataloaders=loader, return_predictions=False)
+        lightning.strategy.barrier("persona-generate")
+        is_global_zero, errors = lightning.is_global_zero, writer.errors
+    if is_global_zero:
+        finalize(store, trait, stale, judge_factory, errors)
+    return str(store.csv_path)
