@@ -133,6 +133,7 @@ FLAG_ALIASES = {
     "--out": "--output_path",
     "--out_dir": "--output_dir",
     "--max_new_tokens": "--max_tokens",
+    "--force": "--overwrite",
 }
 
 
@@ -216,15 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name in LIGHTNING_SUBCOMMANDS:
-        run_lightning_cli(argv)
-        return 0
     sub = SUBCOMMANDS.get(name)
-    if sub is None:
+    if sub is None and name not in LIGHTNING_SUBCOMMANDS:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        run_function(name, sub.target, rest)
+        if name in LIGHTNING_SUBCOMMANDS:
+            run_lightning_cli(argv)
+        else:
+            run_function(name, sub.target, rest)
     except Exception as error:
         from persona.errors import USER_ERRORS, one_line
 

@@ -320,16 +320,31 @@ Return only the JSON object."""
 
 def _chat_completion(model: str, base_url: str | None, prompt: str) -> str:
     """One chat completion from an OpenAI-compatible server; the key comes from the environment only."""
-    from openai import OpenAI
+    import openai
 
-    client = OpenAI(base_url=base_url)  # reads OPENAI_API_KEY (and OPENAI_BASE_URL) itself
-    response = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        response_format={"type": "json_object"},
-        temperature=1.0,
-    )
+    from persona.errors import PersonaError
+
+    try:
+        client = openai.OpenAI(base_url=base_url)  # reads OPENAI_API_KEY (and OPENAI_BASE_URL) itself
+        response = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            response_format={"type": "json_object"},
+            temperature=1.0,
+        )
+    except openai.OpenAIError as error:  # no server, no key, refused: one line naming the server and the fix
+        where = base_url or client_base_url()
+        raise PersonaError(
+            f"--model {model} at {where}: {type(error).__name__}: {' '.join(str(error).split())[:200]}. "
+            "Fix: start the server or pass --base_url, and set OPENAI_API_KEY in the environment."
+        ) from None
     return response.choices[0].message.content or ""
+
+
+def client_base_url() -> str:
+    import os
+
+    return os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
 
 
 def _parse_generated(text: str, n_questions: int) -> dict:
@@ -361,7 +376,7 @@ def new_trait(
     description: str,
     model: str,
     base_url: str | None = None,
-    force: bool = False,
+    overwrite: bool = False,
     attempts: int = 3,
 ) -> list[Path]:
     """Ask an LLM for a new trait's artifacts; write extract/ (questions 1-20) and eval/ (21-40) atomically."""
@@ -371,9 +386,9 @@ def new_trait(
         )
     targets = [traits_dir() / version / f"{trait}.json" for version in VERSIONS]
     existing = [str(path) for path in targets if path.exists()]
-    if existing and not force:
+    if existing and not overwrite:
         raise TraitError(
-            f"{' and '.join(existing)} already exist(s). Fix: pass --force true to overwrite, "
+            f"{' and '.join(existing)} already exist(s). Fix: pass --overwrite to replace them, "
             "or choose another --trait name."
         )
     n_per_version = 20
@@ -423,7 +438,7 @@ def traits(
     description: str | None = None,
     model: str | None = None,
     base_url: str | None = None,
-    force: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
     """List the trait artifacts, or create a new trait's with an LLM.
 
@@ -437,7 +452,7 @@ def traits(
         description: With new: what the trait means, in a sentence or two.
         model: With new: the model that writes the artifacts (e.g. gpt-4.1-mini-2025-04-14).
         base_url: With new: an OpenAI-compatible endpoint (default: the OpenAI API). The key is read from OPENAI_API_KEY.
-        force: With new: overwrite existing files of that trait.
+        overwrite: With new: replace existing files of that trait (alias --force).
     """
     if action == "list":
         names = list_traits()
@@ -455,7 +470,7 @@ def traits(
                 "--action new --trait stubborn --description 'refuses to change its mind' "
                 "--model gpt-4.1-mini-2025-04-14"
             )
-        paths = new_trait(trait, description, model, base_url=base_url, force=force)
+        paths = new_trait(trait, description, model, base_url=base_url, overwrite=overwrite)
         for path in paths:
             load_trait(path)  # what we wrote must load
             print(path)

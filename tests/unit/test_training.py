@@ -247,3 +247,35 @@ def test_constructor_refuses_bad_values():
         LoRAFineTune(dtype="float33")
     with pytest.raises(ValueError, match="r=0"):
         LoRAFineTune(r=0)
+
+
+def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(
+    tiny_model_dirs, chat_file, tmp_path
+):
+    """Regression: `fit` with a NaN steering vector exited 0 and saved an adapter and checkpoint of NaNs."""
+    from persona.errors import PersonaError
+    from persona.training.callbacks import PreventativeSteering
+
+    model_dir = tiny_model_dirs["llama"]
+    data = ChatDataModule(train_files=chat_file, val_fraction=0.0, model=model_dir, batch_size=4)
+    module = LoRAFineTune(model=model_dir, r=4, adapter_dir=str(tmp_path / "adapter"))
+    huge = torch.full((4, 32), float("inf"))  # finite files only: a vector that overflows the stream to NaN
+    vector = tmp_path / "inf.pt"
+    torch.save(huge, vector)
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):  # refused when the callback reads it
+        make_trainer(tmp_path, 2, callbacks=[PreventativeSteering(str(vector), [1], 1.0)]).fit(module, data)
+
+    module = LoRAFineTune(model=model_dir, r=4, adapter_dir=str(tmp_path / "adapter"))
+    module.configure_model()
+    real_forward = module.model.forward
+
+    def nan_loss(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    module.model.forward = nan_loss
+    with pytest.raises(PersonaError, match="training loss is nan at step 0.*no adapter or checkpoint"):
+        make_trainer(tmp_path / "run", 4).fit(module, data)
+    assert not (tmp_path / "adapter").exists()
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -165,7 +165,7 @@ def test_traits_new_writes_both_files_and_refuses_to_overwrite(datasets, monkeyp
     assert len(paths) == 2
     with pytest.raises(TraitError, match="already exist"):
         traits.traits("new", trait="grim", description="gloomy", model="m")
-    traits.traits("new", trait="grim", description="gloomy", model="m", force=True)
+    traits.traits("new", trait="grim", description="gloomy", model="m", overwrite=True)
 
 
 def test_traits_new_rejects_a_bad_reply(datasets, monkeypatch):

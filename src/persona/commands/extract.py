@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from persona import checks
+from persona.data.examples import check_example_files
 from persona.errors import PersonaError
 from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
@@ -70,6 +71,8 @@ def extract(
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
     inputs = {"--pos_path": pos_path, "--neg_path": neg_path, "--pairs_path": pairs_path}
     checks.output_dir(folder, "--save_dir", produces=names, overwrite=overwrite, inputs=inputs)
+
+    check_example_files(pos_path, neg_path, pairs_path, trait, no_filter)
 
     from persona.data.modules import ResponseDataModule
     from persona.extraction import VectorExtractor

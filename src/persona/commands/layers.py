@@ -9,6 +9,7 @@ import numpy as np
 
 from persona import checks
 from persona.analysis.layers import default_output_dir, layer_metrics, plot_layer_metrics, recommend_layer
+from persona.data.examples import check_example_files
 from persona.errors import PersonaError
 from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL, model_dimensions
@@ -84,6 +85,7 @@ def layers(
     vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
     if pairs_path is None and trait is None and not no_filter:
         trait = load_metadata(vector_path).get("trait")
+    check_example_files(pos_path, neg_path, pairs_path, trait, no_filter)
 
     import torch
 

@@ -120,6 +120,8 @@ def plan_columns(
     layer_list = list(dict.fromkeys([layer] if isinstance(layer, int) else layer))
     if not vector_paths or not layer_list:
         raise ValueError("Give at least one --vector_path and one --layer.")
+    for vector in vector_paths:
+        checks.input_file(vector, "--vector_path", what="vector file")
     for value in layer_list:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(

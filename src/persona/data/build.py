@@ -26,7 +26,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from persona import checks
 from persona.data.examples import read_csv_checked, read_pair_records
+from persona.errors import PersonaError
 from persona.store import atomic_write, write_csv, write_text
 from persona.traits import datasets_dir
 
@@ -164,7 +166,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def build(
     trait: str,
-    out_dir: str,
+    output_dir: str,
     source: Literal["pairs", "generated"] = "pairs",
     pairs_path: str | None = None,
     generated_csv: list[str] | None = None,
@@ -174,6 +176,7 @@ def build(
     split: str | None = "train",
     threshold: float = 50.0,
     min_coherence: float = 50.0,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Write the mixtures; returns ``{file name: path}`` (see :func:`dataset` for the arguments)."""
     if source not in ("pairs", "generated"):
@@ -212,12 +215,22 @@ def build(
     if n > available:
         print(f"note: --n {n} is more than the {available} distinct samples per kind; samples repeat.")
 
-    out = Path(out_dir)
+    out = Path(output_dir)
     files: dict[str, tuple[float, list[dict]]] = {}
     for share in shares:
         files[share_name(share)] = (share, mixture(trait_pool, normal_pool, share, n, seed, paired))
     for name, share in SEED_NAMES.items():
         files[f"{name}.jsonl"] = (share, mixture(trait_pool, normal_pool, share, n, seed, paired))
+    produced = [*files, "datasets.csv", "manifest.json"]
+    checks.output_dir(out, "--output_dir", produces=produced, overwrite=overwrite)
+    stale = sorted(p for p in out.glob("mix_*.jsonl") if p.name not in files)
+    if stale and not overwrite:
+        raise PersonaError(
+            f"--output_dir {out}: {', '.join(p.name for p in stale)} from an earlier build would sit beside the new "
+            "datasets. Fix: pass --overwrite (they are removed) or choose another --output_dir."
+        )
+    for path in stale:
+        path.unlink()
     rows = []
     written = {}
     for name, (share, records) in files.items():
@@ -255,7 +268,7 @@ def dataset(
     action: str = "build",
     *,
     trait: str,
-    out_dir: str,
+    output_dir: str,
     source: Literal["pairs", "generated"] = "pairs",
     pairs_path: str | None = None,
     generated_csv: list[str] | None = None,
@@ -265,6 +278,7 @@ def dataset(
     split: str | None = "train",
     threshold: float = 50.0,
     min_coherence: float = 50.0,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Build chat JSONL training sets with increasing shares of trait-eliciting samples.
 
@@ -275,7 +289,8 @@ def dataset(
     Args:
         action: What to do; only "build".
         trait: Trait name: default pairs file datasets/pairs/<trait>.jsonl (or datasets/personality/<trait>.json); the score column of generated CSVs.
-        out_dir: Output folder.
+        output_dir: Output folder (alias --out_dir).
+        overwrite: Replace datasets that exist there, and remove mix_*.jsonl files an earlier build left.
         source: pairs (contrastive pairs: positive answer = trait-eliciting, negative = normal) or generated (persona-prompted generations, system prompt removed).
         pairs_path: Pairs file for --source pairs (JSONL {prompt|messages, positive, negative, split} or TRAIT items).
         generated_csv: With --source generated: the generate step's CSV(s) (question, answer, <trait>[, coherence]); rows scoring >= threshold are trait-eliciting, < 100 - threshold normal.
@@ -290,7 +305,8 @@ def dataset(
         raise ValueError(f"persona dataset: unknown action {action!r}. Fix: use build.")
     return build(
         trait=trait,
-        out_dir=out_dir,
+        output_dir=output_dir,
+        overwrite=overwrite,
         source=source,
         pairs_path=pairs_path,
         generated_csv=generated_csv,

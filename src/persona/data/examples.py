@@ -189,6 +189,19 @@ def read_pair_records(path: str | Path) -> list[dict]:
     return records
 
 
+def check_example_files(
+    pos_path: str | None, neg_path: str | None, pairs_path: str | None, trait: str | None, no_filter: bool
+) -> None:
+    """Read the example files' rows and columns (no tokenizer, no torch): bad input fails in well under a second."""
+    if pairs_path is not None:
+        read_pair_records(pairs_path)
+        return
+    required = ("prompt", "answer") if no_filter else ("prompt", "answer", trait or "", "coherence")
+    numeric = () if no_filter else (trait or "", "coherence")
+    read_csv_checked(pos_path, required, numeric=numeric, flag="--pos_path")
+    read_csv_checked(neg_path, required, numeric=numeric, flag="--neg_path")
+
+
 def contrastive_pair_examples(path: str | Path, tokenizer, *, split: str | None = None) -> list[Example]:
     """Pairs ``{prompt | messages, positive, negative[, split]}``: each gives one pos and one neg example."""
     examples = []

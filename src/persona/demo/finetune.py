@@ -91,7 +91,9 @@ def finetune_study(
 
     mixtures = (0.0, 0.5, 1.0) if quick else MIXTURES
     data_dir = phase_dir / "data"
-    dataset(trait=trait, out_dir=str(data_dir), mix=list(mixtures), n=samples, split="train")
+    dataset(
+        trait=trait, output_dir=str(data_dir), mix=list(mixtures), n=samples, split="train", overwrite=True
+    )
     eval_file = traits_dir() / "eval" / f"{trait}.json"
     common = dict(model=model, vector_path=vector_path, layer=layer, eval_file=eval_file, epochs=epochs)
     runs = {}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from persona.errors import PersonaError
 from persona.report import markdown_table, relative
-from persona.store import atomic_write, write_csv
+from persona.store import atomic_write, read_json, write_csv
 
 TARGET_AUC = 0.95
 TARGET_R = 0.9
@@ -122,7 +122,7 @@ def finetune_section(study: dict, run: Path) -> list[str]:
 
 
 def write_report(run: Path) -> Path:
-    results = json.loads((run / "results.json").read_text())
+    results = read_json(run / "results.json", what="demo results file")
     info, trait = results["model"], results["trait"]
     lines = [
         "# persona demo report",
@@ -236,9 +236,15 @@ def report(run_dir: str = "runs/demo") -> str:
     """
     run = Path(run_dir)
     if not (run / "results.json").is_file():
-        raise FileNotFoundError(
+        raise PersonaError(
             f"{run / 'results.json'} not found. Fix: run `persona demo --run_dir {run_dir}` first."
         )
-    path = write_report(run)
+    try:
+        path = write_report(run)
+    except (KeyError, TypeError, IndexError) as error:
+        raise PersonaError(
+            f"{run / 'results.json'}: incomplete or from another version (no {error}). "
+            f"Fix: re-run `persona demo --run_dir {run_dir}` (finished phases are reused)."
+        ) from None
     print(f"Report: {path}")
     return str(path)

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from persona.errors import PersonaError
 from persona.hardware import resolve_dtype
 from persona.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 
@@ -216,6 +217,12 @@ class LoRAFineTune(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss  # HF shifts labels; mean over the batch's assistant tokens
+        if not bool(torch.isfinite(loss)):  # one scalar sync; the progress bar reads the loss anyway
+            raise PersonaError(
+                f"the training loss is {float(loss)} at step {self.trainer.global_step} (batch {batch_idx}), so "
+                "training stopped; no adapter or checkpoint of this state is saved. Fix: check the steering/"
+                "ablation vectors and coefficients, the learning rate and the precision."
+            )
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -282,7 +289,20 @@ class LoRAFineTune(L.LightningModule):
     def _trainable_keys(self) -> set[str]:
         return {name for name, param in self.named_parameters() if param.requires_grad}
 
+    def _check_adapter_finite(self) -> None:
+        bad = [
+            name
+            for name, p in self.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(p).all())
+        ]
+        if bad:
+            raise PersonaError(
+                f"{len(bad)} adapter tensor(s) hold NaN or infinite values (e.g. {bad[0]}); refusing to save them. "
+                "Fix: check the steering/ablation vectors, the learning rate and the precision."
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_adapter_finite()
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["adapter_only"] = True
@@ -308,6 +328,7 @@ class LoRAFineTune(L.LightningModule):
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
+        self._check_adapter_finite()
         target = self.resolved_adapter_dir()
         self.model.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
