@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import statistics
 from collections import Counter
@@ -173,7 +172,9 @@ def build_judge(
 
 def _is_launch_rank_zero() -> bool:
     # Under Lightning's ddp launcher every rank re-runs this command; only the first may delete or create files.
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _mean_std(values: list[float]) -> str:

@@ -498,7 +498,7 @@ def test_callbacks_configurable_from_yaml(tmp_path):
         "        vector_paths: [persona_vectors/m/evil_response_avg_diff.pt]\n"
         "        directions_path: extra.pt\n"
         "        layers: [10]\n"
-        "    - class_path: persona.training.callbacks.ActivationMonitor\n"
+        "    - class_path: persona.training.monitor.ActivationMonitor\n"
         "      init_args:\n"
         "        vector_paths: [persona_vectors/m/evil_response_avg_diff.pt]\n"
         "        layers: [10, 20]\n"

@@ -10,9 +10,9 @@ import torch
 
 from persona.training.data import (
     IGNORE_INDEX,
+    ChatCollator,
     ChatDataModule,
     Conversation,
-    collate_chat,
     read_chat_jsonl,
     tokenize_conversation,
 )
@@ -88,7 +88,8 @@ def test_truncation_keeps_labels_aligned(tokenizer):
 def test_collate_pads_to_the_longest_of_the_batch_on_the_right(tokenizer):
     short = tokenize_conversation(tokenizer, Conversation(chat("Hi?", "Hello.")["messages"], "a:1"))
     long = tokenize_conversation(tokenizer, Conversation(CONVERSATION, "b:1"))
-    batch = collate_chat([short, long], pad_token_id=tokenizer.pad_token_id)
+    collate = ChatCollator(tokenizer)
+    batch = collate([short, long])
     n_short, n_long = len(short.input_ids), len(long.input_ids)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, n_long)
     assert batch["input_ids"][0, :n_short].tolist() == short.input_ids
@@ -97,7 +98,7 @@ def test_collate_pads_to_the_longest_of_the_batch_on_the_right(tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * n_short + [0] * (n_long - n_short)
     assert batch["attention_mask"][1].all()
     # A batch of short items only is as wide as its own longest item.
-    assert collate_chat([short], tokenizer.pad_token_id)["input_ids"].shape == (1, n_short)
+    assert collate([short])["input_ids"].shape == (1, n_short)
 
 
 def test_datamodule_batches_and_seeded_split(tiny_model_dirs, tmp_path):

@@ -40,7 +40,7 @@ def train_run(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from persona.training import ChatDataModule, LoRAFineTune
-    from persona.training.callbacks import ActivationMonitor
+    from persona.training.monitor import ActivationMonitor
 
     L.seed_everything(0, verbose=False)
     adapter_dir = run_dir / name / "adapter"

@@ -18,14 +18,12 @@ score is stored with ``expected = null`` and reported as missing. Neither become
 
 from __future__ import annotations
 
-import hashlib
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import lightning as L
 import torch
 from tqdm.auto import tqdm
 
@@ -42,7 +40,7 @@ from persona.education.grading import (
 from persona.education.prompts import grader_prompt, student_messages
 from persona.education.settings import GraderSettings, SteeringSettings, StudentSettings, VectorSettings
 from persona.report import PhaseRunner
-from persona.store import KeyedJournal, write_csv, write_json
+from persona.store import KeyedJournal, batch_seed, write_csv, write_json
 
 UNSTEERED = "unsteered"
 ANSWER_KEY = ("type", "set", "sample")
@@ -64,18 +62,6 @@ def variants(traits: Sequence[str]) -> list[Variant]:
     for trait in traits:
         out += [Variant(f"{trait}+", trait, 1), Variant(f"{trait}-", trait, -1)]
     return out
-
-
-def batch_seed(seed: int, *parts) -> int:
-    """A seed from the base seed and a batch's keys only (resumed batches sample as the first time)."""
-    text = "|".join(map(str, (seed, *parts)))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def words(text: str) -> int:
@@ -269,7 +255,7 @@ class Study:
                     continue
                 lm, tokenizer = self.model_and_tokenizer()
                 specs = [] if variant.trait is None else [self.spec(variant, "student")]
-                seed_everything(batch_seed(self.seed, variant.name, *chunk))
+                L.seed_everything(batch_seed(self.seed, variant.name, *chunk) % 2**32, verbose=False)
                 start = time.perf_counter()
                 texts = generate_steered(
                     lm,

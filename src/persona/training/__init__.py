@@ -1,6 +1,6 @@
 """LoRA fine-tuning: the LightningModule, the chat-JSONL DataModule (and, beside them, the callbacks)."""
 
-from persona.training.data import ChatDataModule, collate_chat, read_chat_jsonl, tokenize_conversation
+from persona.training.data import ChatCollator, ChatDataModule, read_chat_jsonl, tokenize_conversation
 from persona.training.module import (
     SEED_TARGET_MODULES,
     LoRAFineTune,
@@ -13,7 +13,7 @@ __all__ = [
     "ChatDataModule",
     "LoRAFineTune",
     "check_target_modules",
-    "collate_chat",
+    "ChatCollator",
     "linear_module_names",
     "read_chat_jsonl",
     "tokenize_conversation",

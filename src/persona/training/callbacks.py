@@ -20,173 +20,25 @@ check and the first step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from persona.hooks import block_hooks, locate_blocks
+from persona.hooks import block_hooks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import ablate_directions, orthonormalize
-from persona.steering import SteeringSpec, hidden_size, steer
+from persona.steering import SteeringSpec, steer
+from persona.training.callback_base import (
+    TrainStepHooks,
+    check_against_model,
+    check_rows,
+)
 from persona.vectors import load_vector
 
 
-def _checked_layers(layers: Sequence[int], owner: str) -> list[int]:
-    if isinstance(layers, (int, str)) or not layers:
-        raise ValueError(f"{owner}: layers={layers!r}. Fix: pass a non-empty list of layers, e.g. [10].")
-    for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-            raise ValueError(
-                f"{owner}: layers contains {layer!r}. Fix: use layer indices >= 0 (0 = embeddings)."
-            )
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{owner}: layers={list(layers)} repeats a layer. Fix: list each layer once.")
-    return list(layers)
-
-
-def _check_rows(owner: str, path: str, rows: int, layers: Sequence[int]) -> None:
-    for layer in layers:
-        if layer >= rows:
-            raise ValueError(
-                f"{owner}: layer {layer} is out of range for {path}, which has {rows} rows (layers 0..{rows - 1}). "
-                "Fix: choose layers the vector file covers."
-            )
-
-
-def _check_against_model(
-    owner: str, path: str, shape: Sequence[int], layout: DecoderLayout, *, rows: bool
-) -> None:
-    """Hidden size (last dim) and, if ``rows``, the row count (first dim) of a file against the model."""
-    model_name, width = type(layout.model).__name__, hidden_size(layout)
-    if shape[-1] != width:
-        raise ValueError(
-            f"{owner}: {path} has hidden size {shape[-1]}, but {model_name} has hidden size {width}. "
-            "Fix: use vectors extracted from this model."
-        )
-    if rows and shape[0] != layout.num_layers + 1:
-        raise ValueError(
-            f"{owner}: {path} has {shape[0]} rows, but {model_name} has {layout.num_layers} blocks (expected "
-            f"{layout.num_layers + 1} rows: embeddings + one per block). Fix: use vectors extracted from this model."
-        )
-
-
-def _lm(pl_module: L.LightningModule, owner: str) -> nn.Module:
-    model = getattr(pl_module, "model", None)
-    if not isinstance(model, nn.Module):
-        raise AttributeError(
-            f"{owner} needs pl_module.model (the causal LM), but {type(pl_module).__name__}.model is {model!r}. "
-            "Fix: build the model in __init__, setup or configure_model and store it as self.model."
-        )
-    return model
-
-
-def _stem(path: str) -> str:
-    return Path(path).name.split(".")[0]  # as in projection column names: cut at the first dot
-
-
-class _TrainStepHooks(Callback):
-    """Hooks present only while a training batch (and, with ``during_validation``, a validation batch) runs."""
-
-    def __init__(self, layers: Sequence[int], during_validation: bool) -> None:
-        self.layers = _checked_layers(layers, type(self).__name__)
-        self.during_validation = bool(during_validation)
-        self._stack: ExitStack | None = None
-        self._model: nn.Module | None = None  # the model the tensors were checked against and placed for
-
-    # Subclasses: read files (no model needed), check + place tensors for a model, build the hooks.
-    def _load_files(self) -> None:
-        raise NotImplementedError
-
-    def _prepare(self, layout: DecoderLayout) -> None:
-        raise NotImplementedError
-
-    def _hooks(self, model: nn.Module) -> AbstractContextManager:
-        raise NotImplementedError
-
-    @property
-    def active(self) -> bool:
-        """True while the hooks are attached."""
-        return self._stack is not None
-
-    def _bind(self, pl_module: L.LightningModule) -> nn.Module:
-        model = _lm(pl_module, type(self).__name__)
-        self._prepare(locate_blocks(model))
-        self._model = model
-        return model
-
-    def _attach(self, pl_module: L.LightningModule) -> None:
-        self._detach()
-        model = getattr(pl_module, "model", None)
-        if model is None or model is not self._model:
-            model = self._bind(pl_module)
-        stack = ExitStack()
-        stack.enter_context(self._hooks(model))
-        self._stack = stack
-
-    def _detach(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Remove the hooks for the duration of the block (e.g. while a monitor measures), then restore them."""
-        if self._stack is None:
-            yield
-            return
-        self._detach()
-        try:
-            yield
-        finally:
-            stack = ExitStack()
-            stack.enter_context(self._hooks(self._model))
-            self._stack = stack
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._load_files()
-        if isinstance(getattr(pl_module, "model", None), nn.Module):
-            self._bind(pl_module)  # early errors; redone in on_fit_start once the strategy placed the model
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._bind(pl_module)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._attach(pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._detach()
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.during_validation:
-            self._attach(pl_module)
-
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        self._detach()
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._detach()
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._detach()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._detach()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._detach()
-
-    def teardown(self, trainer, pl_module, stage) -> None:
-        self._detach()
-
-
-class PreventativeSteering(_TrainStepHooks):
+class PreventativeSteering(TrainStepHooks):
     """Preventative steering (Chen et al. 2025): add ``coef * v[L]`` at every position of layer L during training.
 
     The model then need not move along the trait direction to fit trait-laden data, so the fine-tuned
@@ -213,10 +65,10 @@ class PreventativeSteering(_TrainStepHooks):
 
     def _load_files(self) -> None:
         self._vector = load_vector(self.vector_path)
-        _check_rows("PreventativeSteering", self.vector_path, self._vector.shape[0], self.layers)
+        check_rows("PreventativeSteering", self.vector_path, self._vector.shape[0], self.layers)
 
     def _prepare(self, layout: DecoderLayout) -> None:
-        _check_against_model("PreventativeSteering", self.vector_path, self._vector.shape, layout, rows=True)
+        check_against_model("PreventativeSteering", self.vector_path, self._vector.shape, layout, rows=True)
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"PreventativeSteering.layers[{index}]")
         self._specs = [
@@ -258,7 +110,7 @@ def _load_directions(path: str) -> Tensor:
     return (tensor.unsqueeze(0) if tensor.dim() == 1 else tensor).float()
 
 
-class ConceptAblation(_TrainStepHooks):
+class ConceptAblation(TrainStepHooks):
     """CAFT (Casademunt et al. 2025): project the given directions out of the layer outputs during training.
 
     At each layer the directions (row L of each vector file, plus the directions file's ``[k, hidden]``
@@ -298,7 +150,7 @@ class ConceptAblation(_TrainStepHooks):
         per_layer: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
         for path in self.vector_paths:
             vector = load_vector(path)
-            _check_rows("ConceptAblation", path, vector.shape[0], self.layers)
+            check_rows("ConceptAblation", path, vector.shape[0], self.layers)
             self._shapes[path] = tuple(vector.shape)
             for layer in self.layers:
                 per_layer[layer].append(vector[layer : layer + 1])
@@ -306,7 +158,7 @@ class ConceptAblation(_TrainStepHooks):
             directions = _load_directions(self.directions_path)
             self._shapes[self.directions_path] = tuple(directions.shape)
             if directions.dim() == 3:
-                _check_rows("ConceptAblation", self.directions_path, directions.shape[0], self.layers)
+                check_rows("ConceptAblation", self.directions_path, directions.shape[0], self.layers)
             for layer in self.layers:
                 per_layer[layer].append(directions[layer] if directions.dim() == 3 else directions)
         widths = {path: shape[-1] for path, shape in self._shapes.items()}
@@ -326,7 +178,7 @@ class ConceptAblation(_TrainStepHooks):
 
     def _prepare(self, layout: DecoderLayout) -> None:
         for path, shape in self._shapes.items():
-            _check_against_model(
+            check_against_model(
                 "ConceptAblation", path, shape, layout, rows=path != self.directions_path or len(shape) == 3
             )
         for index, layer in enumerate(self.layers):
@@ -335,13 +187,3 @@ class ConceptAblation(_TrainStepHooks):
 
     def _hooks(self, model: nn.Module) -> AbstractContextManager:
         return block_hooks(model, [(layer, _ablation_hook(basis)) for layer, basis in self._placed.items()])
-
-
-def __getattr__(name: str):
-    # The monitor measures rather than intervenes, so it lives in monitor.py (which imports this module);
-    # it stays reachable here, lazily, for configs written as persona.training.callbacks.ActivationMonitor.
-    if name in ("ActivationMonitor", "read_monitor_prompts"):
-        from persona.training import monitor
-
-        return getattr(monitor, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

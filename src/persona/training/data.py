@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -147,18 +146,19 @@ def tokenize_conversation(
     return TokenizedChat(ids, labels, conversation.source)
 
 
-def collate_chat(items: list[TokenizedChat], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item of the batch: input_ids/attention_mask/labels ``[batch, seq]``."""
-    width = max(len(item.input_ids) for item in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        length = len(item.input_ids)
-        input_ids[row, :length] = torch.tensor(item.input_ids)
-        labels[row, :length] = torch.tensor(item.labels)
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+class ChatCollator:
+    """Right-pads a batch of tokenised chats to its longest item (transformers' ``DataCollatorForSeq2Seq``):
+    input_ids/attention_mask/labels ``[batch, seq]``, labels padded with -100 (no loss)."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.collator = DataCollatorForSeq2Seq(
+            tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+        )
+
+    def __call__(self, items: list[TokenizedChat]) -> dict[str, torch.Tensor]:
+        return dict(self.collator([{"input_ids": item.input_ids, "labels": item.labels} for item in items]))
 
 
 def _as_list(files: list[str] | str | None) -> list[str]:
@@ -262,7 +262,7 @@ class ChatDataModule(L.LightningDataModule):
             shuffle=shuffle,
             generator=generator,
             num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate_chat, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=ChatCollator(self.tokenizer),
         )
 
     def train_dataloader(self) -> DataLoader:

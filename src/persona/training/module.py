@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from persona.errors import PersonaError
 from persona.hardware import resolve_dtype
@@ -119,6 +120,7 @@ class LoRAFineTune(L.LightningModule):
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)
         self.save_hyperparameters()
+        self.val_loss = MeanMetric()
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.strict_loading = False  # checkpoints carry the adapter only; the base comes from `model`
@@ -226,21 +228,12 @@ class LoRAFineTune(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self(**batch).loss
         tokens = (batch["labels"][:, 1:] != -100).sum()  # the positions HF's shifted loss averages over
-        self._val_sum += loss.double() * tokens
-        self._val_count += tokens
-
-    def on_validation_epoch_end(self) -> None:
-        # Token-weighted mean over the whole set and all ranks: sums and counts reduced separately.
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        self.log("val_loss", (total / count.clamp_min(1)).float(), prog_bar=True)
+        # Token-weighted over the whole set and all ranks (torchmetrics reduces sums and weights separately).
+        self.val_loss.update(loss.detach(), weight=tokens)
+        self.log("val_loss", self.val_loss, prog_bar=True)
 
     # ---- optimisation ------------------------------------------------------------------------------
 

@@ -29,13 +29,13 @@ from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
 from persona.steering import left_pad
 from persona.store import atomic_write
-from persona.training.callbacks import (
-    _check_against_model,
-    _check_rows,
-    _checked_layers,
-    _lm,
-    _stem,
-    _TrainStepHooks,
+from persona.training.callback_base import (
+    TrainStepHooks,
+    causal_lm,
+    check_against_model,
+    check_rows,
+    checked_layers,
+    vector_stem,
 )
 from persona.vectors import load_vector
 
@@ -134,13 +134,13 @@ class ActivationMonitor(Callback):
             raise ValueError(
                 f"ActivationMonitor: vector_paths={vector_paths!r}. Fix: pass a non-empty list of files."
             )
-        self.names = [_stem(path) for path in self.vector_paths]
+        self.names = [vector_stem(path) for path in self.vector_paths]
         if len(set(self.names)) != len(self.names):
             raise ValueError(
                 f"ActivationMonitor: vector files share a name stem ({self.names}); their logs would "
                 "collide. Fix: rename or copy one of them."
             )
-        self.layers = _checked_layers(layers, "ActivationMonitor")
+        self.layers = checked_layers(layers, "ActivationMonitor")
         if (prompts is None) == (eval_file is None):
             raise ValueError("ActivationMonitor: pass exactly one of prompts or eval_file.")
         for name, value, low in (
@@ -183,7 +183,7 @@ class ActivationMonitor(Callback):
         rows = []
         for path in self.vector_paths:
             vector = load_vector(path)
-            _check_rows("ActivationMonitor", path, vector.shape[0], self.layers)
+            check_rows("ActivationMonitor", path, vector.shape[0], self.layers)
             rows.append(vector)
         widths = {path: row.shape[-1] for path, row in zip(self.vector_paths, rows, strict=True)}
         if len(set(widths.values())) > 1:
@@ -201,9 +201,9 @@ class ActivationMonitor(Callback):
             self._tokenize(pl_module.tokenizer)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
-        layout = locate_blocks(_lm(pl_module, "ActivationMonitor"))
+        layout = locate_blocks(causal_lm(pl_module, "ActivationMonitor"))
         for path, shape in self._shapes.items():
-            _check_against_model("ActivationMonitor", path, shape, layout, rows=True)
+            check_against_model("ActivationMonitor", path, shape, layout, rows=True)
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"ActivationMonitor.layers[{index}]")
         device = input_device(layout.model)
@@ -322,7 +322,7 @@ class ActivationMonitor(Callback):
         try:
             with torch.no_grad(), ExitStack() as paused:
                 for callback in trainer.callbacks:
-                    if isinstance(callback, _TrainStepHooks):
+                    if isinstance(callback, TrainStepHooks):
                         paused.enter_context(callback.paused())
                 out: dict[str, list[Tensor]] = {kind: [] for kind in self.kinds}
                 vectors, layers, hidden = self._units.shape
