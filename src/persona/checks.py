@@ -177,3 +177,36 @@ def _hub_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def example_inputs(pos_path: str | None, neg_path: str | None, pairs_path: str | None) -> None:
+    """Scored CSVs (both) or contrastive pairs, not both, and the files given exist."""
+    not_both({"--pairs_path": pairs_path}, {"--pos_path": pos_path, "--neg_path": neg_path})
+    if pairs_path is None and (pos_path is None or neg_path is None):
+        raise PersonaError(
+            "Give --pos_path and --neg_path (scored CSVs) or --pairs_path (contrastive pairs)."
+        )
+    for flag, path in (("--pos_path", pos_path), ("--neg_path", neg_path), ("--pairs_path", pairs_path)):
+        input_file(path, flag)
+
+
+def vector_for_model(
+    model: str, vector_path: str | Path, *, layers: Iterable[int] = (), trust_remote_code: bool = False
+):
+    """A vector file checked against the model's config (no weights loaded): ``[num_layers + 1, hidden]``.
+
+    ``layers`` must be in range and hold a direction (a row of zeros has none).
+    """
+    from persona.models import model_dimensions
+    from persona.vectors import read_vector_file
+
+    input_file(vector_path, "--vector_path", what="vector file")
+    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
+    layers = layers_in_range(layers, num_layers, "--layer", model)
+    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    for layer in layers:
+        if not vector[layer].any():
+            raise PersonaError(
+                f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
+            )
+    return vector

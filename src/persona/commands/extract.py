@@ -6,7 +6,6 @@ from pathlib import Path
 
 from persona import checks
 from persona.data.examples import check_example_files
-from persona.errors import PersonaError
 from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
 from persona.vectors import VECTOR_KINDS, default_save_dir, vector_filename
@@ -55,13 +54,7 @@ def extract(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
-    checks.not_both({"--pairs_path": pairs_path}, {"--pos_path": pos_path, "--neg_path": neg_path})
-    if pairs_path is None and (pos_path is None or neg_path is None):
-        raise PersonaError(
-            "Give --pos_path and --neg_path (scored CSVs) or --pairs_path (contrastive pairs)."
-        )
-    for flag, path in (("--pos_path", pos_path), ("--neg_path", neg_path), ("--pairs_path", pairs_path)):
-        checks.input_file(path, flag)
+    checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
     if max_length is not None:
         checks.at_least(max_length, 2, "--max_length")

@@ -15,9 +15,9 @@ from persona.constants import POSITIONS
 from persona.errors import PersonaError
 from persona.generation import ResponseStore, plan_items
 from persona.hardware import check_dtype
-from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.models import DEFAULT_MODEL
 from persona.traits import load_trait
-from persona.vectors import load_metadata, read_vector_file
+from persona.vectors import load_metadata
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,7 @@ def check_steering(model, coef, vector_path, layer, trust_remote_code) -> dict |
             f"without {', '.join(absent)}. Fix: pass all three, or none."
         )
     checks.finite(coef, "--coef")
-    checks.input_file(vector_path, "--vector_path", what="vector file")
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    checks.layers_in_range([layer], num_layers, "--layer", model)
-    read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    checks.vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
     source_model = load_metadata(vector_path).get("model")
     if source_model not in (None, model):
         log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)

@@ -12,9 +12,9 @@ from persona.analysis.layers import default_output_dir, layer_metrics, plot_laye
 from persona.data.examples import check_example_files
 from persona.errors import PersonaError
 from persona.hardware import check_dtype
-from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
-from persona.vectors import load_metadata, read_vector_file
+from persona.vectors import load_metadata
 
 ActivationKind = Literal["response_avg", "prompt_last", "prompt_avg"]
 PRODUCES = ("layer_metrics.csv", "layer_metrics.png")
@@ -68,21 +68,13 @@ def layers(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
-    checks.not_both({"--pairs_path": pairs_path}, {"--pos_path": pos_path, "--neg_path": neg_path})
-    if pairs_path is None and (pos_path is None or neg_path is None):
-        raise PersonaError(
-            "Give --pos_path and --neg_path (scored CSVs) or --pairs_path (contrastive pairs)."
-        )
-    checks.input_file(vector_path, "--vector_path", what="vector file")
-    for flag, path in (("--pos_path", pos_path), ("--neg_path", neg_path), ("--pairs_path", pairs_path)):
-        checks.input_file(path, flag)
+    checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
     check_dtype(dtype)
     checks.model_source(model)
     out = Path(output_dir) if output_dir else default_output_dir(vector_path)
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    vector = checks.vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
     if pairs_path is None and trait is None and not no_filter:
         trait = load_metadata(vector_path).get("trait")
     check_example_files(pos_path, neg_path, pairs_path, trait, no_filter)
@@ -114,7 +106,7 @@ def layers(
         )
     projector = ExampleProjector(
         model=model,
-        layers=list(range(num_layers + 1)),
+        layers=list(range(len(vector))),
         directions=torch.from_numpy(vector),
         kinds=[kind],
         dtype=dtype,

@@ -19,9 +19,8 @@ from persona.analysis.screening import (
 from persona.data.scored_files import read_scored_file
 from persona.errors import PersonaError
 from persona.hardware import check_dtype
-from persona.models import DEFAULT_MODEL, model_dimensions
+from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
-from persona.vectors import read_vector_file
 
 
 def screen(
@@ -95,13 +94,7 @@ def screen(
             f"--filter_top {filter_top if filter_top is not None else top}: drops {n_drop} of {len(records)} samples, "
             "leaving an empty file. Fix: drop fewer."
         )
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    checks.layers_in_range([layer], num_layers, "--layer", model)
-    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
-    if not vector[layer].any():
-        raise PersonaError(
-            f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
-        )
+    vector = checks.vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
 
     cache = Path(cache_path) if cache_path else path.with_name(path.stem + ".base_responses.jsonl")
     scores, train_proj, reference = screening_scores(

@@ -11,7 +11,6 @@ from persona.errors import PersonaError
 from persona.hardware import check_dtype
 from persona.models import model_dimensions, model_short_name
 from persona.traits import load_trait
-from persona.vectors import read_vector_file
 
 PRODUCES = ("shift.csv", "correlation.csv", "shift.png")
 
@@ -104,13 +103,9 @@ def shift(
     )
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
     check_finetuned(base_model, finetuned, trust_remote_code=trust_remote_code)
-    hidden_size, num_layers = model_dimensions(base_model, trust_remote_code=trust_remote_code)
-    checks.layers_in_range([layer], num_layers, "--layer", base_model)
-    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
-    if not vector[layer].any():
-        raise PersonaError(
-            f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
-        )
+    vector = checks.vector_for_model(
+        base_model, vector_path, layers=[layer], trust_remote_code=trust_remote_code
+    )
     if score == "judge" and not judge_model:
         raise PersonaError(
             "--score judge needs --judge_model (local, local:<model>, openai:<model> or a served name)."
