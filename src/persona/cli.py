@@ -39,7 +39,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Persona-prompted responses scored by a judge, CSV out (was eval_persona)",
         "persona.commands.generate:generate",
     ),
-    "traits": Subcommand("List trait artifacts, or write a new trait's with an LLM", "persona.traits:traits"),
+    "traits": Subcommand(
+        "List trait artifacts, or write a new trait's with an LLM", "persona.commands.traits:traits"
+    ),
     "extract": Subcommand(
         "Persona vectors from pos/neg CSVs or contrastive pairs (was generate_vec)",
         "persona.commands.extract:extract",

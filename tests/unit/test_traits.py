@@ -5,8 +5,16 @@ import logging
 
 import pytest
 
-from persona import traits
-from persona.traits import TraitError, article, fill_prompt, list_traits, load_trait, system_prompt
+from persona.commands import traits as traits_command
+from persona.traits import (
+    COHERENCE_PROMPT,
+    TraitError,
+    article,
+    fill_prompt,
+    list_traits,
+    load_trait,
+    system_prompt,
+)
 
 PAIRS = [{"pos": f"Be wicked {k}.", "neg": f"Be kind {k}."} for k in range(5)]
 VALID = {
@@ -146,32 +154,36 @@ def test_fill_prompt_is_single_pass_and_format_compatible():
     assert (
         fill_prompt("{{x}} {question} / {answer}", question="Q {answer}", answer="A") == "{x} Q {answer} / A"
     )
-    assert "REFUSAL" in traits.COHERENCE_PROMPT and "{question}" in traits.COHERENCE_PROMPT
+    assert "REFUSAL" in COHERENCE_PROMPT and "{question}" in COHERENCE_PROMPT
 
 
 def test_traits_list_prints_question_counts(datasets, capsys):
-    assert traits.traits("list") == ["wicked"]
+    assert traits_command.traits("list") == ["wicked"]
     assert "wicked  2" in capsys.readouterr().out
 
 
 def test_traits_new_writes_both_files_and_refuses_to_overwrite(datasets, monkeypatch):
     reply = {**VALID, "questions": [f"Question number {i}?" for i in range(40)]}
     calls = []
-    monkeypatch.setattr(traits, "_chat_completion", lambda *args: calls.append(args) or json.dumps(reply))
-    paths = traits.traits("new", trait="grim", description="gloomy", model="m", base_url="http://x/v1")
+    monkeypatch.setattr(
+        traits_command, "_chat_completion", lambda *args: calls.append(args) or json.dumps(reply)
+    )
+    paths = traits_command.traits(
+        "new", trait="grim", description="gloomy", model="m", base_url="http://x/v1"
+    )
     assert calls[0][:2] == ("m", "http://x/v1")
     assert load_trait("grim").questions[-1] == "Question number 19?"
     assert load_trait("grim", "eval").questions[0] == "Question number 20?"
     assert len(paths) == 2
     with pytest.raises(TraitError, match="already exist"):
-        traits.traits("new", trait="grim", description="gloomy", model="m")
-    traits.traits("new", trait="grim", description="gloomy", model="m", overwrite=True)
+        traits_command.traits("new", trait="grim", description="gloomy", model="m")
+    traits_command.traits("new", trait="grim", description="gloomy", model="m", overwrite=True)
 
 
 def test_traits_new_rejects_a_bad_reply(datasets, monkeypatch):
     monkeypatch.setattr(
-        traits, "_chat_completion", lambda *args: json.dumps({**VALID, "questions": ["one?"]})
+        traits_command, "_chat_completion", lambda *args: json.dumps({**VALID, "questions": ["one?"]})
     )
     with pytest.raises(TraitError, match="no valid trait JSON in 3 attempts.*expected 40 distinct questions"):
-        traits.traits("new", trait="grim", description="gloomy", model="m")
+        traits_command.traits("new", trait="grim", description="gloomy", model="m")
     assert not (datasets / "traits" / "extract" / "grim.json").exists()
