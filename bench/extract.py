@@ -4,7 +4,10 @@ The seed runs one example at a time with output_hidden_states=True and full logi
 Lightning predict loop (batched, hooks, no LM head). Prints the speed ratio and the max relative
 difference of the vectors (rows 0..N-1: the seed's last row is taken after the final norm, ours before).
 
-    python bench/extract.py [--samples 64] [--batch_size 8]
+    python bench/extract.py [--samples 64] [--batch_size 8] [--device cuda] [--dtype bfloat16] [--model M]
+
+Targets: ours >= 3x the seed's method on the same device; vectors equal to 1e-5 relative in float32,
+1e-3 in bfloat16.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from common import add_device_args, resolved_dtype, timed
 
 from persona.commands.extract import extract
-from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
+from persona.models import load_model, load_tokenizer
 from persona.vectors import VECTOR_KINDS, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,19 +64,19 @@ def build_csvs(tokenizer, samples: int, out_dir: Path) -> tuple[Path, Path, int]
     return pos, neg, tokens
 
 
-def seed_method(model, tokenizer, pos: Path, neg: Path) -> dict[str, torch.Tensor]:
+def seed_method(model, tokenizer, pos: Path, neg: Path, device: str) -> dict[str, torch.Tensor]:
     layers = model.config.num_hidden_layers + 1
     means = {}
     for side, path in (("pos", pos), ("neg", neg)):
         frame = pd.read_csv(path)
         store = {kind: [[] for _ in range(layers)] for kind in VECTOR_KINDS}
         for prompt, answer in zip(frame["prompt"], frame["answer"], strict=True):
-            inputs = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False)
+            inputs = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False).to(device)
             prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
             with torch.no_grad():
                 outputs = model(**inputs, output_hidden_states=True)
             for layer in range(layers):
-                states = outputs.hidden_states[layer]
+                states = outputs.hidden_states[layer].float()
                 store["prompt_avg"][layer].append(states[:, :prompt_len].mean(dim=1).detach().cpu())
                 store["response_avg"][layer].append(states[:, prompt_len:].mean(dim=1).detach().cpu())
                 store["prompt_last"][layer].append(states[:, prompt_len - 1].detach().cpu())
@@ -85,29 +88,30 @@ def seed_method(model, tokenizer, pos: Path, neg: Path) -> dict[str, torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    add_device_args(parser)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args()
+    dtype = resolved_dtype(args.dtype, args.device)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         pos, neg, tokens = build_csvs(tokenizer, args.samples, Path(tmp))
-        model = load_model(args.model)
-        start = time.perf_counter()
-        seed = seed_method(model, tokenizer, pos, neg)
-        seed_seconds = time.perf_counter() - start
-        start = time.perf_counter()  # ours includes loading the model and tokenizer: the whole command
-        paths = extract(
-            model=args.model,
-            pos_path=str(pos),
-            neg_path=str(neg),
-            trait="evil",
-            save_dir=str(Path(tmp) / "v"),
-            batch_size=args.batch_size,
-            accelerator="cpu",
+        model = load_model(args.model, dtype=dtype, device=args.device)
+        seed_seconds, seed = timed(lambda: seed_method(model, tokenizer, pos, neg, args.device), args.device)
+        ours_seconds, paths = timed(  # ours includes loading the model and tokenizer: the whole command
+            lambda: extract(
+                model=args.model,
+                pos_path=str(pos),
+                neg_path=str(neg),
+                trait="evil",
+                save_dir=str(Path(tmp) / "v"),
+                batch_size=args.batch_size,
+                dtype=str(dtype).removeprefix("torch."),
+                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+            ),
+            args.device,
         )
-        ours_seconds = time.perf_counter() - start
         worst = 0.0
         for kind in VECTOR_KINDS:
             ours = load_vector(paths[kind])[:-1]
@@ -116,10 +120,17 @@ def main() -> None:
                 worst,
                 float(((ours - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)).max()),
             )
-    print(f"samples={args.samples} tokens={tokens} threads={torch.get_num_threads()}")
-    print(f"seed method: {seed_seconds:.1f} s   persona extract: {ours_seconds:.1f} s")
-    print(f"speed ratio (seed / ours): {seed_seconds / ours_seconds:.2f}x")
-    print(f"max relative difference of vectors (per-layer L2, rows 0..N-1): {worst:.2e}")
+    target = 1e-3 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+    print(
+        f"device={args.device} dtype={dtype} samples={args.samples} tokens={tokens} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"seed method: {seed_seconds:.1f} s   persona extract: {ours_seconds:.1f} s ({tokens / ours_seconds:.0f} tokens/s)"
+    )
+    print(f"speed ratio (seed / ours): {seed_seconds / ours_seconds:.2f}x (target >= 3x)")
+    print(
+        f"max relative difference of vectors (per-layer L2, rows 0..N-1): {worst:.2e} (target <= {target:.0e})"
+    )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from common import add_device_args, resolved_dtype, timed
 
 from persona.commands.project import project
 from persona.data.scored_files import projection_column
@@ -44,30 +44,31 @@ def build_csv(tokenizer, samples: int, path: Path) -> int:
     return tokens
 
 
-def seed_method(model, tokenizer, path: Path, vector: torch.Tensor, layer: int) -> list[float]:
+def seed_method(model, tokenizer, path: Path, vector: torch.Tensor, layer: int, device: str) -> list[float]:
     """As cal_projection: prompt + answer tokenised together, all hidden states, response mean on the unit vector."""
     frame = pd.read_csv(path)
-    direction = vector[layer]
+    direction = vector[layer].to(device)
     scores = []
     for prompt, answer in zip(frame["prompt"], frame["answer"], strict=True):
-        inputs = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False).to(device)
         prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
         with torch.no_grad():  # the seed builds the autograd graph too; leaving it out favours the seed
             outputs = model(**inputs, output_hidden_states=True)
-        response_avg = outputs.hidden_states[layer][:, prompt_len:].mean(dim=1)
+        response_avg = outputs.hidden_states[layer][:, prompt_len:].float().mean(dim=1)
         scores.append(float((response_avg * direction).sum(dim=-1) / direction.norm()))
     return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    add_device_args(parser, model=DEFAULT_MODEL)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args()
+    dtype = resolved_dtype(args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=dtype, device=args.device)
     config = model.config
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.csv"
@@ -76,20 +77,21 @@ def main() -> None:
         vector = torch.randn(config.num_hidden_layers + 1, config.hidden_size, generator=generator)
         vector_path = save_vector(vector, Path(tmp) / "random_response_avg_diff.pt")
 
-        start = time.perf_counter()
-        seed = seed_method(model, tokenizer, path, vector, args.layer)
-        seed_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()  # ours includes loading the model and tokenizer: the whole command
-        project(
-            file_path=str(path),
-            vector_path=str(vector_path),
-            layer=args.layer,
-            model=args.model,
-            batch_size=args.batch_size,
-            accelerator="cpu",
+        seed_seconds, seed = timed(
+            lambda: seed_method(model, tokenizer, path, vector, args.layer, args.device), args.device
         )
-        ours_seconds = time.perf_counter() - start
+        ours_seconds, _ = timed(  # ours includes loading the model and tokenizer: the whole command
+            lambda: project(
+                file_path=str(path),
+                vector_path=str(vector_path),
+                layer=args.layer,
+                model=args.model,
+                batch_size=args.batch_size,
+                dtype=str(dtype).removeprefix("torch."),
+                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+            ),
+            args.device,
+        )
         ours = pd.read_csv(path)[projection_column(args.model, vector_path, "proj", args.layer)].tolist()
     worst = max(abs(a - b) for a, b in zip(ours, seed, strict=True))
     scale = max(abs(b) for b in seed)
@@ -97,7 +99,10 @@ def main() -> None:
         f"samples={args.samples} tokens={tokens} layer={args.layer}/{config.num_hidden_layers} "
         f"batch_size={args.batch_size} threads={torch.get_num_threads()}"
     )
-    print(f"seed method: {seed_seconds:.1f} s   persona project: {ours_seconds:.1f} s")
+    print(f"device={args.device} dtype={dtype}")
+    print(
+        f"seed method: {seed_seconds:.1f} s   persona project: {ours_seconds:.1f} s ({tokens / ours_seconds:.0f} tokens/s)"
+    )
     print(f"speed ratio (seed / ours): {seed_seconds / ours_seconds:.2f}x")
     print(f"max abs difference of scores: {worst:.2e} (largest |score| {scale:.2f})")
 
