@@ -33,6 +33,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     projections: list[tuple[MonitorTarget, tuple[float, float | None]]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the reply's tokens (no end-of-sequence token); for logs
 
 
 @dataclass
@@ -140,6 +141,7 @@ class BatchTracker(StoppingCriteria):
                 prompt_tokens=len(row.job.prompt_ids),
                 completion_tokens=len(row.tokens) + int(row.ended_by_eos),
                 projections=projections,
+                token_ids=list(row.tokens),
             )
         )
 
