@@ -222,7 +222,10 @@ def test_unknown_routes_and_oversized_bodies_get_error_objects(server):
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n{")
-        reply = sock.recv(65536).decode()
+        reply = b""
+        while b"}}" not in reply and (chunk := sock.recv(65536)):  # headers and body may come apart
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413") and "request_too_large" in reply
 
 
@@ -346,3 +349,15 @@ def test_openai_error_bodies_are_json_objects_not_stack_traces(server):
     assert status == 400
     assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
     assert "Traceback" not in text
+
+
+def test_a_runaway_coefficient_degrades_its_own_reply_not_the_server(server):
+    _, client, _ = server
+    body = {"persona": {"steer": [{"trait": "evil", "coef": 1e38, "positions": "all"}], "monitor": ["evil"]}}
+    for temperature in (0.0, 1.0):  # greedy and sampled rows both survive non-finite logits
+        reply = chat(client, temperature=temperature, seed=1, extra_body=body)
+        entry = reply.model_extra["persona"]["monitor"]["evil"]
+        assert (
+            entry["prompt_last"]["projection"] is None and entry["prompt_last"]["z"] is None
+        )  # null, never NaN
+    assert chat(client).choices[0].finish_reason == "length"

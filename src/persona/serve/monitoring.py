@@ -70,16 +70,19 @@ class ProjectionRecorder:
         return [(layer, self._reader(layer)) for layer in self.directions]
 
     def _reader(self, layer: int):
-        directions = self.directions[layer]
+        placed: dict[torch.device, Tensor] = {}  # the directions on the layer's device, moved once
 
         def read(hidden: Tensor, state: ForwardState) -> None:
+            if hidden.device not in placed:
+                placed[hidden.device] = self.directions[layer].to(hidden.device)
+            directions = placed[hidden.device]
             prefill = state.prefill
             if prefill:
                 last = state.last_token_mask(hidden.shape[1], hidden.device).unsqueeze(-1)
                 picked = (hidden * last.to(hidden.dtype)).sum(dim=1)  # exactly the one last token per row
             else:
                 picked = hidden[:, -1]
-            self.records[layer].append(project_on_directions(picked.float(), directions.to(hidden.device)))
+            self.records[layer].append(project_on_directions(picked.float(), directions))
             self.prefill_seen[layer].append(prefill)
 
         return read

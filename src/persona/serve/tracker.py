@@ -33,7 +33,9 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     projections: list[tuple[MonitorTarget, tuple[float, float | None]]] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # the reply's tokens (no end-of-sequence token); for logs
+    token_ids: list[int] = field(
+        default_factory=list
+    )  # the reply's tokens (no end-of-sequence token); for logs
 
 
 @dataclass
