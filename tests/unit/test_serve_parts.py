@@ -152,3 +152,11 @@ def test_only_loopback_counts_as_loopback():
         and is_loopback("127.5.0.1")
     )
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
+
+
+@pytest.mark.parametrize("field", ["max_batch", "max_queue", "default_max_tokens"])
+def test_settings_out_of_range_are_refused_before_any_model_loads(field):
+    from persona.serve.service import ServeSettings
+
+    with pytest.raises(ValueError, match=f"--{field}=0"):
+        ServeSettings("m", **{field: 0})

@@ -83,14 +83,6 @@ def serve(
             host,
             api_key_env,
         )
-    vectors = vectors or str(Path("persona_vectors") / model_short_name(model))
-    lm, tokenizer = load_model_and_tokenizer(
-        model, dtype=dtype, device=_device(device), trust_remote_code=trust_remote_code
-    )
-    layout = locate_blocks(lm)
-    traits = load_traits(
-        vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout), fallback_layer=fallback_layer
-    )
     settings = ServeSettings(
         served_model_name=served_model_name or model_short_name(model),
         max_batch=max_batch,
@@ -100,6 +92,14 @@ def serve(
         max_context=max_context,
         alert_z=alert_z,
         api_key=api_key,
+    )
+    vectors = vectors or str(Path("persona_vectors") / model_short_name(model))
+    lm, tokenizer = load_model_and_tokenizer(
+        model, dtype=dtype, device=_device(device), trust_remote_code=trust_remote_code
+    )
+    layout = locate_blocks(lm)
+    traits = load_traits(
+        vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout), fallback_layer=fallback_layer
     )
     service = PersonaService(lm, tokenizer, traits, settings)
     baseline = service.measure_baseline(max_tokens=baseline_max_tokens)

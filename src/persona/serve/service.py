@@ -34,6 +34,21 @@ class ServeSettings:
     alert_z: float = 3.0
     api_key: str | None = field(default=None, repr=False)  # from the environment only; never printed
 
+    def __post_init__(self) -> None:
+        checks = {
+            "max_batch": self.max_batch >= 1,
+            "max_queue": self.max_queue >= 1,
+            "max_wait_ms": 0 <= self.max_wait_ms < 60_000,
+            "default_max_tokens": self.default_max_tokens >= 1,
+            "max_context": self.max_context is None or self.max_context >= 2,
+            "alert_z": math.isfinite(self.alert_z),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"--{name}={getattr(self, name)!r} is out of range. Fix: see `persona serve --help`."
+                )
+
 
 def model_context_length(model, tokenizer) -> int:
     """Positions the model can attend over: its config's, else the tokenizer's declared maximum."""
