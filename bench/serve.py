@@ -7,7 +7,8 @@ long (``min_tokens`` = ``max_tokens``), so phases do the same work. Four phases:
 batched with mixed persona settings (plain, steered, monitored, ablated), and batched with no request
 steered vs every request steered (a different coefficient per client), interleaved over ``--repeats``
 rounds. Prints each phase's throughput and p50/p95 latency, then best-of-N and median ratios: batched /
-one-at-a-time throughput (target >= 3 at 8 clients) and the steering overhead (target <= 5 %).
+one-at-a-time throughput (target >= 3 at 8 clients) and the steering overhead (target <= 5 %), end to
+end and inside one batch (the engine alone, free of HTTP and batch-formation noise).
 Bounded: clients x requests per phase, and no new request after --max-seconds in a phase.
 
 Usage: python bench/serve.py [--clients 8] [--requests 2] [--max-tokens 32] [--repeats 3]
@@ -31,12 +32,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import openai  # noqa: E402
 import torch  # noqa: E402
 
+from persona.chat import encode_chat, user_turn  # noqa: E402
 from persona.hooks import locate_blocks  # noqa: E402
 from persona.models import load_model_and_tokenizer, model_short_name  # noqa: E402
 from persona.serve.app import create_app  # noqa: E402
+from persona.serve.engine import GenerationJob  # noqa: E402
+from persona.serve.sampling import SamplingParams  # noqa: E402
+from persona.serve.schema import PersonaFields  # noqa: E402
 from persona.serve.server import serve_in_thread  # noqa: E402
 from persona.serve.service import PersonaService, ServeSettings  # noqa: E402
-from persona.serve.traits import load_traits  # noqa: E402
+from persona.serve.traits import load_traits, resolve_persona  # noqa: E402
 from persona.steering import hidden_size  # noqa: E402
 
 QUESTIONS = [
@@ -129,6 +134,37 @@ def mean_batch(service: PersonaService) -> float:
     return (registry.get_sample_value("persona_batch_size_sum") or 0) / max(count, 1)
 
 
+def engine_steering_overhead(service: PersonaService, args) -> tuple[float, float]:
+    """Steering cost inside one batch, without HTTP or batch formation: ``run_batch`` of the same jobs,
+    none steered vs each row steered with its own coefficient, interleaved; (best-of-N, median) ratios."""
+    tokenizer, traits = service.engine.tokenizer, service.traits
+    prompts = [encode_chat(tokenizer, user_turn(question)) for question in QUESTIONS[: args.clients]]
+
+    def jobs(steered: bool) -> list[GenerationJob]:
+        made = []
+        for index, prompt in enumerate(prompts):
+            persona = STEERED[index % len(STEERED)] if steered else {}
+            resolved = resolve_persona(PersonaFields.model_validate(persona), traits, service.num_layers)
+            sampling = SamplingParams(min_tokens=args.max_tokens)
+            made.append(
+                GenerationJob(prompt, args.max_tokens, sampling, interventions=resolved.interventions)
+            )
+        return made
+
+    def timed(steered: bool) -> float:
+        batch = jobs(steered)
+        started = time.perf_counter()
+        service.engine.run_batch(batch)
+        return time.perf_counter() - started
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for repeat in range(2 * args.repeats):
+        for steered in (False, True) if repeat % 2 == 0 else (True, False):
+            times[steered].append(timed(steered))
+    paired = [s / p for s, p in zip(times[True], times[False], strict=True)]
+    return min(times[True]) / min(times[False]), statistics.median(paired)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -177,6 +213,11 @@ def main() -> None:
                 print(phases[label][-1].line())
     print(f"mean batch size of the batched server: {mean_batch(batched):.1f}")
     summarize(phases, args.repeats)
+    best, paired = engine_steering_overhead(batched, args)
+    print(
+        f"steering overhead inside a batch of {args.clients} (engine only, {2 * args.repeats} runs each): "
+        f"{best - 1:+.1%} best-of, {paired - 1:+.1%} median of paired runs (target <= 5 %)"
+    )
 
 
 PHASES = {

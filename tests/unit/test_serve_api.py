@@ -361,3 +361,11 @@ def test_a_runaway_coefficient_degrades_its_own_reply_not_the_server(server):
             entry["prompt_last"]["projection"] is None and entry["prompt_last"]["z"] is None
         )  # null, never NaN
     assert chat(client).choices[0].finish_reason == "length"
+
+
+def test_a_client_leaving_mid_stream_releases_its_request(server):
+    url, client, _ = server
+    stream = chat(client, max_tokens=200, stream=True)
+    next(iter(stream))
+    stream.close()
+    _wait_for(lambda: "persona_requests_in_flight 0.0" in http(f"{url}/metrics")[1])

@@ -202,3 +202,21 @@ def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tiny_llama, token
     events = run(engine, jobs)
     assert all(isinstance(e[-1], Failed) for e in events)
     assert isinstance(run(engine, make_jobs(tokenizer, traits)[:1])[0][-1], Finished)
+
+
+def test_a_row_cancelled_mid_generation_stops_while_the_others_go_on(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    jobs = make_jobs(tokenizer, traits, stream=True)[:2]
+    jobs[0].max_tokens = jobs[1].max_tokens = 40
+    seen: list = []
+
+    def leave_after_first_text(event):  # what the request side does when its client disconnects
+        seen.append(event)
+        jobs[0].cancelled = True
+
+    jobs[0].emit = leave_after_first_text
+    other: list = []
+    jobs[1].emit = other.append
+    engine.run_batch(jobs)
+    assert seen and not any(isinstance(e, Finished) for e in seen) and len(seen) <= 2
+    assert isinstance(other[-1], Finished) and len(other[-1].token_ids) == 40
