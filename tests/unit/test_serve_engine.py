@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from conftest import hidden_states_without_final_norm
 from persona.chat import encode_chat
@@ -44,6 +45,8 @@ PERSONAS = [
     },
 ]
 NEW_TOKENS = 7
+# transformers 5 records output_hidden_states with block hooks that run after ours (see test_phase.py).
+HF_HIDDEN_STATES_SHOW_HOOK_EDITS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 @pytest.fixture
@@ -162,6 +165,8 @@ def test_monitored_projections_equal_a_teacher_forced_pass_over_the_reply(
         engine.eos_ids = engine.eos_ids | {first[eos_at]}
     results = [final(e) for e in run(engine, jobs)]
     for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
+        if index > 0 and not HF_HIDDEN_STATES_SHOW_HOOK_EDITS:
+            continue  # transformers 4.x: hidden_states[L] misses edits made at layer L; the plain row still counts
         resolved = resolve_persona(PersonaFields.model_validate(PERSONAS[index]), traits, num_layers=3)
         assert len(result.projections) == 2
         for target, measured in result.projections:
