@@ -6,6 +6,7 @@ for the requests in flight (streams included), then runs the app's lifespan shut
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -31,7 +32,9 @@ def run_server(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s
     )
-    uvicorn.Server(config).run()
+    # uvicorn re-raises Ctrl-C once it has shut down gracefully: nothing is left to do then.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()
 
 
 @contextmanager
