@@ -58,6 +58,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/extract.py
 	$(PY) bench/steer.py
+	$(PY) bench/serve.py
 	$(PY) bench/project.py
 
 clean:

@@ -81,6 +81,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         "The whole method on the embedded model, offline; writes a report", "persona.demo:demo"
     ),
+    "serve": Subcommand(
+        "OpenAI-compatible server: per-request steering/ablation, per-reply trait monitoring, batching",
+        "persona.serve.cli:serve",
+    ),
     "education": Subcommand(
         "ASAP-SAS study: steered students and steered graders (QWK)", "persona.education.cli:education"
     ),

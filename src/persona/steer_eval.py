@@ -148,7 +148,8 @@ def steer_eval(
     """
     from persona.commands.generate import generate
     from persona.models import model_dimensions
-    from persona.steering import POSITIONS, SteeringSpec
+    from persona.constants import POSITIONS
+    from persona.steering import SteeringSpec
     from persona.traits import load_trait
     from persona.vectors import load_vector
 

@@ -108,22 +108,72 @@ def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> T
     return state.last_token_mask(hidden.shape[1], hidden.device)
 
 
+def steered_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | bool:
+    """Where ``positions`` steers in this forward: True (every position), False (none) or bool [batch or 1, seq].
+
+    The one definition of the position modes, shared by :func:`steer` and per-row steering
+    (:mod:`persona.row_steering`), so a row of a mixed batch is steered where it would be on its own.
+    """
+    if positions == "all":
+        return True
+    if state.prefill:
+        if positions == "generated":
+            return False
+        where = _prefill_positions(positions, hidden, state)
+        return True if where is None else where
+    # A decode step's positions are all new tokens (one, unless a candidate chunk is verified at once).
+    return positions != "prompt"
+
+
 def _steering_hook(positions: str, direction: Tensor, scale: float):
     """Hook fn for ``block_hooks``: no Python loop over the batch, no host sync, out-of-place add."""
 
     def hook(hidden: Tensor, state: ForwardState) -> Tensor | None:
-        if positions == "all":
-            return add_direction(hidden, direction, scale)
-        if state.prefill:
-            if positions == "generated":
-                return None
-            return add_direction(hidden, direction, scale, _prefill_positions(positions, hidden, state))
-        if positions == "prompt":
+        where = steered_positions(positions, hidden, state)
+        if where is False:
             return None
-        # A decode step's positions are all new tokens (one, unless a candidate chunk is verified at once).
-        return add_direction(hidden, direction, scale)
+        return add_direction(hidden, direction, scale, None if where is True else where)
 
     return hook
+
+
+@dataclass(frozen=True)
+class PreparedSpec:
+    """A validated :class:`SteeringSpec` with its direction placed for its layer: ``hidden + scale * direction``."""
+
+    layer: int
+    positions: str
+    direction: Tensor = field(repr=False)  # float32 [hidden], on the device of the layer's block
+    scale: float
+
+
+def prepare_specs(
+    layout: DecoderLayout, specs: Sequence[SteeringSpec], *, what: str = "specs"
+) -> list[PreparedSpec]:
+    """Check every spec against the model (layer range, source file depth, hidden size); drop ``coef == 0`` ones."""
+    width = hidden_size(layout)
+    prepared = []
+    for index, spec in enumerate(specs):
+        name = f"{what}[{index}]"
+        if not isinstance(spec, SteeringSpec):
+            raise TypeError(f"{name} is a {type(spec).__name__}. Fix: pass SteeringSpec objects.")
+        check_layer(layout, spec.layer, what=f"{name}.layer")
+        if spec.source_layers is not None and spec.source_layers != layout.num_layers + 1:
+            raise ValueError(
+                f"{name}.vector came from a vector file with {spec.source_layers} rows, but "
+                f"{type(layout.model).__name__} needs {layout.num_layers + 1} (num_layers + 1). Fix: use a "
+                "vector file extracted from this model."
+            )
+        if spec.vector.shape[-1] != width:
+            raise ValueError(
+                f"{name}.vector has hidden size {spec.vector.shape[-1]}, but {type(layout.model).__name__} "
+                f"has hidden size {width}. Fix: use a vector extracted from this model."
+            )
+        if spec.coef == 0:
+            continue
+        direction = spec.vector.detach().to(device=layout.layer_device(spec.layer), dtype=torch.float32)
+        prepared.append(PreparedSpec(spec.layer, spec.positions, direction, spec.scale()))
+    return prepared
 
 
 @contextmanager
@@ -136,28 +186,10 @@ def steer(model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec) -> Ite
     """
     specs = [specs] if isinstance(specs, SteeringSpec) else list(specs)
     layout = locate_blocks(model)
-    width = hidden_size(layout)
-    hooks = []
-    for index, spec in enumerate(specs):
-        if not isinstance(spec, SteeringSpec):
-            raise TypeError(f"specs[{index}] is a {type(spec).__name__}. Fix: pass SteeringSpec objects.")
-        check_layer(layout, spec.layer, what=f"specs[{index}].layer")
-        if spec.source_layers is not None and spec.source_layers != layout.num_layers + 1:
-            raise ValueError(
-                f"specs[{index}].vector came from a vector file with {spec.source_layers} rows, but "
-                f"{type(layout.model).__name__} needs {layout.num_layers + 1} (num_layers + 1). Fix: use a "
-                "vector file extracted from this model."
-            )
-        if spec.vector.shape[-1] != width:
-            raise ValueError(
-                f"specs[{index}].vector has hidden size {spec.vector.shape[-1]}, but {type(layout.model).__name__} "
-                f"has hidden size {width}. Fix: use a vector extracted from this model."
-            )
-        if spec.coef == 0:
-            continue
-        scale = spec.scale()
-        direction = spec.vector.detach().to(device=layout.layer_device(spec.layer), dtype=torch.float32)
-        hooks.append((spec.layer, _steering_hook(spec.positions, direction, scale)))
+    hooks = [
+        (spec.layer, _steering_hook(spec.positions, spec.direction, spec.scale))
+        for spec in prepare_specs(layout, specs)
+    ]
     with block_hooks(model, hooks):
         yield layout
 

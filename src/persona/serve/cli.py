@@ -1,0 +1,117 @@
+"""``persona serve``: load the model and the traits, measure the monitoring baseline, serve until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from persona.models import DEFAULT_MODEL, model_short_name
+from persona.serve.server import is_loopback
+
+log = logging.getLogger("persona.serve")
+
+
+def serve(
+    model: str = DEFAULT_MODEL,
+    vectors: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_wait_ms: float = 10.0,
+    max_queue: int = 64,
+    served_model_name: str | None = None,
+    default_max_tokens: int = 256,
+    max_context: int | None = None,
+    alert_z: float = 3.0,
+    baseline_max_tokens: int = 32,
+    fallback_layer: int | None = None,
+    api_key_env: str = "PERSONA_API_KEY",
+    shutdown_timeout_s: float | None = None,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    trust_remote_code: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Serve a model behind an OpenAI-compatible API that steers, ablates and monitors persona traits per request.
+
+    Routes: /v1/models, /v1/chat/completions (streaming and not), /health, /metrics (Prometheus). Requests
+    carry a "persona" field (openai client: extra_body) with steer, monitor and ablate; replies carry the
+    monitoring projections, z-scored against a baseline measured at start-up on built-in neutral prompts.
+
+    Args:
+        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        vectors: Folder of <trait>_response_avg_diff.pt files; default persona_vectors/<model-short-name>.
+        host: Address to bind. Loopback by default; anything else exposes the model to the network.
+        port: TCP port.
+        max_batch: Most requests in one forward pass (the dynamic batcher's batch size).
+        max_wait_ms: How long a batch waits for more requests after its first one.
+        max_queue: Requests allowed to wait for a batch; more get HTTP 429.
+        served_model_name: The model id clients send; default the model's short name.
+        default_max_tokens: Reply length when a request sets no max_tokens.
+        max_context: Context length in tokens; default the model's own.
+        alert_z: Flag a monitored reply whose projection z-score is above this.
+        baseline_max_tokens: Reply length of each neutral prompt when measuring the baseline.
+        fallback_layer: Default layer of traits without a layer_metrics.csv (else 60% of the depth).
+        api_key_env: Environment variable holding the API key; unset or empty = no key required.
+        shutdown_timeout_s: On SIGINT/SIGTERM, stop waiting for in-flight requests after this long (default: wait).
+        dtype: Model dtype: float32, bfloat16, float16 or auto (bfloat16 on a GPU that has it).
+        accelerator: cpu, gpu or auto (the GPU when there is one; pick one with CUDA_VISIBLE_DEVICES).
+        trust_remote_code: Allow custom model code from the hub.
+        log_level: uvicorn and persona log level (debug, info, warning, error).
+    """
+    from persona.hardware import resolve_device
+    from persona.hooks import locate_blocks
+    from persona.models import load_model_and_tokenizer
+    from persona.serve.app import create_app
+    from persona.serve.server import run_server
+    from persona.serve.service import PersonaService, ServeSettings
+    from persona.serve.traits import load_traits
+    from persona.steering import hidden_size
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    api_key = os.environ.get(api_key_env) or None
+    if not is_loopback(host) and api_key is None:
+        log.warning(
+            "Serving on %s without an API key: anyone who can reach it can use the model (set $%s).",
+            host,
+            api_key_env,
+        )
+    settings = ServeSettings(
+        served_model_name=served_model_name or model_short_name(model),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        default_max_tokens=default_max_tokens,
+        max_context=max_context,
+        alert_z=alert_z,
+        api_key=api_key,
+    )
+    vectors = vectors or str(Path("persona_vectors") / model_short_name(model))
+    lm, tokenizer = load_model_and_tokenizer(
+        model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
+    )
+    layout = locate_blocks(lm)
+    traits = load_traits(
+        vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout), fallback_layer=fallback_layer
+    )
+    service = PersonaService(lm, tokenizer, traits, settings)
+    baseline = service.measure_baseline(max_tokens=baseline_max_tokens)
+    for name, trait in traits.items():
+        log.info(
+            "trait %s: default layer %d (%s); baseline %s",
+            name,
+            trait.default_layer,
+            trait.layer_source,
+            baseline.describe(name),
+        )
+    log.info(
+        "serving %s on http://%s:%d (API key %s)",
+        settings.served_model_name,
+        host,
+        port,
+        f"required, from ${api_key_env}" if api_key else "not required",
+    )
+    run_server(
+        create_app(service), host=host, port=port, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s
+    )

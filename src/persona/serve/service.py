@@ -1,0 +1,196 @@
+"""The server's state, built once at start-up: model, traits, baseline, batcher, metrics; requests -> jobs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from persona.chat import encode_chat, user_turn
+from persona.hooks import locate_blocks
+from persona.serve.batcher import DynamicBatcher, QueueFull
+from persona.serve.engine import Engine, GenerationJob
+from persona.serve.metrics import ServerMetrics
+from persona.serve.monitoring import KINDS, NEUTRAL_PROMPTS, Baseline, monitor_report
+from persona.serve.sampling import SamplingParams
+from persona.serve.schema import ApiError, ChatCompletionRequest
+from persona.serve.tracker import Finished
+from persona.serve.traits import MonitorTarget, ResolvedPersona, Trait, resolve_persona
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    served_model_name: str
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    default_max_tokens: int = 256
+    max_context: int | None = None  # None: the model's own
+    alert_z: float = 3.0
+    api_key: str | None = field(default=None, repr=False)  # from the environment only; never printed
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_batch": self.max_batch >= 1,
+            "max_queue": self.max_queue >= 1,
+            "max_wait_ms": 0 <= self.max_wait_ms < 60_000,
+            "default_max_tokens": self.default_max_tokens >= 1,
+            "max_context": self.max_context is None or self.max_context >= 2,
+            "alert_z": math.isfinite(self.alert_z),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"--{name}={getattr(self, name)!r} is out of range. Fix: see `persona serve --help`."
+                )
+
+
+def model_context_length(model, tokenizer) -> int:
+    """Positions the model can attend over: its config's, else the tokenizer's declared maximum."""
+    config = model.config
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < 10**7:
+        return declared
+    raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
+
+
+class PersonaService:
+    def __init__(self, model, tokenizer, traits: dict[str, Trait], settings: ServeSettings):
+        self.settings = settings
+        self.traits = traits
+        self.engine = Engine(model, tokenizer)
+        # The request side tokenizes on the event loop while the model thread decodes: a fast tokenizer
+        # is not safe to share between threads ("Already borrowed"), so each side has its own.
+        self.request_tokenizer = copy.deepcopy(tokenizer)
+        self.num_layers = locate_blocks(model).num_layers
+        self.context_length = settings.max_context or model_context_length(model, tokenizer)
+        self.metrics = ServerMetrics()
+        self.batcher = DynamicBatcher(
+            self.engine.run_batch,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            metrics=self.metrics,
+        )
+        self.baseline = Baseline({})
+        self.created = int(time.time())
+
+    def measure_baseline(self, prompts: Sequence[str] = NEUTRAL_PROMPTS, max_tokens: int = 32) -> Baseline:
+        """Greedy replies to neutral prompts, every trait monitored at its default layer (before serving)."""
+        targets = tuple(
+            MonitorTarget(t.name, t.default_layer, t.direction(t.default_layer)) for t in self.traits.values()
+        )
+        values: dict[tuple[str, str], list] = {(t.trait, kind): [] for t in targets for kind in KINDS}
+
+        def collect(event) -> None:
+            if isinstance(event, Finished):
+                for target, projections in event.projections:
+                    for kind, value in zip(KINDS, projections, strict=True):
+                        values[(target.trait, kind)].append(value)
+
+        jobs = [
+            GenerationJob(
+                encode_chat(self.engine.tokenizer, user_turn(p)), max_tokens, monitor=targets, emit=collect
+            )
+            for p in prompts
+        ]
+        for start in range(0, len(jobs), self.settings.max_batch):
+            self.engine.run_batch(jobs[start : start + self.settings.max_batch])
+        self.baseline = Baseline.from_values(values)
+        return self.baseline
+
+    def prepare(self, request: ChatCompletionRequest) -> tuple[GenerationJob, ResolvedPersona]:
+        """Validate a request against this server (404 model/trait, 400 layer/messages, 413 context) -> a job."""
+        if request.model != self.settings.served_model_name:
+            raise ApiError(
+                404,
+                f"model {request.model!r} is not served here; this server serves "
+                f"{self.settings.served_model_name!r} (see /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+        resolved = resolve_persona(request.persona, self.traits, self.num_layers)
+        try:
+            prompt_ids = encode_chat(self.request_tokenizer, [m.as_chat_turn() for m in request.messages])
+        except ValueError as error:
+            raise ApiError(400, f"messages: {error}", param="messages") from None
+        job = GenerationJob(
+            prompt_ids=prompt_ids,
+            max_tokens=self._max_tokens(len(prompt_ids), request.requested_max_tokens()),
+            sampling=SamplingParams(request.temperature, request.top_p, request.seed, request.min_tokens),
+            stop=request.stop_sequences(),
+            interventions=resolved.interventions,
+            monitor=resolved.monitor,
+            stream=request.stream,
+        )
+        return job, resolved
+
+    def _max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        room = self.context_length - prompt_tokens
+        if room < 1 or (requested is not None and requested > room):
+            asked = "" if requested is None else f" plus max_tokens={requested}"
+            raise ApiError(
+                413,
+                f"The prompt has {prompt_tokens} tokens{asked}; the context holds {self.context_length}. "
+                "Fix: shorten the messages or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return min(requested or self.settings.default_max_tokens, room)
+
+    def submit(self, job: GenerationJob, resolved: ResolvedPersona) -> None:
+        try:
+            self.batcher.submit(job)
+        except QueueFull:
+            raise ApiError(
+                429,
+                f"The server's queue is full ({self.settings.max_queue} requests waiting). Fix: retry after a moment.",
+                code="queue_full",
+            ) from None
+        for item in resolved.applied.get("steer", []):
+            self.metrics.steered.labels(item["trait"]).inc()
+
+    def persona_reply(self, resolved: ResolvedPersona, finished: Finished) -> dict:
+        """The reply's ``persona`` field: what was applied, and the monitoring report (recorded in metrics)."""
+        reply = dict(resolved.applied)
+        if resolved.monitor:
+            projections = [(t, tuple(_finite(v) for v in values)) for t, values in finished.projections]
+            report = monitor_report(projections, self.baseline, self.settings.alert_z)
+            self.metrics.observe_monitor(report)
+            reply.update(
+                monitor=report, alert=any(e["alert"] for e in report.values()), alert_z=self.settings.alert_z
+            )
+        self.metrics.prompt_tokens.inc(finished.prompt_tokens)
+        self.metrics.completion_tokens.inc(finished.completion_tokens)
+        return reply
+
+    def describe_model(self) -> dict:
+        return {
+            "id": self.settings.served_model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "persona",
+            "persona": {
+                "num_layers": self.num_layers,
+                "context_length": self.context_length,
+                "alert_z": self.settings.alert_z,
+                "traits": {
+                    name: {**trait.describe(), "baseline": self.baseline.describe(name)}
+                    for name, trait in self.traits.items()
+                },
+            },
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,109 @@
+"""Helpers shared by the `persona serve` tests: trait vector folders, services, reference generations."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from persona.chat import encode_chat
+from persona.hooks import block_hooks, locate_blocks
+from persona.hooks.operators import ablate_directions
+from persona.steering import SteeringSpec, hidden_size, left_pad, steer
+from persona.vectors import save_vector
+
+
+def write_trait_vectors(
+    directory: Path,
+    model,
+    traits: Sequence[str] = ("evil", "kind"),
+    *,
+    seed: int = 0,
+    recommended: dict | None = None,
+) -> Path:
+    """Random ``<trait>_response_avg_diff.pt`` files for ``model``; ``recommended`` writes layer_metrics.csv files."""
+    layout = locate_blocks(model)
+    generator = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for trait in traits:
+        vectors = torch.randn(layout.num_layers + 1, hidden_size(layout), generator=generator)
+        save_vector(vectors, directory / f"{trait}_response_avg_diff.pt", {"trait": trait})
+    for trait, layer in (recommended or {}).items():
+        metrics = directory / f"{trait}_response_avg_diff_layers" / "layer_metrics.csv"
+        metrics.parent.mkdir(exist_ok=True)
+        with metrics.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["layer", "auc", "recommended"])
+            for row in range(layout.num_layers + 1):
+                writer.writerow([row, 0.5, row == layer])
+    return directory
+
+
+def build_service(
+    model, tokenizer, vectors_dir: Path, *, name: str = "tiny", baseline_tokens: int = 6, **settings
+):
+    from persona.serve.service import PersonaService, ServeSettings
+    from persona.serve.traits import load_traits
+
+    layout = locate_blocks(model)
+    traits = load_traits(vectors_dir, num_layers=layout.num_layers, hidden_size=hidden_size(layout))
+    service = PersonaService(model, tokenizer, traits, ServeSettings(served_model_name=name, **settings))
+    service.measure_baseline(max_tokens=baseline_tokens)
+    return service
+
+
+@contextmanager
+def running(service, **client_kwargs) -> Iterator[tuple[str, object]]:
+    """The service's app on a free loopback port, and an openai client pointed at it (no retries)."""
+    import openai
+
+    from persona.serve.app import create_app
+    from persona.serve.server import serve_in_thread
+
+    with serve_in_thread(create_app(service)) as url:
+        client_kwargs.setdefault("api_key", "unused")
+        yield url, openai.OpenAI(base_url=f"{url}/v1", max_retries=0, timeout=60, **client_kwargs)
+
+
+def reference_ids(
+    model,
+    tokenizer,
+    messages,
+    *,
+    specs: Sequence[SteeringSpec] = (),
+    ablations: dict[int, torch.Tensor] | None = None,
+    max_new_tokens: int,
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy new ids) for one request on its own: steer() and ablation hooks, HF generate."""
+    prompt = encode_chat(tokenizer, messages)
+    ablation_hooks = [
+        (layer, lambda h, _s, b=basis: ablate_directions(h, b)) for layer, basis in (ablations or {}).items()
+    ]
+    input_ids, attention_mask = left_pad([prompt], tokenizer.pad_token_id)
+    with block_hooks(model, ablation_hooks), steer(model, specs), torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return prompt, out[0, len(prompt) :].tolist()
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
+    """A raw request (stdlib only): GET without a body, POST with one; (status, text) even for errors."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=body, headers={"content-type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

@@ -1,0 +1,92 @@
+"""`persona serve` as a process: the command line, the API key from the environment, graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+
+from conftest import build_tiny_model
+from persona import cli
+from serve_support import http, write_trait_vectors
+
+KEY = "k-7f3e-never-logged"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_is_a_listed_command(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "  serve " in capsys.readouterr().out
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_cleanly(tiny_model_dirs, tokenizer, tmp_path):
+    vectors = write_trait_vectors(tmp_path / "vectors", build_tiny_model("llama", len(tokenizer)))
+    port = free_port()
+    env = {**os.environ, "PERSONA_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "persona.cli", "serve", "--model", tiny_model_dirs["llama"]]
+    command += [
+        "--vectors",
+        str(vectors),
+        "--port",
+        str(port),
+        "--baseline_max_tokens",
+        "4",
+        "--max_wait_ms",
+        "200",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while _status(f"{url}/health") != 200:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        (model,) = json.loads(http(f"{url}/v1/models", headers={"authorization": f"Bearer {KEY}"})[1])["data"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model=model["id"],
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=200,
+            temperature=0,
+            stream=True,
+            extra_body={"persona": {"monitor": ["evil"]}},
+        )
+        first = next(iter(stream))  # sent before the batch starts: the reply is in flight
+        server.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert first.choices[0].delta.role == "assistant"
+        final = [c for c in rest if c.choices and c.choices[0].finish_reason]
+        assert (
+            final
+            and final[0].choices[0].finish_reason == "length"
+            and "monitor" in final[0].model_extra["persona"]
+        )
+        # uvicorn re-raises the signal once it has shut down, so the exit status is the signal's.
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stdout.read()
+    assert "Waiting for connections to close" in log  # the signal came while the reply was in flight
+    assert "Application shutdown complete" in log
+    assert "API key required" in log and KEY not in log
+    assert _status(f"{url}/health") is None  # gone
+
+
+def _status(url: str) -> int | None:
+    try:
+        return http(url)[0]
+    except OSError:
+        return None

@@ -1,0 +1,227 @@
+"""The serving engine on every tiny architecture: a mixed batch equals each request alone; monitoring is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import hidden_states_without_final_norm
+from persona.chat import encode_chat
+from persona.hooks import block_hooks
+from persona.hooks.operators import ablate_directions, add_direction, project
+from persona.serve.engine import Engine, GenerationJob
+from persona.serve.sampling import SamplingParams
+from persona.serve.schema import PersonaFields
+from persona.serve.tracker import Failed, Finished, TextDelta
+from persona.serve.traits import load_traits, resolve_persona
+from serve_support import reference_ids, write_trait_vectors
+
+CHATS = [
+    [{"role": "user", "content": "Tell me a joke about cats and dogs, kindly."}],
+    [{"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "You are an evil assistant."},
+        {"role": "user", "content": "Treat animals?"},
+    ],
+    [{"role": "user", "content": "How do I fix the fox?"}],
+    [{"role": "user", "content": "What do you think of humans?"}],
+    [{"role": "user", "content": "Why did the chicken cross the road?"}],
+]
+PERSONAS = [
+    {},
+    {"steer": [{"trait": "evil", "coef": 2.0}], "monitor": ["evil"]},
+    {
+        "steer": [
+            {"trait": "kind", "coef": -1.5, "positions": "all", "layer": 3},
+            {"trait": "evil", "coef": 1.0},
+        ]
+    },
+    {"ablate": ["evil", {"trait": "kind", "layer": "all"}], "monitor": ["kind", "evil"]},
+    {"steer": [{"trait": "evil", "coef": 1.5, "positions": "prompt", "layer": 0}], "monitor": ["kind"]},
+    {
+        "steer": [{"trait": "kind", "coef": 2.5, "positions": "generated"}],
+        "ablate": [{"trait": "evil", "layer": 2}],
+    },
+]
+NEW_TOKENS = 7
+# transformers 5 records output_hidden_states with block hooks that run after ours (see test_phase.py).
+HF_HIDDEN_STATES_SHOW_HOOK_EDITS = int(transformers.__version__.split(".")[0]) >= 5
+
+
+@pytest.fixture
+def traits(tiny_model, tmp_path):
+    directory = write_trait_vectors(tmp_path / "vectors", tiny_model, recommended={"evil": 1})
+    return load_traits(directory, num_layers=3, hidden_size=32)
+
+
+def run(engine: Engine, jobs: list[GenerationJob]) -> list[list]:
+    events: list[list] = [[] for _ in jobs]
+    for index, job in enumerate(jobs):
+        job.emit = events[index].append
+    engine.run_batch(jobs)
+    return events
+
+
+def make_jobs(tokenizer, traits, **job_kwargs) -> list[GenerationJob]:
+    jobs = []
+    for messages, persona in zip(CHATS, PERSONAS, strict=True):
+        resolved = resolve_persona(PersonaFields.model_validate(persona), traits, num_layers=3)
+        job = GenerationJob(
+            encode_chat(tokenizer, messages),
+            NEW_TOKENS,
+            interventions=resolved.interventions,
+            monitor=resolved.monitor,
+            **job_kwargs,
+        )
+        jobs.append(job)
+    return jobs
+
+
+def final(events: list) -> Finished:
+    assert isinstance(events[-1], Finished), events
+    return events[-1]
+
+
+def test_every_row_of_a_mixed_batch_equals_that_request_alone_and_steer_alone(tiny_model, tokenizer, traits):
+    tiny_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    engine = Engine(tiny_model, tokenizer)
+    batched = [final(e) for e in run(engine, make_jobs(tokenizer, traits))]
+    alone = [final(run(engine, [job])[0]) for job in make_jobs(tokenizer, traits)]
+    for index, (together, single) in enumerate(zip(batched, alone, strict=True)):
+        assert together.token_ids == single.token_ids, index
+        assert together.text == single.text
+        for (target, mixed), (_, own) in zip(together.projections, single.projections, strict=True):
+            assert mixed == pytest.approx(own, abs=1e-4), (index, target.trait)
+        resolved = resolve_persona(PersonaFields.model_validate(PERSONAS[index]), traits, num_layers=3)
+        _, reference = reference_ids(
+            tiny_model,
+            tokenizer,
+            CHATS[index],
+            specs=resolved.interventions.specs,
+            ablations=resolved.interventions.ablations,
+            max_new_tokens=NEW_TOKENS,
+        )
+        assert together.token_ids == reference, index
+    plain = [
+        final(run(engine, [GenerationJob(j.prompt_ids, NEW_TOKENS)])[0]) for j in make_jobs(tokenizer, traits)
+    ]
+    assert sum(p.token_ids != b.token_ids for p, b in zip(plain, batched, strict=True)) >= 2  # steering shows
+
+
+def test_seeded_sampled_rows_do_not_depend_on_their_batch(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    sampling = SamplingParams(temperature=1.2, top_p=0.9, seed=7)
+    batched = [final(e).token_ids for e in run(engine, make_jobs(tokenizer, traits, sampling=sampling))]
+    alone = [
+        final(run(engine, [job])[0]).token_ids for job in make_jobs(tokenizer, traits, sampling=sampling)
+    ]
+    assert batched == alone
+    greedy = [final(e).token_ids for e in run(engine, make_jobs(tokenizer, traits))]
+    assert batched != greedy
+
+
+def teacher_forced_projections(model, arch, prompt_ids, reply_ids, resolved, layer, direction):
+    """Independent computation: one teacher-forced pass over prompt + reply, HF ``output_hidden_states``,
+    the steering positions set by index (what generation steers: the last prompt token and every reply
+    token for ``response``, and so on), the ablations at every position."""
+    prompt_len, total = len(prompt_ids), len(prompt_ids) + len(reply_ids)
+    spans = {"response": (prompt_len - 1, total), "generated": (prompt_len, total), "prompt": (0, prompt_len)}
+
+    def push(spec):
+        mask = torch.zeros(1, total, dtype=torch.bool)
+        start, end = spans.get(spec.positions, (0, total))
+        mask[0, start:end] = True
+        return lambda h, _s: add_direction(h, spec.vector, spec.scale(), mask.to(h.device))
+
+    hooks = [
+        (lay, lambda h, _s, b=basis: ablate_directions(h, b))
+        for lay, basis in resolved.interventions.ablations.items()
+    ]
+    hooks += [(spec.layer, push(spec)) for spec in resolved.interventions.specs]
+    with block_hooks(model, hooks):
+        states = hidden_states_without_final_norm(
+            model, arch, input_ids=torch.tensor([prompt_ids + reply_ids])
+        )
+    hidden = states[layer][0]
+    prompt_last = float(project(hidden[prompt_len - 1], direction))
+    if not reply_ids:
+        return prompt_last, None
+    return prompt_last, float(project(hidden[prompt_len:], direction).mean())
+
+
+@pytest.mark.parametrize("end_on_eos", [False, True])
+def test_monitored_projections_equal_a_teacher_forced_pass_over_the_reply(
+    tiny_model, tokenizer, traits, request, end_on_eos
+):
+    arch = request.node.callspec.params["tiny_model"]
+    engine = Engine(tiny_model, tokenizer)
+    jobs = make_jobs(tokenizer, traits)
+    for job in jobs:
+        job.monitor = resolve_persona(PersonaFields(monitor=["evil", "kind"]), traits, 3).monitor
+    if end_on_eos:  # end row 0 on an end-of-sequence token (not part of the reply; maybe an empty reply)
+        first = final(run(engine, [GenerationJob(jobs[0].prompt_ids, NEW_TOKENS)])[0]).token_ids
+        eos_at = next((i for i in range(1, len(first)) if first[i] not in first[:i]), 0)
+        engine.eos_ids = engine.eos_ids | {first[eos_at]}
+    results = [final(e) for e in run(engine, jobs)]
+    for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
+        if index > 0 and not HF_HIDDEN_STATES_SHOW_HOOK_EDITS:
+            continue  # transformers 4.x: hidden_states[L] misses edits made at layer L; the plain row still counts
+        resolved = resolve_persona(PersonaFields.model_validate(PERSONAS[index]), traits, num_layers=3)
+        assert len(result.projections) == 2
+        for target, measured in result.projections:
+            expected = teacher_forced_projections(
+                tiny_model, arch, job.prompt_ids, result.token_ids, resolved, target.layer, target.direction
+            )
+            assert measured[0] == pytest.approx(expected[0], abs=1e-4, rel=1e-4), (index, target.trait)
+            if expected[1] is None:  # an empty reply has no response average
+                assert measured[1] is None
+            else:
+                assert measured[1] == pytest.approx(expected[1], abs=1e-4, rel=1e-4), (index, target.trait)
+    if end_on_eos:
+        assert results[0].finish_reason == "stop" and len(results[0].token_ids) == eos_at
+        assert results[0].completion_tokens == eos_at + 1  # the end-of-sequence token was generated
+
+
+def test_a_streamed_row_sends_deltas_that_add_up_to_its_text(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    jobs = make_jobs(tokenizer, traits, stream=True)
+    for events, job in zip(run(engine, jobs), jobs, strict=True):
+        deltas = "".join(e.text for e in events if isinstance(e, TextDelta))
+        assert deltas == final(events).text and job.stream
+
+
+def test_a_cancelled_row_gets_nothing_and_the_others_finish(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    jobs = make_jobs(tokenizer, traits)
+    jobs[2].cancelled = True
+    events = run(engine, jobs)
+    assert events[2] == []
+    assert all(isinstance(e[-1], Finished) for i, e in enumerate(events) if i != 2)
+
+
+def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    jobs = make_jobs(tokenizer, traits)[:2]
+    jobs[1].interventions.ablations = {1: torch.zeros(1, 7)}  # wrong width: refused before any forward
+    events = run(engine, jobs)
+    assert all(isinstance(e[-1], Failed) for e in events)
+    assert isinstance(run(engine, make_jobs(tokenizer, traits)[:1])[0][-1], Finished)
+
+
+def test_a_row_cancelled_mid_generation_stops_while_the_others_go_on(tiny_llama, tokenizer, traits):
+    engine = Engine(tiny_llama, tokenizer)
+    jobs = make_jobs(tokenizer, traits, stream=True)[:2]
+    jobs[0].max_tokens = jobs[1].max_tokens = 40
+    seen: list = []
+
+    def leave_after_first_text(event):  # what the request side does when its client disconnects
+        seen.append(event)
+        jobs[0].cancelled = True
+
+    jobs[0].emit = leave_after_first_text
+    other: list = []
+    jobs[1].emit = other.append
+    engine.run_batch(jobs)
+    assert seen and not any(isinstance(e, Finished) for e in seen) and len(seen) <= 2
+    assert isinstance(other[-1], Finished) and len(other[-1].token_ids) == 40
