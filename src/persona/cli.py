@@ -76,10 +76,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Export vectors as a llama.cpp control vector", "persona.gguf_export:export_gguf"
     ),
     "report": Subcommand(
-        "Rewrite report.md of a demo run directory from its results.json", "persona.demo.report:report"
+        "Rewrite report.md of a demo run directory from its results.json", "persona.study.report:report"
+    ),
+    "study": Subcommand(
+        "The whole method on your model, judge and hardware (-c configs/study/*.yaml); report.md",
+        "persona.commands.study:study",
     ),
     "demo": Subcommand(
-        "The whole method on the embedded model, offline; writes a report", "persona.demo:demo"
+        "The whole method on the embedded model, offline; writes a report", "persona.commands.study:demo"
     ),
     "serve": Subcommand(
         "OpenAI-compatible server: per-request steering/ablation, per-reply trait monitoring, batching",
@@ -156,7 +160,11 @@ def _list_item_type(hint) -> type | None:
 def lists_as_lists(function, argv: list[str]) -> list[str]:
     """Every list flag takes ``a,b,c``, ``[a,b,c]`` or ``a b c``: rewritten to one JSON list for jsonargparse."""
     hints = typing.get_type_hints(function)
-    items = {f"--{name}": kind for name, hint in hints.items() if (kind := _list_item_type(hint)) is not None}
+    items = {
+        f"--{name}": kind
+        for name, hint in hints.items()
+        if (kind := _list_item_type(hint)) in (str, int, float)
+    }
     out: list[str] = []
     position = 0
     while position < len(argv):

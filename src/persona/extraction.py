@@ -28,18 +28,20 @@ class VectorExtractor(L.LightningModule):
         save_dir: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        module: torch.nn.Module | None = None,
     ):
         """
         Args:
-            model: Model alias, hub id or local path.
+            model: Model alias, hub id or local path (its name goes into the sidecars).
             trait: Trait name used in the output file names.
             save_dir: Where to write <trait>_{prompt_avg,response_avg,prompt_last}_diff.pt; default persona_vectors/<model>/.
             dtype: Model dtype (float32, bfloat16, float16, auto).
             trust_remote_code: Allow the model's custom code (off unless you trust the repository).
+            module: An already-loaded ``model`` to use instead of loading it (not saved as a hyperparameter).
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.model: torch.nn.Module | None = None
+        self.save_hyperparameters(ignore=["module"])
+        self.model: torch.nn.Module | None = module
         self.vectors: dict[str, torch.Tensor] = {}
         self.saved_paths: dict[str, Path] = {}
 
@@ -47,7 +49,7 @@ class VectorExtractor(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
-            self.model.requires_grad_(False)
+        self.model.requires_grad_(False)
 
     def on_predict_start(self) -> None:
         layout = locate_blocks(self.model)

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +191,25 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, padding_side: str = "left", tru
     return tokenizer
 
 
+_shared: dict | None = None  # (model, dtype, trust_remote_code) -> model, inside shared_models()
+
+
+@contextmanager
+def shared_models() -> Iterator[None]:
+    """Inside the block, :func:`load_model` without an adapter returns one instance per model and dtype.
+
+    A study reads its model in many phases (extraction, layer metrics, sweeps, generation, a local judge on
+    the same model); this loads it once. Adapter loads and fine-tuning bases (which PEFT modifies in place)
+    always get a fresh model.
+    """
+    global _shared
+    outer, _shared = _shared, {} if _shared is None else _shared
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -200,6 +221,11 @@ def load_model(
     """Load a causal LM in eval mode, optionally with a PEFT adapter merged in view (not merged in weights)."""
     from transformers import AutoModelForCausalLM
 
+    key = (name, str(dtype), trust_remote_code)
+    if _shared is not None and adapter is None and key in _shared:
+        model = _shared[key]
+        return (model.to(device) if device is not None else model).eval()
+
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
@@ -210,6 +236,8 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
+    if _shared is not None and adapter is None:
+        _shared[key] = model
     return model
 
 

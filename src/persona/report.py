@@ -29,8 +29,10 @@ class PhaseRunner:
 
     run_dir: Path
     total: int
+    device: str | None = None  # where the phases run, kept in each phase record
     done: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
 
     def run(self, name: str, inputs: dict, compute: Callable[[Path], dict]) -> dict:
         self.done += 1
@@ -44,14 +46,17 @@ class PhaseRunner:
                     f"[{self.done}/{self.total}] {name}: reused (finished earlier in {record['seconds']:.1f} s)"
                 )
                 self.timings[f"{name} (reused)"] = record["seconds"]
+                self.devices[f"{name} (reused)"] = record.get("device") or ""
                 return record["results"]
         print(f"[{self.done}/{self.total}] {name} ...", flush=True)
         phase_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         results = compute(phase_dir)
         seconds = time.perf_counter() - start
-        write_json(record_path, {"key": key, "inputs": inputs, "seconds": seconds, "results": results})
+        record = {"key": key, "inputs": inputs, "seconds": seconds, "device": self.device, "results": results}
+        write_json(record_path, record)
         self.timings[name] = seconds
+        self.devices[name] = self.device or ""
         print(f"[{self.done}/{self.total}] {name}: done in {seconds:.1f} s", flush=True)
         return results
 

@@ -147,8 +147,8 @@ def steer_eval(
         trust_remote_code: Allow custom model code from the hub.
     """
     from persona.commands.generate import generate
-    from persona.models import model_dimensions
     from persona.constants import POSITIONS
+    from persona.models import model_dimensions
     from persona.steering import SteeringSpec
     from persona.traits import load_trait
     from persona.vectors import load_vector

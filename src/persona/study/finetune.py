@@ -1,4 +1,4 @@
-"""The demo's fine-tuning study: LoRA runs on mixtures with growing shares of trait-eliciting data.
+"""The study's fine-tuning study: LoRA runs on mixtures with growing shares of trait-eliciting data.
 
 Each run is monitored along the persona vector per epoch (TensorBoard + monitor.csv). Two extra runs
 on the all-trait mixture add preventative steering or CAFT. Then: finetuning shift vs trait score
@@ -20,8 +20,6 @@ from persona.store import (
     write_figure,
 )
 
-MIXTURES = (0.0, 0.25, 0.5, 0.75, 1.0)
-
 
 def train_run(
     run_dir: Path,
@@ -34,6 +32,7 @@ def train_run(
     eval_file: Path,
     epochs: int,
     extra_callbacks: list,
+    hardware,
 ) -> dict:
     """One LoRA fine-tuning run with the activation monitor; returns its adapter dir and monitor table."""
     import lightning as L
@@ -44,8 +43,17 @@ def train_run(
 
     L.seed_everything(0, verbose=False)
     adapter_dir = run_dir / name / "adapter"
+    from persona.hardware import resolve_dtype
+
+    dtype = resolve_dtype(hardware.dtype)
     module = LoRAFineTune(
-        model=model, r=8, lora_alpha=16, learning_rate=1e-3, warmup_steps=0, adapter_dir=str(adapter_dir)
+        model=model,
+        r=8,
+        lora_alpha=16,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        adapter_dir=str(adapter_dir),
+        dtype=str(dtype).removeprefix("torch."),
     )
     data = ChatDataModule(
         train_files=[str(train_file)], val_fraction=0.0, model=model, batch_size=4, max_length=160
@@ -55,8 +63,9 @@ def train_run(
     )
     logger = TensorBoardLogger(save_dir=str(run_dir / "tensorboard"), name=name, version="")
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=hardware.accelerator,
         devices=1,
+        precision="bf16-true" if str(dtype) == "torch.bfloat16" else "32-true",
         max_epochs=epochs,
         logger=logger,
         callbacks=[monitor, *extra_callbacks],
@@ -78,10 +87,8 @@ def finetune_study(
     trait: str,
     vector_path: str,
     layer: int,
-    samples: int,
-    epochs: int,
-    screen_tokens: int,
-    quick: bool,
+    sizes,
+    hardware,
 ) -> dict:
     from persona.commands.screen import screen
     from persona.commands.shift import shift
@@ -89,26 +96,38 @@ def finetune_study(
     from persona.training.callbacks import ConceptAblation, PreventativeSteering
     from persona.traits import traits_dir
 
-    mixtures = (0.0, 0.5, 1.0) if quick else MIXTURES
+    mixtures = tuple(sizes.finetune_mixtures)
+    samples, epochs, screen_tokens = (
+        sizes.finetune_samples,
+        sizes.finetune_epochs,
+        min(sizes.max_new_tokens, 32),
+    )
     data_dir = phase_dir / "data"
     dataset(
         trait=trait, output_dir=str(data_dir), mix=list(mixtures), n=samples, split="train", overwrite=True
     )
     eval_file = traits_dir() / "eval" / f"{trait}.json"
-    common = dict(model=model, vector_path=vector_path, layer=layer, eval_file=eval_file, epochs=epochs)
+    common = dict(
+        model=model,
+        vector_path=vector_path,
+        layer=layer,
+        eval_file=eval_file,
+        epochs=epochs,
+        hardware=hardware,
+    )
     runs = {}
     for share in mixtures:
         name = f"mix_{share:g}"
         runs[name] = train_run(
             phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=[], **common
         )
-    if not quick:
+    if sizes.finetune_interventions and 1.0 in mixtures:
         runs["mix_1+steer"] = train_run(
             phase_dir,
             "mix_1+steer",
             data_dir / "mix_1.jsonl",
             **common,
-            extra_callbacks=[PreventativeSteering(vector_path, [layer], coef=4.0)],
+            extra_callbacks=[PreventativeSteering(vector_path, [layer], coef=sizes.steering_coef)],
         )
         runs["mix_1+caft"] = train_run(
             phase_dir,
@@ -134,6 +153,8 @@ def finetune_study(
         pairs_path=str(default_pairs_path(trait)),
         split="test",
         max_new_tokens=screen_tokens,
+        accelerator=hardware.accelerator,
+        dtype=hardware.dtype,
     )
     shift_table = pd.read_csv(phase_dir / "shift" / "shift.csv")
     shift_table.insert(0, "run", list(runs))
@@ -153,6 +174,8 @@ def finetune_study(
         output_path=str(phase_dir / "screen" / "mix_0.5.screened.jsonl"),
         overwrite=True,  # the caller decides when to recompute
         cache_path=str(phase_dir / "screen" / "base_responses.jsonl"),
+        accelerator=hardware.accelerator,
+        dtype=hardware.dtype,
     )
     return {
         "runs": list(runs),

@@ -1,4 +1,5 @@
-"""report.md of a demo run, written from the run's ``results.json`` (so `persona report` can redo it)."""
+"""report.md of a study run, written from the run's ``results.json`` (so `persona report` can redo it),
+and `persona report compare` for studies of several models side by side."""
 
 from __future__ import annotations
 
@@ -19,16 +20,23 @@ def link(path: str, run: Path) -> str:
     return f"[`{rel}`]({rel})"
 
 
+def reached(ok: bool) -> str:
+    return "reached" if ok else "**missed**"
+
+
 def vector_sections(results: dict, run: Path) -> list[str]:
     lines = []
     for name, result in results["traits"].items():
+        if "layers" not in result or "sweep" not in result:
+            lines += [f"## {name}", "", f"Vectors: {link(result['vectors']['response_avg'], run)}.", ""]
+            continue
         layer_info, sweep = result["layers"], result["sweep"]
-        reached = "reached" if layer_info["auc"] >= TARGET_AUC else "**NOT reached**"
+        met = reached(layer_info["auc"] >= TARGET_AUC)
         lines += [
             f"## {name}: vectors from contrastive pairs",
             "",
             f"**Layer analysis.** Recommended layer **{layer_info['recommended']}**: held-out AUC "
-            f"**{layer_info['auc']:.3f}** (target ≥ {TARGET_AUC}: {reached}), normalised separation "
+            f"**{layer_info['auc']:.3f}** (target ≥ {TARGET_AUC}: {met}), normalised separation "
             f"{layer_info['separation']:.2f}. Per layer: {link(layer_info['csv'], run)}.",
             "",
             f"![layer metrics]({relative(layer_info['png'], run)})",
@@ -42,17 +50,42 @@ def vector_sections(results: dict, run: Path) -> list[str]:
             f"![likelihood sweep]({relative(sweep['png'], run)})",
             "",
         ]
+        if result.get("judged_sweep"):
+            lines += judged_sweep_section(result["judged_sweep"], name, results, run)
+        if result.get("generated"):
+            lines += generated_section(result["generated"], name, run)
     return lines
 
 
-def generated_section(generated: dict, trait: str, run: Path) -> list[str]:
+def judged_sweep_section(judged: dict, trait: str, results: dict, run: Path) -> list[str]:
+    judge = results.get("config", {}).get("judge", {}).get("model", "the judge")
+    columns = [
+        c for c in ("coef", f"{trait}_mean", f"{trait}_sem", "coherence_mean", "n") if c in judged["table"][0]
+    ]
     return [
-        f"## {trait}: the paper's route — persona-prompted answers judged by the local judge",
+        f"**Judged steering sweep** at layer {judged['layer']} (`response` positions), judged by `{judge}`: "
+        f"trait and coherence scores (0-100) of steered answers to the eval questions. Numbers: {link(judged['csv'], run)}.",
+        "",
+        markdown_table(pd.DataFrame(judged["table"])[columns]),
+        "",
+        f"![judged sweep]({relative(judged['png'], run)})",
+        "",
+    ]
+
+
+def generated_section(generated: dict, trait: str, run: Path) -> list[str]:
+    judge = generated.get("judge", "local")
+    caveat = (
+        " The embedded model judging itself (`min_mass 0`: its expected number given a numeric answer) is weak:"
+        " read these scores as a demonstration of the pipeline, not as measurements."
+        if judge == "local"
+        else ""
+    )
+    return [
+        f"### {trait}: the paper's route — persona-prompted answers judged by `{judge}`",
         "",
         f"{generated['rows_per_side']} answers per side (system prompt with the trait's positive or negative "
-        "instruction), each judged for the trait and for coherence by the embedded model "
-        "(`--judge_min_mass 0`: its expected number given a numeric answer; a 135M judge is weak, so read "
-        "these scores as a demonstration of the pipeline, not as measurements).",
+        f"instruction), each judged for the trait and for coherence.{caveat}",
         "",
         markdown_table(
             pd.DataFrame(
@@ -83,10 +116,10 @@ def finetune_section(study: dict, run: Path) -> list[str]:
         if r != r
         else f"{r:.3f} (95% CI {correlation['ci_low']:.2f}..{correlation['ci_high']:.2f})"
     )
-    reached = "reached" if r == r and r >= TARGET_R else "**NOT reached**"
+    r_met = reached(r == r and r >= TARGET_R)
     auc = study.get("screen_auc")
     auc_text = "not computed" if auc is None else f"{auc:.3f}"
-    auc_reached = "reached" if auc is not None and auc >= TARGET_AUC else "**NOT reached**"
+    auc_reached = reached(auc is not None and auc >= TARGET_AUC)
     shift = pd.read_csv(study["shift_csv"])
     columns = [
         "run",
@@ -109,7 +142,7 @@ def finetune_section(study: dict, run: Path) -> list[str]:
         f"![monitor]({relative(study['monitor_png'], run)})",
         "",
         f"**Finetuning shift vs trait score.** Pearson r over the mixture runs (n = {correlation['n']}): "
-        f"**{r_text}** (target ≥ {TARGET_R}: {reached}). Numbers: {link(study['shift_csv'], run)}.",
+        f"**{r_text}** (target ≥ {TARGET_R}: {r_met}). Numbers: {link(study['shift_csv'], run)}.",
         "",
         markdown_table(shift[columns]),
         "",
@@ -122,26 +155,45 @@ def finetune_section(study: dict, run: Path) -> list[str]:
 
 
 def write_report(run: Path) -> Path:
-    results = read_json(run / "results.json", what="demo results file")
+    results = read_json(run / "results.json", what="study results file")
     info, trait = results["model"], results["trait"]
     lines = [
-        "# persona demo report",
+        f"# {results.get('title', 'persona study')} report",
         "",
-        f"Model: `{info['model']}` ({info['layers']} layers, hidden size {info['hidden']}), offline on CPU. "
-        f"Sanity check — *What is the capital of France?* → “{info['answer']}”",
+        f"Model: `{info['model']}` ({info['layers']} layers, hidden size {info['hidden']}), on "
+        f"{info.get('device', 'cpu')}. Sanity check — *What is the capital of France?* → “{info['answer']}”",
         "",
         "Vectors are response-average mean differences from the **train** split; every separation and "
         "steering number is measured on the held-out **test** split.",
         "",
+        "## Summary",
+        "",
+        markdown_table(trait_summary(results)),
+        "",
         *vector_sections(results, run),
     ]
-    if results.get("generated"):
-        lines += generated_section(results["generated"], trait, run)
-    generations = results["generations"]
+    if results.get("generations"):
+        lines += generations_section(results["generations"], trait, run)
+    if results.get("finetune"):
+        lines += finetune_section(results["finetune"], run)
+    if results.get("export"):
+        lines += export_section(results["export"], run)
+    lines += timings_section(results)
+    lines += ["## Targets", "", markdown_table(summary_table(results)), ""]
+    if results.get("not_run"):
+        lines += ["## Not run", "", *[f"- {item}" for item in results["not_run"]], ""]
+    path = run / "report.md"
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
+    write_csv(run / "summary.csv", summary_table(results))
+    write_csv(run / "traits.csv", trait_summary(results))
+    return path
+
+
+def generations_section(generations: dict, trait: str, run: Path) -> list[str]:
     frame = pd.read_csv(generations["csv"])
     wide = frame.pivot(index="prompt", columns="coef", values="answer").reset_index()
     wide.columns = ["prompt"] + [f"coef {c:+g}" for c in wide.columns[1:]]
-    lines += [
+    return [
         f"## Steered generations ({trait}, layer {generations['layer']}, `response` positions, greedy)",
         "",
         markdown_table(wide),
@@ -149,30 +201,40 @@ def write_report(run: Path) -> Path:
         f"Numbers: {link(generations['csv'], run)}.",
         "",
     ]
-    if results.get("finetune"):
-        lines += finetune_section(results["finetune"], run)
-    lines += [
+
+
+def export_section(export: dict, run: Path) -> list[str]:
+    gguf = relative(export["gguf"], run)
+    return [
         "## Export",
         "",
-        f"llama.cpp control vector: `{relative(results['export']['gguf'], run)}` "
-        "(`llama-cli --control-vector-scaled FILE COEF`).",
-        "",
-        "## Timings",
-        "",
-        "Phases reused from an earlier invocation show the time they took then.",
-        "",
-        markdown_table(
-            pd.DataFrame([{"phase": k, "seconds": v} for k, v in results["timings"].items()]), floatfmt=".1f"
-        ),
+        f"llama.cpp control vector of layer {export.get('layer', '?')} (our row L = llama.cpp `direction.{{L-1}}`): "
+        f"`{gguf}`. Use it with `llama-cli -m MODEL.gguf --control-vector-scaled {gguf}:2` (plain completion: "
+        "`llama-completion`); the scale multiplies the raw mean difference, so start near ±1–2 and look at the text.",
         "",
     ]
-    lines += ["## Targets", "", markdown_table(summary_table(results)), ""]
-    if results.get("not_run"):
-        lines += ["## Not run", "", *[f"- {item}" for item in results["not_run"]], ""]
-    path = run / "report.md"
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
-    write_csv(run / "summary.csv", summary_table(results))
-    return path
+
+
+def timings_section(results: dict) -> list[str]:
+    devices = results.get("devices", {})
+    rows = [
+        {"phase": name, "seconds": seconds, "device": devices.get(name, "")}
+        for name, seconds in results["timings"].items()
+    ]
+    rate = results.get("matmul_gflops")
+    note = (
+        f" This machine multiplies float32 matrices at ~{rate:.0f} GFLOP/s (measured), to read the times against."
+        if rate
+        else ""
+    )
+    return [
+        "## Timings",
+        "",
+        f"Phases reused from an earlier invocation show the time they took then.{note}",
+        "",
+        markdown_table(pd.DataFrame(rows), floatfmt=".1f"),
+        "",
+    ]
 
 
 def shown(value) -> str:
@@ -183,6 +245,30 @@ def shown(value) -> str:
     return "not measured" if value is None else str(value)
 
 
+def trait_summary(results: dict) -> pd.DataFrame:
+    """One row per trait: recommended layer, held-out AUC, steering effect (likelihood), judged effect."""
+    rows = []
+    for name, r in results["traits"].items():
+        layers, sweep, judged = r.get("layers", {}), r.get("sweep", {}), r.get("judged_sweep") or {}
+        rows.append(
+            {
+                "trait": name,
+                "recommended layer": layers.get("recommended"),
+                "held-out AUC": layers.get("auc"),
+                "steering effect (likelihood, max - min coef)": sweep.get("effect"),
+                "monotone": sweep.get("monotone"),
+                "judged effect (trait score, max - min coef)": judged.get("effect"),
+                "generated-route cosine with pairs vector": (r.get("generated") or {}).get(
+                    "cosine_with_pairs_vector"
+                ),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    for column in frame.columns[1:]:
+        frame[column] = frame[column].map(shown)
+    return frame
+
+
 def summary_table(results: dict) -> pd.DataFrame:
     rows = [
         {
@@ -191,6 +277,7 @@ def summary_table(results: dict) -> pd.DataFrame:
             "target": f">= {TARGET_AUC}",
         }
         for name, r in results["traits"].items()
+        if r.get("layers")
     ]
     rows += [
         {
@@ -199,6 +286,7 @@ def summary_table(results: dict) -> pd.DataFrame:
             "target": "yes",
         }
         for name, r in results["traits"].items()
+        if r.get("sweep")
     ]
     total = results.get("timings", {}).get("total (this invocation)")
     if total is not None:
@@ -228,23 +316,40 @@ def summary_table(results: dict) -> pd.DataFrame:
     return frame
 
 
-def report(run_dir: str = "runs/demo") -> str:
-    """Rewrite report.md (and summary.csv) of a demo run directory from its results.json.
+def report(
+    action: str = "write",
+    run_dir: str = "runs/demo",
+    runs: list[str] | None = None,
+    output_dir: str | None = None,
+) -> str:
+    """Rewrite report.md (and summary.csv) of a study run from its results.json, or compare studies.
+
+    `persona report --run_dir DIR` rewrites one run's report; `persona report compare --runs A,B[,C]`
+    (studies of different models, or settings) puts them side by side: tables and figures in --output_dir.
 
     Args:
-        run_dir: A run directory written by `persona demo`.
+        action: write (one run's report) or compare (several runs).
+        run_dir: With write: a run directory written by `persona study` or `persona demo`.
+        runs: With compare: the run directories, a,b or [a,b].
+        output_dir: With compare: where the comparison goes; default runs/compare.
     """
+    if action == "compare":
+        from persona.study.compare import compare_studies
+
+        return str(compare_studies(runs or [], output_dir or "runs/compare"))
+    if action != "write":
+        raise PersonaError(f"persona report: unknown action {action!r}. Fix: use write or compare.")
     run = Path(run_dir)
     if not (run / "results.json").is_file():
         raise PersonaError(
-            f"{run / 'results.json'} not found. Fix: run `persona demo --run_dir {run_dir}` first."
+            f"{run / 'results.json'} not found. Fix: run `persona study` (or `persona demo`) with --run_dir {run_dir} first."
         )
     try:
         path = write_report(run)
     except (KeyError, TypeError, IndexError) as error:
         raise PersonaError(
             f"{run / 'results.json'}: incomplete or from another version (no {error}). "
-            f"Fix: re-run `persona demo --run_dir {run_dir}` (finished phases are reused)."
+            f"Fix: re-run the study with --run_dir {run_dir} (finished phases are reused)."
         ) from None
     print(f"Report: {path}")
     return str(path)

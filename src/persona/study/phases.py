@@ -1,4 +1,5 @@
-"""The demo's vector phases: extract, per-layer separation, judge-free sweep, judged generation, steering."""
+"""The study's per-trait phases: extract, per-layer separation, judge-free and judged sweeps, the generation
+route, steered generations, export. Each writes its CSVs and PNGs into its phase directory."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def save_figure(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def extract_phase(phase_dir: Path, *, model: str, trait: str, source: Path) -> dict:
+def extract_phase(phase_dir: Path, *, model: str, trait: str, source: Path, **lightning) -> dict:
     from persona.commands.extract import extract
 
     return {
@@ -38,22 +39,21 @@ def extract_phase(phase_dir: Path, *, model: str, trait: str, source: Path) -> d
             trait=trait,
             save_dir=str(phase_dir),
             overwrite=True,  # the caller decides when to recompute
-            accelerator="cpu",
+            **lightning,
         )
     }
 
 
-def layers_phase(phase_dir: Path, *, model: str, vector_path: str, source: Path) -> dict:
+def layers_phase(phase_dir: Path, *, model: str, vector_path: str, **inputs) -> dict:
+    """Per-layer metrics of the vector on held-out pairs (``pairs_path``, ``split``) or on judged CSVs."""
     from persona.commands.layers import layers
 
     recommended = layers(
         vector_path=vector_path,
         model=model,
-        pairs_path=str(source),
-        split="test",
         output_dir=str(phase_dir),
         overwrite=True,  # the caller decides when to recompute
-        accelerator="cpu",
+        **inputs,
     )
     metrics = pd.read_csv(phase_dir / "layer_metrics.csv")
     row = metrics.loc[metrics["layer"] == recommended].iloc[0]
@@ -76,6 +76,7 @@ def sweep_phase(
     source: Path,
     layer: int,
     coefs: list[float],
+    batch_size: int = 8,
 ) -> dict:
     """Judge-free trait score over the coefficient grid: log p(positive) − log p(negative) per token."""
     from persona.analysis.likelihood import pair_preference
@@ -88,7 +89,7 @@ def sweep_phase(
     rows = []
     for coef in coefs:
         with steer(lm, [SteeringSpec(layer=layer, vector=vector, coef=coef, positions="all")]):
-            preference = pair_preference(lm, tokenizer, examples)
+            preference = pair_preference(lm, tokenizer, examples, batch_size=batch_size)
         rows.append(
             {
                 "coef": coef,
@@ -111,21 +112,17 @@ def sweep_phase(
     return {
         "layer": layer,
         "monotone": all(a < b for a, b in zip(means, means[1:], strict=False)),
+        "effect": means[-1] - means[0],
         "csv": str(phase_dir / "likelihood_sweep.csv"),
         "png": str(phase_dir / "likelihood_sweep.png"),
         "table": frame.to_dict("records"),
     }
 
 
-def generated_phase(
-    phase_dir: Path, *, model: str, trait: str, pairs_vector: str, layer: int, questions: int, max_tokens: int
-) -> dict:
-    """The paper's route: persona-prompted answers, judged by the local judge, filtered, extracted."""
-    import torch
-
+def generated_phase(phase_dir: Path, *, model: str, trait: str, sizes, judge, **lightning) -> dict:
+    """The paper's route: persona-prompted answers, judged, filtered as the seed does, extracted."""
     from persona.commands.extract import extract
     from persona.commands.generate import generate
-    from persona.vectors import load_vector
 
     paths = {}
     for side in ("pos", "neg"):
@@ -135,54 +132,76 @@ def generated_phase(
             output_path=str(paths[side]),
             model=model,
             persona_instruction_type=side,
-            n_per_question=1,
-            max_tokens=max_tokens,
-            max_questions=questions,
-            judge_model="local",
-            judge_min_mass=0.0,
-            accelerator="cpu",
+            n_per_question=sizes.n_per_question,
+            max_tokens=sizes.max_new_tokens,
+            max_questions=sizes.questions,
+            batch_size=max(sizes.batch_size, 16),
+            **judge_flags(judge),
+            **lightning,
         )
     pos, neg = pd.read_csv(paths["pos"]), pd.read_csv(paths["neg"])
     summary = {
+        "judge": judge.model,
         "rows_per_side": len(pos),
         "pos_trait_mean": float(pos[trait].mean()),
         "neg_trait_mean": float(neg[trait].mean()),
         "pos_coherence_mean": float(pos["coherence"].mean()),
         "neg_coherence_mean": float(neg["coherence"].mean()),
     }
+    common = dict(model=model, pos_path=str(paths["pos"]), neg_path=str(paths["neg"]), trait=trait,
+                  save_dir=str(phase_dir / "vectors"), overwrite=True, **lightning)  # fmt: skip
     try:
-        vectors = extract(
-            model=model,
-            pos_path=str(paths["pos"]),
-            neg_path=str(paths["neg"]),
-            trait=trait,
-            threshold=50,
-            save_dir=str(phase_dir / "vectors"),
-            overwrite=True,  # the caller decides when to recompute
-            accelerator="cpu",
-        )
+        vectors = extract(threshold=50, **common)
         summary["filter"] = "threshold 50, coherence >= 50 (the seed's)"
-    except ValueError as error:  # the small judge may leave no pair standing: say so, then use every pair
+    except ValueError as error:  # a weak judge may leave no pair standing: say so, then use every pair
         summary["filter"] = f"none — the seed's filter kept no pair ({error})"
-        vectors = extract(
-            model=model,
-            pos_path=str(paths["pos"]),
-            neg_path=str(paths["neg"]),
-            trait=trait,
-            no_filter=True,
-            save_dir=str(phase_dir / "vectors"),
-            overwrite=True,  # the caller decides when to recompute
-            accelerator="cpu",
-        )
-    generated = load_vector(vectors["response_avg"])[layer]
-    from_pairs = load_vector(pairs_vector)[layer]
-    summary["cosine_with_pairs_vector"] = float(
-        torch.nn.functional.cosine_similarity(generated, from_pairs, dim=0)
-    )
+        vectors = extract(no_filter=True, **common)
     summary["vectors"] = vectors
     summary["pos_csv"], summary["neg_csv"] = str(paths["pos"]), str(paths["neg"])
     write_csv(phase_dir / "summary.csv", pd.DataFrame([{k: v for k, v in summary.items() if k != "vectors"}]))
     return summary
+
+
+def judge_flags(judge) -> dict:
+    return {
+        "judge_model": judge.model,
+        "judge_base_url": judge.base_url,
+        "judge_min_mass": judge.min_mass,
+        "judge_timeout": judge.timeout,
+        "judge_concurrency": judge.concurrency,
+    }
+
+
+def judged_sweep_phase(
+    phase_dir: Path, *, model: str, trait: str, vector_path: str, layer: int, sizes, judge, **lightning
+) -> dict:
+    """persona steer-eval over the study's coefficients: judged trait and coherence of steered answers."""
+    from persona.steer_eval import steer_eval
+
+    flags = judge_flags(judge)
+    flags.pop("judge_timeout"), flags.pop("judge_concurrency")
+    csv_path = steer_eval(
+        trait=trait,
+        vector_path=vector_path,
+        layer=layer,
+        model=model,
+        coefs=sizes.coefs,
+        max_questions=sizes.judged_questions,
+        max_tokens=sizes.max_new_tokens,
+        output_dir=str(phase_dir),
+        batch_size=max(sizes.batch_size, 16),
+        **flags,
+        **lightning,
+    )
+    frame = pd.read_csv(csv_path)
+    means = frame.sort_values("coef")[f"{trait}_mean"].tolist() if f"{trait}_mean" in frame else []
+    return {
+        "layer": layer,
+        "csv": csv_path,
+        "png": str(Path(csv_path).with_suffix(".png")),
+        "table": frame.to_dict("records"),
+        "effect": (means[-1] - means[0]) if len(means) > 1 else None,
+    }
 
 
 def generations_phase(
@@ -211,11 +230,13 @@ def generations_phase(
     return {"layer": layer, "coef": coef, "csv": str(phase_dir / "generations.csv")}
 
 
-def export_phase(phase_dir: Path, *, trait: str, vector_path: str) -> dict:
+def export_phase(phase_dir: Path, *, trait: str, vector_path: str, layer: int) -> dict:
+    """The recommended layer alone as a llama.cpp control vector: at the usual scales a single layer steers
+    cleanly, where every layer at once (norms up to ~140 on the embedded model) turns the text to salad."""
     from persona.gguf_export import export_gguf
 
-    return {
-        "gguf": export_gguf(
-            vector_path=vector_path, output_path=str(phase_dir / f"{trait}.gguf"), overwrite=True
-        )
-    }
+    path = export_gguf(
+        vector_path=vector_path, output_path=str(phase_dir / f"{trait}_layer{layer}.gguf"), layers=[layer],
+        overwrite=True,
+    )  # fmt: skip
+    return {"gguf": path, "layer": layer}

@@ -1,0 +1,83 @@
+"""``persona study`` (the whole method on your model, judge and hardware) and ``persona demo`` (its embedded default)."""
+
+from __future__ import annotations
+
+from persona import checks
+from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait, check_config
+
+
+def study(
+    model: str,
+    traits: list[StudyTrait],
+    judge: JudgeSettings = JudgeSettings(),
+    phases: Phases = Phases(),
+    hardware: Hardware = Hardware(),
+    sizes: Sizes = Sizes(),
+    run_dir: str = "runs/study",
+    layer: int | None = None,
+    title: str = "persona study",
+) -> str:
+    """Run the whole method on one model, ending in report.md; re-running resumes (finished phases are reused).
+
+    Use a config: persona study -c configs/study/qwen2.5-7b-instruct.yaml (--print_config shows every field;
+    any field can be overridden, e.g. --hardware.accelerator gpu --judge.base_url http://127.0.0.1:8080/v1).
+
+    Args:
+        model: Model alias (smollm2-135m, embedded), hub id or local path.
+        traits: Traits to study, e.g. [{name: evil, generate: true}, {name: psychopathy}]; the first one gets the
+            steered generations, the fine-tuning study and the export.
+        judge: The judge of generated answers: local, local:<model>, or a served model (base_url; key from OPENAI_API_KEY).
+        phases: Which phases run.
+        hardware: accelerator, devices, strategy, dtype (auto: the GPU in bfloat16 when there is one).
+        sizes: Batch size, coefficient grid, generation lengths and counts, fine-tuning sizes.
+        run_dir: The run directory (results.json, report.md, one folder per phase).
+        layer: Steer (sweeps, generations, fine-tuning) at this layer; default each trait's recommended layer.
+        title: The report's title.
+    """
+    check_config(model, traits, judge, phases, hardware, sizes)
+    if layer is not None:
+        from persona.models import model_dimensions
+
+        checks.layers_in_range([layer], model_dimensions(model)[1], "--layer", model)
+    checks.output_dir(run_dir, "--run_dir", overwrite=True)  # a run directory is resumed, never refused
+    from persona.study.run import run_study
+
+    return run_study(
+        model=model, traits=list(traits), judge=judge, phases=phases, hardware=hardware, sizes=sizes,
+        run_dir=run_dir, layer=layer, title=title,
+    )  # fmt: skip
+
+
+def demo(run_dir: str = "runs/demo", quick: bool = False, accelerator: str = "auto") -> str:
+    """The whole method on the embedded model, offline, ending in report.md: the study of configs/study/demo.yaml.
+
+    Args:
+        run_dir: Run directory; re-running continues it, reusing finished phases.
+        quick: Smoke run (about 2 minutes): one trait, three coefficients, no judged generation, three short LoRA runs.
+        accelerator: cpu, gpu or auto.
+    """
+    config = demo_config(quick=quick)
+    config["hardware"].accelerator = accelerator
+    return study(**config, run_dir=run_dir)
+
+
+def demo_config(*, quick: bool = False) -> dict:
+    """The demo's study settings (configs/study/demo.yaml holds the same; a test keeps them equal)."""
+    traits = [StudyTrait("evil", generate=True), StudyTrait("psychopathy")]
+    sizes = Sizes()
+    phases = Phases()
+    if quick:
+        traits = traits[:1]
+        phases.generated = False
+        sizes.coefs, sizes.max_new_tokens = [-2.0, 0.0, 2.0], 24
+        sizes.finetune_samples, sizes.finetune_epochs = 8, 1
+        sizes.finetune_mixtures, sizes.finetune_interventions = [0.0, 0.5, 1.0], False
+    return {
+        "model": "smollm2-135m",
+        "traits": traits,
+        "judge": JudgeSettings(model="local", min_mass=0.0),
+        "phases": phases,
+        "hardware": Hardware(),
+        "sizes": sizes,
+        "title": "persona demo",
+    }

@@ -1,0 +1,175 @@
+"""What a study runs: the model, the judge, the traits, the phases, the hardware and the sizes.
+
+Plain dataclasses, so jsonargparse turns them into ``--judge.model``-style flags and YAML sections
+(``persona study -c configs/study/<name>.yaml``, ``--print_config``); every field is checked before any
+model loads. Import-light (no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from persona.constants import MIN_MASS
+from persona.errors import PersonaError
+from persona.hardware import ACCELERATORS, check_dtype
+
+
+@dataclass
+class StudyTrait:
+    """One trait of the study."""
+
+    name: str
+    """A trait name (datasets/pairs/<name>.jsonl, or datasets/personality/<name>.json for TRAIT items) or a
+    path to a pairs JSONL / TRAIT-format file."""
+    pairs: str | None = None
+    """Contrastive pairs (JSONL or TRAIT items) for vectors and held-out metrics; default found from ``name``."""
+    generate: bool = False
+    """Also the paper's route: persona-prompted answers judged by the study's judge, filtered, extracted
+    (needs trait artifacts datasets/traits/{extract,eval}/<name>.json)."""
+
+
+@dataclass
+class JudgeSettings:
+    """The judge of generated answers: ``local`` (the embedded model in process), ``local:<model>``, or a
+    model served by an OpenAI-compatible API (key from ``OPENAI_API_KEY`` only)."""
+
+    model: str = "local"
+    base_url: str | None = None
+    """The OpenAI-compatible server root, e.g. http://127.0.0.1:8080/v1 (vLLM, llama.cpp server, Ollama)."""
+    min_mass: float | None = None
+    """Local judges only: least probability on numbers for a score (default the seed's 0.25)."""
+    timeout: float | None = None
+    """API judges: seconds per call (default 30; raise it for a slow local server)."""
+    concurrency: int | None = None
+    """API judges: calls in flight (default 8; 1-2 for a local server on one GPU)."""
+
+
+@dataclass
+class Phases:
+    """Which phases run (finished phases of the run directory are reused either way)."""
+
+    layers: bool = True
+    sweep: bool = True
+    """Judge-free steering sweep: likelihood of trait-positive vs negative answers over the coefficients."""
+    judged_sweep: bool = False
+    """Judged steering sweep (persona steer-eval): trait and coherence scores of steered answers."""
+    generated: bool = True
+    """The paper's route for traits with ``generate: true``."""
+    generations: bool = True
+    """Steered answers side by side at -coef, 0, +coef."""
+    finetune: bool = True
+    """LoRA mixtures with the monitor, preventative steering, CAFT, finetuning shift and ΔP screening."""
+    export: bool = True
+    """The first trait's vector as a llama.cpp control vector (its recommended layer)."""
+
+
+@dataclass
+class Hardware:
+    accelerator: str = "auto"
+    """cpu, gpu or auto (the GPU when there is one)."""
+    devices: int = 1
+    """Devices for the Lightning loops (extraction, layer metrics)."""
+    strategy: str = "auto"
+    dtype: str = "auto"
+    """float32, bfloat16, float16 or auto (bfloat16 on a GPU, float32 on the CPU)."""
+
+
+@dataclass
+class Sizes:
+    batch_size: int = 8
+    coefs: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+    """Coefficient grid of the sweeps."""
+    max_new_tokens: int = 48
+    """Length of generated answers (generation route, steered generations, judged sweep)."""
+    questions: int = 2
+    """Questions per side of the generation route (the seed uses all 20)."""
+    n_per_question: int = 1
+    """Answers per question and instruction in the generation route (1 = greedy, as the seed for one)."""
+    judged_questions: int = 5
+    """Questions per coefficient in the judged sweep."""
+    finetune_samples: int = 24
+    """Conversations per fine-tuning mixture."""
+    finetune_epochs: int = 2
+    finetune_mixtures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    finetune_interventions: bool = True
+    """Also the all-trait mixture with preventative steering and with CAFT."""
+    steering_coef: float = 4.0
+    """Preventative steering coefficient of the fine-tuning study."""
+
+
+def check_config(
+    model: str,
+    traits: list[StudyTrait],
+    judge: JudgeSettings,
+    phases: Phases,
+    hardware: Hardware,
+    sizes: Sizes,
+) -> None:
+    """Every field that can be wrong, checked before any model loads (one line each, naming the field)."""
+    from persona import checks
+
+    checks.model_source(model)
+    if not traits:
+        raise PersonaError("traits: the study needs at least one trait. Fix: e.g. traits: [{name: evil}].")
+    names = [t.name for t in traits]
+    if len(set(names)) != len(names):
+        raise PersonaError(f"traits: {names} names a trait twice. Fix: list each once.")
+    if hardware.accelerator not in ACCELERATORS:
+        raise PersonaError(
+            f"hardware.accelerator={hardware.accelerator!r}. Fix: one of {', '.join(ACCELERATORS)}."
+        )
+    check_dtype(hardware.dtype)
+    for name in ("batch_size", "max_new_tokens", "questions", "n_per_question", "judged_questions"):
+        checks.at_least(getattr(sizes, name), 1, f"sizes.{name}")
+    checks.at_least(sizes.finetune_samples, 4, "sizes.finetune_samples")
+    checks.at_least(sizes.finetune_epochs, 1, "sizes.finetune_epochs")
+    if not sizes.coefs or not all(math.isfinite(c) for c in sizes.coefs):
+        raise PersonaError(f"sizes.coefs={sizes.coefs}: give finite coefficients, e.g. [-2, -1, 0, 1, 2].")
+    if judge.min_mass is not None and not judge.model.startswith("local"):
+        raise PersonaError(
+            "judge.min_mass applies to local judges only. Fix: drop it or use judge.model: local."
+        )
+    if judge.base_url is not None and judge.model.startswith("local"):
+        raise PersonaError(
+            "judge.base_url is for a served judge; judge.model local runs in process. Fix: drop one."
+        )
+    if not 0.0 <= (judge.min_mass if judge.min_mass is not None else MIN_MASS) <= 1.0:
+        raise PersonaError(f"judge.min_mass={judge.min_mass}: a probability in [0, 1].")
+    for trait in traits:
+        trait_pairs_path(trait)  # exists, or a clear error naming the trait
+        if trait.generate:
+            from persona.traits import load_trait
+
+            load_trait(trait.name, "extract")
+            load_trait(trait.name, "eval")
+
+
+def trait_pairs_path(trait: StudyTrait) -> Path | None:
+    """The trait's contrastive pairs; None for a trait with none that takes the generation route instead."""
+    from persona import checks
+    from persona.data.build import default_pairs_path
+
+    if trait.pairs is not None:
+        return checks.input_file(trait.pairs, f"traits[{trait.name}].pairs")
+    if Path(trait.name).suffix in (".json", ".jsonl"):
+        return checks.input_file(trait.name, "traits.name")
+    try:
+        return default_pairs_path(trait.name)
+    except (FileNotFoundError, ValueError) as error:
+        if trait.generate:
+            return None
+        raise PersonaError(
+            f"traits: {trait.name!r} has no contrastive pairs ({error}). Fix: give traits[].pairs, or set "
+            "generate: true to make its vectors by the paper's route (judged persona-prompted answers)."
+        ) from None
+
+
+def trait_key(trait: StudyTrait) -> str:
+    """The trait's name in run directories and tables (a file path becomes its stem)."""
+    return Path(trait.name).stem if Path(trait.name).suffix in (".json", ".jsonl") else trait.name
+
+
+StudyPhase = Literal["layers", "sweep", "judged_sweep", "generated", "generations", "finetune", "export"]

@@ -1,0 +1,144 @@
+"""The study's phases bound to its model, judge, hardware and sizes; records where each phase ran."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from persona.study.config import Hardware, JudgeSettings, Sizes
+
+
+@dataclass
+class StudyContext:
+    model: str
+    judge: JudgeSettings
+    hardware: Hardware
+    sizes: Sizes
+
+    # ---- what every phase shares ----------------------------------------------------------------------
+
+    def stamp(self) -> dict:
+        """The settings a phase's results depend on (its cache key includes them)."""
+        return {"dtype": self.hardware.dtype, "sizes": vars(self.sizes), "judge": vars(self.judge)}
+
+    def device(self) -> str:
+        from persona.hardware import resolve_device
+
+        return str(resolve_device(self.hardware.accelerator))
+
+    def lightning(self) -> dict:
+        """The Lightning flags of the predict loops."""
+        hw = self.hardware
+        return {
+            "accelerator": hw.accelerator,
+            "devices": hw.devices,
+            "strategy": hw.strategy,
+            "dtype": hw.dtype,
+        }
+
+    def lm_and_tokenizer(self):
+        from persona.models import load_model, load_tokenizer
+
+        model = load_model(self.model, dtype=self.hardware.dtype, device=self.device())
+        return model, load_tokenizer(self.model)
+
+    def matmul_rate(self) -> float:
+        """GFLOP/s of a 1024^2 float32 matmul on the study's device, to read its times against."""
+        import torch
+
+        device = self.device()
+        a = torch.randn(1024, 1024, device=device)
+        for _ in range(2):
+            a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start, repeats = time.perf_counter(), 10
+        for _ in range(repeats):
+            a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
+
+    # ---- phases -----------------------------------------------------------------------------------------
+
+    def hello(self, phase_dir: Path) -> dict:
+        from persona.steering import generate_steered
+
+        lm, tokenizer = self.lm_and_tokenizer()
+        question = [[{"role": "user", "content": "What is the capital of France?"}]]
+        answer = generate_steered(lm, tokenizer, question, max_new_tokens=16, temperature=0)[0]
+        config = lm.config.get_text_config()
+        return {
+            "model": self.model,
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "answer": answer.strip(),
+            "device": self.device(),
+        }
+
+    def extract(self, phase_dir: Path, trait: str, source: Path) -> dict:
+        from persona.study import phases
+
+        return phases.extract_phase(
+            phase_dir, model=self.model, trait=trait, source=source, **self.lightning()
+        )
+
+    def layers(self, phase_dir: Path, vector_path: str, pairs: Path | None = None, csvs=None) -> dict:
+        """Layer metrics on held-out ``pairs`` (test split), or in-sample on the generation route's ``csvs``."""
+        from persona.study import phases
+
+        inputs = (
+            {"pairs_path": str(pairs), "split": "test"}
+            if pairs
+            else {"pos_path": csvs[0], "neg_path": csvs[1]}
+        )
+        return phases.layers_phase(
+            phase_dir, model=self.model, vector_path=vector_path, **inputs, **self.lightning()
+        )
+
+    def sweep(self, phase_dir: Path, trait: str, vector_path: str, source: Path, layer: int) -> dict:
+        from persona.study import phases
+
+        lm, tokenizer = self.lm_and_tokenizer()
+        return phases.sweep_phase(
+            phase_dir, lm, tokenizer, trait=trait, vector_path=vector_path, source=source, layer=layer,
+            coefs=self.sizes.coefs, batch_size=self.sizes.batch_size,
+        )  # fmt: skip
+
+    def judged_sweep(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
+        from persona.study import phases
+
+        return phases.judged_sweep_phase(
+            phase_dir, model=self.model, trait=trait, vector_path=vector_path, layer=layer, sizes=self.sizes,
+            judge=self.judge, **self.lightning(),
+        )  # fmt: skip
+
+    def generated(self, phase_dir: Path, trait: str) -> dict:
+        from persona.study import phases
+
+        return phases.generated_phase(
+            phase_dir, model=self.model, trait=trait, sizes=self.sizes, judge=self.judge, **self.lightning()
+        )
+
+    def generations(self, phase_dir: Path, vector_path: str, layer: int) -> dict:
+        from persona.study import phases
+
+        lm, tokenizer = self.lm_and_tokenizer()
+        return phases.generations_phase(
+            phase_dir, lm, tokenizer, vector_path=vector_path, layer=layer, coef=max(self.sizes.coefs),
+            max_new_tokens=self.sizes.max_new_tokens,
+        )  # fmt: skip
+
+    def finetune(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
+        from persona.study.finetune import finetune_study
+
+        return finetune_study(
+            phase_dir, model=self.model, trait=trait, vector_path=vector_path, layer=layer, sizes=self.sizes,
+            hardware=self.hardware,
+        )  # fmt: skip
+
+    def export(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
+        from persona.study import phases
+
+        return phases.export_phase(phase_dir, trait=trait, vector_path=vector_path, layer=layer)
