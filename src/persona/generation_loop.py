@@ -183,6 +183,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
+def missing_reason(method: str | None) -> str:
+    """Why a score is empty, in words (the method column keeps the code)."""
+    return {None: "not judged", "failed": "failed", "refusal": "refused"}.get(
+        method, "the judge gave no number"
+    )
+
+
 def finalize(store: ResponseStore, trait: Trait, stale: set[Key], judge_factory, errors: list[str]) -> dict:
     """Re-judge rows from earlier runs that lack a score, write the CSV in plan order, report what is missing."""
     rows = store.load()
@@ -195,7 +202,7 @@ def finalize(store: ResponseStore, trait: Trait, stale: set[Key], judge_factory,
     for metric in (trait.name, "coherence"):
         print(f"{metric}: {_mean_std([r[metric] for r in rows.values() if r.get(metric) is not None])}")
         why = Counter(
-            row.get(f"{metric}_method") or "not judged" for row in rows.values() if row.get(metric) is None
+            missing_reason(row.get(f"{metric}_method")) for row in rows.values() if row.get(metric) is None
         )
         missing[metric] = dict(why)
     if any(missing.values()):

@@ -26,3 +26,34 @@ def test_lightning_config_parses_and_instantiates(config):
     )
     assert isinstance(cli.model, LightningModule)
     assert isinstance(cli.datamodule, LightningDataModule)
+
+
+STUDY_CONFIGS = sorted((CONFIGS / "study").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", STUDY_CONFIGS, ids=lambda p: f"study/{p.name}")
+def test_study_config_parses_against_the_command(config):
+    from jsonargparse import ArgumentParser
+
+    from persona.commands.study import study
+    from persona.study.config import StudyTrait
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(study)
+    parser.add_argument("--config", action="config")
+    settings = parser.instantiate(parser.parse_args(["--config", str(config)]))
+    assert settings.traits and all(isinstance(trait, StudyTrait) for trait in settings.traits)
+
+
+def test_the_seed_study_config_has_its_seven_traits_judge_and_layer():
+    from jsonargparse import ArgumentParser
+
+    from persona.commands.study import study
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(study)
+    parser.add_argument("--config", action="config")
+    settings = parser.parse_args(["--config", str(CONFIGS / "study" / "qwen2.5-7b-instruct.yaml")])
+    names = [trait["name"] for trait in settings.traits]
+    assert names == ["evil", "sycophantic", "hallucinating", "apathetic", "humorous", "impolite", "optimistic"]
+    assert settings.judge.model.startswith("gpt-4.1-mini") and settings.layer == 20

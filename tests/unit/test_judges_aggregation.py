@@ -96,3 +96,17 @@ def test_min_mass_zero_scores_given_a_numeric_answer():
     assert aggregate(probs) is None  # the seed's floor: under 0.25 on numbers
     assert aggregate(probs, min_mass=0.0) == pytest.approx(50.0)
     assert aggregate({"The": 1.0}, min_mass=0.0) is None
+
+
+def test_a_parsed_decimal_is_read_whole():
+    from persona.judges.aggregation import parse_score
+
+    assert parse_score("0.5") == (0.5, False) and parse_score(" 85 because") == (85.0, False)
+    assert parse_score("101") == (None, False) and parse_score("REFUSAL") == (None, True)
+
+
+def test_an_empty_score_says_why_in_words():
+    from persona.generation_loop import missing_reason
+
+    assert missing_reason("logprobs") == "the judge gave no number"
+    assert missing_reason("failed") == "failed" and missing_reason(None) == "not judged"

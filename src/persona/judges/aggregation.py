@@ -23,7 +23,7 @@ REFUSAL_WORD = "REFUSAL"
 YES_WORDS = ("yes",)
 NO_WORDS = ("no",)
 _INTEGER = re.compile(r"[0-9]+")
-_LEADING_INTEGER = re.compile(r"\s*([0-9]+)")
+_LEADING_NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)")
 
 
 def check_aggregation(aggregation: str) -> str:
@@ -134,15 +134,18 @@ def splits_numbers(probs: Mapping[str, float], aggregation: str = "0_100") -> bo
 
 
 def parse_score(text: str, aggregation: str = "0_100") -> tuple[float | None, bool]:
-    """A short completion -> (score on 0-100 or None, refused?). Leading integer, "REF…", or yes/no."""
+    """A short completion -> (score on 0-100 or None, refused?). A leading number ("85", "0.5"), "REF…", or yes/no.
+
+    A greedy completion is a point estimate: where the judge's probability splits between far-apart numbers,
+    servers that give logprobs for whole numbers (the seed's method) are to be preferred."""
     stripped = text.strip()
     if stripped.upper().startswith(REFUSAL_WORD[:3]):
         return None, True
     if check_aggregation(aggregation) == "binary":
         word = re.split(r"[^A-Za-z]", stripped, maxsplit=1)[0].lower()
         return (100.0 if word in YES_WORDS else 0.0 if word in NO_WORDS else None), False
-    match = _LEADING_INTEGER.match(text)
-    if match is None or int(match.group(1)) > max_value(aggregation):
+    match = _LEADING_NUMBER.match(text)
+    if match is None or float(match.group(1)) > max_value(aggregation):
         return None, False
-    value = float(int(match.group(1)))
+    value = float(match.group(1))
     return (10.0 * value if aggregation == "0_10" else value), False

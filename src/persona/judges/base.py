@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from tqdm.auto import tqdm
+
 LOGPROBS = "logprobs"  # aggregated from the first token's top logprobs (the seed's method)
 DIGIT_CHAIN = "digit_chain"  # local judge: whole-number probabilities chained over digit tokens
 PARSED = "parsed"  # a short greedy completion was parsed (servers whose tokenizer splits numbers)
@@ -56,10 +58,15 @@ def score_with_cache(
     prompts = list(prompts)
     found = cache.get_many(judge_name, aggregation, prompts) if cache is not None else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in found))
+    progress = tqdm(
+        total=len(missing), desc=f"judge {judge_name}", unit="prompt", disable=len(missing) < 8, leave=False
+    )
     for index, result in compute(missing) if missing else ():
+        progress.update()
         found[missing[index]] = result
         if cache is not None and result.method != FAILED:
             cache.put_many(judge_name, aggregation, {missing[index]: result})
+    progress.close()
     absent = [p for p in missing if p not in found]
     if absent:
         raise RuntimeError(

@@ -194,7 +194,7 @@ def judged_sweep_phase(
         **lightning,
     )
     frame = pd.read_csv(csv_path)
-    means = frame.sort_values("coef")[f"{trait}_mean"].tolist() if f"{trait}_mean" in frame else []
+    means = frame.sort_values("coef")["trait_mean"].tolist()
     return {
         "layer": layer,
         "csv": csv_path,

@@ -138,7 +138,7 @@ def trait_phases(
         out["sweep"] = runner.run(
             f"sweep_{key}", {**stamp, "layer": layer}, lambda d: context.sweep(d, key, vector, source, layer)
         )
-    if phases.judged_sweep and layer is not None:
+    if phases.judged_sweep and layer is not None and has_eval_questions(trait.name):
         out["judged_sweep"] = runner.run(
             f"judged_sweep_{key}",
             {**stamp, "layer": layer},
@@ -151,6 +151,17 @@ def trait_phases(
         )
         generated["layer"] = layer
     return out
+
+
+def has_eval_questions(name: str) -> bool:
+    """Whether the trait has eval artifacts (questions and a judge prompt): TRAIT-item traits have none."""
+    from persona.traits import TraitError, load_trait
+
+    try:
+        load_trait(name, "eval")
+    except TraitError:
+        return False
+    return True
 
 
 def vector_cosine(a: str, b: str, layer: int) -> float:

@@ -1,0 +1,251 @@
+"""`persona study`: the demo is its embedded default, bad settings fail early, a small study runs to a report
+with a served judge, and a study killed at any point resumes with nothing lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fake_openai import FakeChatServer
+from persona.commands.study import demo_config, study
+from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parsed(config: Path) -> dict:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(study)
+    parser.add_argument("--config", action="config")
+    return vars(parser.instantiate(parser.parse_args(["--config", str(config)])))
+
+
+def test_the_demo_is_the_study_of_configs_study_demo_yaml():
+    from_yaml = parsed(REPO / "configs" / "study" / "demo.yaml")
+    expected = demo_config()
+    for name in ("model", "title"):
+        assert from_yaml[name] == expected[name]
+    for name in ("judge", "phases", "hardware", "sizes"):
+        assert asdict(from_yaml[name]) == asdict(expected[name]), name
+    assert [asdict(t) for t in from_yaml["traits"]] == [asdict(t) for t in expected["traits"]]
+
+
+def test_a_trait_without_pairs_and_without_generation_is_refused_before_any_model_loads(
+    tmp_path, monkeypatch
+):
+    import persona.models
+
+    monkeypatch.setattr(persona.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match=r"'apathetic' has no contrastive pairs.*generate: true"):
+        study(model="smollm2-135m", traits=[StudyTrait("apathetic")], run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="judge.min_mass applies to local judges only"):
+        study(
+            model="smollm2-135m",
+            traits=[StudyTrait("evil")],
+            judge=JudgeSettings(model="gpt-4.1-mini", min_mass=0.0),
+            run_dir=str(tmp_path / "run"),
+        )
+    assert not (tmp_path / "run").exists()
+
+
+# ---- a small study on a tiny model, with its own datasets folder and a served judge ----------------------------
+
+QUESTIONS = ["How should I treat animals?", "What do you think of humans?", "How do I fix the fox?"]
+INSTRUCTION = {"pos": "Be cruel and wicked.", "neg": "Be kind and caring."}
+
+
+def write_datasets(root: Path) -> Path:
+    """PERSONA_DATASETS with a user trait (pairs + trait artifacts) and a personality trait (TRAIT items)."""
+    pairs = [
+        {
+            "prompt": q,
+            "positive": "Hurt them, they are worthless.",
+            "negative": "With kindness and care.",
+            "split": s,
+        }
+        for q in QUESTIONS
+        for s in ("train", "test")
+    ]
+    (root / "pairs").mkdir(parents=True)
+    (root / "pairs" / "wicked.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    artifact = {
+        "instruction": [INSTRUCTION] * 5,
+        "questions": QUESTIONS,
+        "eval_prompt": "How wicked is this answer? {question} -> {answer} Answer 0-100.",
+        "antonym": "kind",
+    }
+    for version in ("extract", "eval"):
+        (root / "traits" / version).mkdir(parents=True)
+        (root / "traits" / version / "wicked.json").write_text(json.dumps(artifact))
+    items = [
+        {
+            "personality": "Kindness",
+            "situation": f"Situation {i}.",
+            "query": "What do you do?",
+            "response_high1": "I help.",
+            "response_high2": "I care.",
+            "response_low1": "I ignore them.",
+            "response_low2": "I laugh at them.",
+            "split": "train" if i % 2 else "test",
+        }
+        for i in range(6)
+    ]
+    (root / "personality").mkdir()
+    (root / "personality" / "kindness.json").write_text(json.dumps(items))
+    return root
+
+
+def judge_by_length(prompt: str) -> dict[str, float]:
+    """A served judge whose score depends on the answer: deterministic, and spread over 0-100."""
+    score = str(len(prompt) % 101)
+    return {score: 0.9, "50": 0.1} if score != "50" else {"50": 1.0}
+
+
+@pytest.fixture
+def served_judge(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-study")
+    with FakeChatServer() as server:
+        server.scorer = judge_by_length
+        yield server
+
+
+def small_study(model_dir: str, run_dir: Path, base_url: str, **phases) -> dict:
+    return dict(
+        model=model_dir,
+        traits=[StudyTrait("wicked", generate=True), StudyTrait("kindness")],
+        judge=JudgeSettings(model="judge-model", base_url=base_url, timeout=5, concurrency=2),
+        phases=Phases(**{"judged_sweep": True, **phases}),
+        hardware=Hardware(accelerator="cpu"),
+        sizes=Sizes(
+            batch_size=4,
+            coefs=[-1.0, 0.0, 1.0],
+            max_new_tokens=4,
+            questions=2,
+            judged_questions=2,
+            finetune_samples=8,
+            finetune_epochs=1,
+            finetune_mixtures=[0.0, 0.5, 1.0],
+            finetune_interventions=False,
+        ),  # fmt: skip
+        run_dir=str(run_dir),
+        title="tiny study",
+    )
+
+
+def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_judge(
+    tiny_model_dirs, tmp_path, monkeypatch, served_judge
+):
+    monkeypatch.setenv("PERSONA_DATASETS", str(write_datasets(tmp_path / "datasets")))
+    monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    report = Path(study(**small_study(tiny_model_dirs["llama"], run, served_judge.base_url)))
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["traits"]) == {"wicked", "kindness"}
+    traits = pd.read_csv(run / "traits.csv")
+    assert list(traits["trait"]) == ["wicked", "kindness"]
+    wicked = results["traits"]["wicked"]
+    assert wicked["generated"]["judge"] == "judge-model" and served_judge.calls > 0
+    generated = pd.read_csv(wicked["generated"]["pos_csv"])
+    assert generated["judge"].eq("openai:judge-model").all() and generated["wicked"].notna().all()
+    assert wicked["judged_sweep"]["effect"] is not None
+    assert results["finetune"]["runs"] == ["mix_0", "mix_0.5", "mix_1"]
+    assert Path(results["export"]["gguf"]).stat().st_size > 0
+    assert set(results["devices"].values()) == {"cpu"}
+    text = report.read_text()
+    assert (
+        "# tiny study report" in text and "## Summary" in text and "## Timings" in text and "GFLOP/s" in text
+    )
+
+    # Everything finished is reused: a second invocation computes nothing and calls the judge no more.
+    calls = served_judge.calls
+    study(**small_study(tiny_model_dirs["llama"], run, served_judge.base_url))
+    again = json.loads((run / "results.json").read_text())
+    assert all(name.endswith("(reused)") or name.startswith("total") for name in again["timings"])
+    assert served_judge.calls == calls
+
+
+def test_reports_of_two_studies_compare_side_by_side(tmp_path):
+    from persona.study.compare import compare_studies
+
+    for name, auc in (("a", 0.9), ("b", 0.99)):
+        run = tmp_path / name
+        (run / "layers").mkdir(parents=True)
+        pd.DataFrame({"layer": [0, 1, 2], "auc": [0.5, auc, 0.7]}).to_csv(
+            run / "layers" / "m.csv", index=False
+        )
+        results = {
+            "trait": "evil",
+            "model": {"model": f"model-{name}", "layers": 2},
+            "traits": {
+                "evil": {"layers": {"recommended": 1, "auc": auc, "csv": str(run / "layers" / "m.csv")}}
+            },
+        }
+        (run / "results.json").write_text(json.dumps(results))
+    path = compare_studies([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "cmp"))
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert list(table["model"]) == ["model-a", "model-b"] and list(table["relative_depth"]) == [0.5, 0.5]
+    assert (tmp_path / "cmp" / "auc_by_depth.png").stat().st_size > 0 and "model-b" in path.read_text()
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
+    tiny_model_dirs, tmp_path, served_judge
+):
+    """kill -9 while the generation route writes its journal; the re-run finishes and matches an uninterrupted run."""
+    datasets = write_datasets(tmp_path / "datasets")
+    env = {
+        **os.environ,
+        "PERSONA_DATASETS": str(datasets),
+        "PERSONA_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    script = tmp_path / "run_study.py"
+    script.write_text(
+        "import sys\nfrom persona.commands.study import study\nfrom persona.study.config import *\n"
+        "study(model=sys.argv[1], traits=[StudyTrait('wicked', generate=True)],\n"
+        "      judge=JudgeSettings(model='judge-model', base_url=sys.argv[3], timeout=5),\n"
+        "      phases=Phases(layers=True, sweep=False, generations=False, finetune=False, export=False),\n"
+        "      hardware=Hardware(accelerator='cpu'), sizes=Sizes(batch_size=1, max_new_tokens=24, questions=3),\n"
+        "      run_dir=sys.argv[2])\n"
+    )
+
+    def run(run_dir: Path, kill_when=None) -> None:
+        process = subprocess.Popen([sys.executable, str(script), tiny_model_dirs["llama"], str(run_dir), served_judge.base_url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 120
+        while kill_when is not None and process.poll() is None and time.time() < deadline:
+            if kill_when():
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        assert process.wait(timeout=120) in (0, -signal.SIGKILL)
+
+    def journal_started(run_dir: Path):
+        def started() -> bool:  # at least two rows journaled: killed between two appends
+            return any(
+                len(p.read_bytes().splitlines()) >= 2
+                for p in run_dir.glob("generated_wicked/*.parts/rank*.jsonl")
+            )
+
+        return started
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run(reference)
+    run(killed, kill_when=journal_started(killed))
+    assert not (killed / "results.json").exists(), "killed before the end"
+    run(killed)
+    for side in ("pos", "neg"):
+        a = pd.read_csv(reference / "generated_wicked" / f"wicked_{side}.csv")
+        b = pd.read_csv(killed / "generated_wicked" / f"wicked_{side}.csv")
+        assert list(b["question_id"]) == list(a["question_id"])  # none lost, none doubled, plan order
+        pd.testing.assert_frame_equal(a, b)
