@@ -55,5 +55,13 @@ def test_the_seed_study_config_has_its_seven_traits_judge_and_layer():
     parser.add_argument("--config", action="config")
     settings = parser.parse_args(["--config", str(CONFIGS / "study" / "qwen2.5-7b-instruct.yaml")])
     names = [trait["name"] for trait in settings.traits]
-    assert names == ["evil", "sycophantic", "hallucinating", "apathetic", "humorous", "impolite", "optimistic"]
+    assert names == [
+        "evil",
+        "sycophantic",
+        "hallucinating",
+        "apathetic",
+        "humorous",
+        "impolite",
+        "optimistic",
+    ]
     assert settings.judge.model.startswith("gpt-4.1-mini") and settings.layer == 20
