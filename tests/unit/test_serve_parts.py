@@ -104,7 +104,7 @@ def _empty(tmp_path):
 
 def test_vector_files_load_without_unpickling(tmp_path):
     torch.save({"not": "a tensor"}, tmp_path / "evil_response_avg_diff.pt")
-    with pytest.raises(ValueError, match="expected a tensor"):
+    with pytest.raises(ValueError, match="not a vector file: it holds a dict"):
         load_traits(tmp_path, num_layers=4, hidden_size=8)
 
 
