@@ -82,3 +82,35 @@ def test_negative_values_stay_with_their_flag():
         "3",
         "--coef=-1.5",
     ]
+
+
+def test_old_flag_names_stay_aliases_where_the_new_name_is_the_flag():
+    def command(output_path: str = "", output_dir: str = "", overwrite: bool = False, max_tokens: int = 1):
+        pass
+
+    argv = ["--out", "a.gguf", "--out_dir", "d", "--force", "--max_new_tokens=5", "--output", "b"]
+    assert cli.apply_aliases(command, argv) == [
+        "--output_path", "a.gguf", "--output_dir", "d", "--overwrite", "--max_tokens=5", "--output_path", "b",
+    ]  # fmt: skip
+
+    def seed_named(output: str = "", out: str = ""):  # a command whose own flag is the old name keeps it
+        pass
+
+    assert cli.apply_aliases(seed_named, ["--out", "x", "--output", "y"]) == ["--out", "x", "--output", "y"]
+
+
+def test_a_bare_force_means_overwrite_through_the_whole_parser(tmp_path, capsys):
+    import torch
+
+    from persona.vectors import save_vector
+
+    vector = save_vector(torch.randn(4, 8), tmp_path / "v.pt")
+    out = tmp_path / "v.gguf"
+    out.write_bytes(b"old")
+    assert cli.main(["export-gguf", "--vector_path", str(vector), "--out", str(out), "--layers", "2,3"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"old"
+    assert (
+        cli.main(["export-gguf", "--vector_path", str(vector), "--out", str(out), "--layers", "2", "--force"])
+        == 0
+    )
+    assert out.read_bytes() != b"old"

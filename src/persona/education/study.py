@@ -89,11 +89,11 @@ class Study:
 
     def model_and_tokenizer(self):
         if "pair" not in self._loaded:
+            from persona.hardware import resolve_device
             from persona.models import load_model_and_tokenizer
 
-            use_gpu = self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
             self._loaded["pair"] = load_model_and_tokenizer(
-                self.model, dtype=self.dtype, device="cuda" if use_gpu else None
+                self.model, dtype=self.dtype, device=resolve_device(self.accelerator)
             )
         return self._loaded["pair"]
 
