@@ -111,48 +111,38 @@ def screen(
         accelerator=accelerator,
         trust_remote_code=trust_remote_code,
     )
-    method = "cheap" if cheap else "projection_difference"
-    write_jsonl(
-        out_path,
-        screened_records(
-            records,
-            scores,
-            train_proj,
-            reference,
-            cheap=cheap,
-            layer=layer,
-            vector_path=vector_path,
-            model=model,
-        ),
+    screened = screened_records(
+        records, scores, train_proj, reference, cheap=cheap, layer=layer, vector_path=vector_path, model=model
     )
-    ranking = ranking_table(scores, records, labels, labels_field)
-    write_csv(f"{stem}.ranking.csv", ranking)
-    summary = screening_summary(
-        scores,
-        labels,
-        labels_field,
-        data=str(path),
-        output=str(out_path),
-        model=model,
-        vector=str(vector_path),
-        layer=layer,
-        method=method,
-    )
-    import pandas as pd
-
-    write_csv(f"{stem}.summary.csv", pd.DataFrame([summary]))
-    if summary["n_scored"]:
-        title = f"{path.name}: {method}, layer {layer}"
-        plot_histogram(scores, labels, Path(f"{stem}.hist.png"), title, labels_field or "label")
-    report(summary, ranking, top, path, method)
+    facts = dict(data=str(path), output=str(out_path), model=model, vector=str(vector_path), layer=layer)
+    summary = write_outputs(screened, scores, labels, labels_field, stem, facts, cheap=cheap, top=top)
     if filtered_out:
         dropped = rows_to_drop(scores, n_drop)
         kept = [record for index, record in enumerate(records) if index not in dropped]
         write_jsonl(Path(filtered_out), kept)
         print(f"filtered copy without the top {len(dropped)} sample(s): {filtered_out} ({len(kept)} kept)")
-    print(f"scored copy: {out_path}\nranking: {stem}.ranking.csv\nsummary: {stem}.summary.csv")
+    return summary
+
+
+def write_outputs(
+    screened, scores, labels, labels_field, stem: Path, facts: dict, *, cheap: bool, top
+) -> dict:
+    """The scored copy, the ranking, the summary and the histogram; returns where they went and the headline."""
+    import pandas as pd
+
+    method = "cheap" if cheap else "projection_difference"
+    write_jsonl(Path(facts["output"]), screened)
+    ranking = ranking_table(scores, screened, labels, labels_field)
+    write_csv(f"{stem}.ranking.csv", ranking)
+    summary = screening_summary(scores, labels, labels_field, **facts, method=method)
+    write_csv(f"{stem}.summary.csv", pd.DataFrame([summary]))
+    if summary["n_scored"]:
+        title = f"{Path(facts['data']).name}: {method}, layer {facts['layer']}"
+        plot_histogram(scores, labels, Path(f"{stem}.hist.png"), title, labels_field or "label")
+    report(summary, ranking, top, Path(facts["data"]), method)
+    print(f"scored copy: {facts['output']}\nranking: {stem}.ranking.csv\nsummary: {stem}.summary.csv")
     return {
-        "output": str(out_path),
+        "output": facts["output"],
         "ranking": f"{stem}.ranking.csv",
         "summary": f"{stem}.summary.csv",
         "histogram": f"{stem}.hist.png",
