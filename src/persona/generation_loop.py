@@ -215,6 +215,17 @@ def finalize(store: ResponseStore, trait: Trait, stale: set[Key], judge_factory,
             + (f" Judge errors: {shown}." if shown else "")
             + (" Re-run the same command to retry the failed ones." if "failed" in counts else "")
         )
+    unscored = [row for row in rows.values() if row.get(trait.name) is None]
+    if (
+        rows
+        and len(unscored) == len(rows)
+        and all(row.get(f"{trait.name}_method") not in ("failed", None) for row in unscored)
+    ):
+        print(
+            f"note: the judge answered every {trait.name} prompt without a number (or refused). A small judge rarely "
+            "puts the seed's 0.25 of its probability on numbers: use a stronger judge, or for a local judge "
+            "--judge_min_mass 0 (its expected number given a numeric answer)."
+        )
     failed = sum(row.get(f"{trait.name}_method") == "failed" for row in rows.values())
     if rows and failed == len(rows):
         shown = sorted(set(errors))[0] if errors else "no error was reported"
