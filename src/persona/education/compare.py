@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.education.figures import order_types, plt, save_figure
 from persona.education.metrics import UNSTEERED
-from persona.education.report import order_types, plt, save_figure, write_report
+from persona.education.report import write_report
 from persona.report import markdown_table
 from persona.store import atomic_write, write_csv
 
