@@ -36,6 +36,7 @@ def project(
     model: str = DEFAULT_MODEL,
     overwrite: bool = False,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     dtype: str = "float32",
     accelerator: str = "auto",
     devices: int = 1,
@@ -56,6 +57,7 @@ def project(
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
         overwrite: Recompute columns that already exist (otherwise they are skipped).
         batch_size: Examples per forward pass.
+        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
         dtype: Model dtype: float32, bfloat16, float16 or auto.
         accelerator: Lightning accelerator (cpu, gpu, auto).
         devices: Devices (processes) to use.
@@ -67,6 +69,8 @@ def project(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."
         )
     checks.at_least(batch_size, 1, "--batch_size")
+    if max_batch_tokens is not None:
+        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     check_dtype(dtype)
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
@@ -97,7 +101,9 @@ def project(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
-    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size)
+    datamodule = ExampleDataModule(
+        examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+    )
     scores = predict_projections(
         projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
     )
