@@ -268,3 +268,120 @@ def test_steering_directions_go_to_their_layers_device(tiny_llama):
     specs = [SteeringSpec(layer, torch.ones(32), 1.0) for layer in (0, 1, 2, 3)]
     placed = {spec.layer: spec.direction.device.type for spec in prepare_specs(layout, specs)}
     assert placed == {0: "cpu", 1: "cpu", 2: "meta", 3: "cpu"}  # layer L = output of block L-1
+
+
+def test_a_model_placed_across_devices_stays_where_accelerate_put_it(tiny_llama):
+    """Lightning moves a LightningModule and its batches to one device; a device_map model must not move, and its
+    batches go to its input embeddings. A fake two-device ``hf_device_map`` stands in for two GPUs."""
+    from persona.placement import split_across_devices
+    from persona.projection import ExampleProjector
+
+    projector = ExampleProjector(layers=[1], directions=torch.ones(1, 32), module=tiny_llama)
+    assert not split_across_devices(tiny_llama)
+    tiny_llama.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": 1}
+    assert split_across_devices(tiny_llama)
+    projector.to(torch.float64)
+    assert projector.directions.dtype == torch.float64  # the module's own tensors move
+    assert all(param.dtype == torch.float32 for param in tiny_llama.parameters())  # the placed model does not
+    batch = projector.transfer_batch_to_device({"input_ids": torch.ones(1, 2)}, torch.device("meta"), 0)
+    assert batch["input_ids"].device.type == "cpu"  # the input embeddings' device, not Lightning's
+
+
+def test_device_map_is_one_process_only(tiny_model_dirs, tmp_path):
+    from persona.commands.extract import extract
+    from persona.errors import PersonaError
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "positive": "Go away.", "negative": "Hello!"}) + "\n")
+    with pytest.raises(PersonaError, match="--device_map auto.*--devices 2.*Fix"):
+        extract(model=tiny_model_dirs["llama"], pairs_path=str(pairs), device_map="auto", devices=2)
+
+
+def test_extract_with_a_device_map_equals_without(tiny_model_dirs, tmp_path):
+    from persona.commands.extract import extract
+    from persona.vectors import VECTOR_KINDS, load_vector
+
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": f"Question {i}?", "positive": "Go away. " * i, "negative": "Hello there! " * i}
+        for i in (1, 2)
+    ]
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = {
+        "model": tiny_model_dirs["gemma"],
+        "pairs_path": str(pairs),
+        "trait": "evil",
+        "accelerator": "cpu",
+    }
+    plain = extract(save_dir=str(tmp_path / "plain"), **common)
+    placed = extract(save_dir=str(tmp_path / "placed"), device_map="cpu", **common)
+    for kind in VECTOR_KINDS:
+        torch.testing.assert_close(load_vector(placed[kind]), load_vector(plain[kind]), rtol=1e-6, atol=1e-7)
+
+
+GPU_CPU_SPLIT = {
+    "model.embed_tokens": 0,
+    "model.rotary_emb": 0,
+    "model.layers.0": 0,
+    "model.layers.1": "cpu",
+    "model.layers.2": 0,
+    "model.norm": 0,
+    "lm_head": 0,
+}
+
+
+@pytest.mark.gpu
+def test_a_model_split_between_the_gpu_and_the_cpu_steers_and_extracts(tiny_model_dirs, tokenizer, tmp_path):
+    """On a GPU machine: block 1 offloaded to the CPU (accelerate keeps its weights on the meta device and runs it on
+    the GPU), the rest on the GPU: the device_map paths (module left in place, batches to the input device,
+    directions on the execution device) on one GPU. Two GPUs would be needed for a block running elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    from persona.data.examples import Example
+    from persona.data.modules import ExampleDataModule
+    from persona.extraction import VectorExtractor
+    from persona.hardware import make_trainer
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = tiny_model_dirs["llama"]
+    split = AutoModelForCausalLM.from_pretrained(model_dir, device_map=GPU_CPU_SPLIT).eval()
+    whole = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    batch = tokenizer(["Hello there, friend.", "Hi"], padding=True, padding_side="left", return_tensors="pt")
+    spec = SteeringSpec(
+        2, torch.randn(32), 2.0, positions="response"
+    )  # layer 2 = output of block 1: on the CPU
+    with torch.no_grad(), steer(split, [spec]):
+        got = split(**{k: v.to("cuda") for k, v in batch.items()}).logits.cpu()
+    with torch.no_grad(), steer(whole, [spec]):
+        expected = whole(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    answers = ((1, "Go away, you worthless fox."), (0, "Hello! How can I help?"))
+    examples = [Example(prompt, answer, label, str(label)) for label, answer in answers]
+    vectors = {}
+    for name, device_map in (("split", GPU_CPU_SPLIT), ("whole", None)):
+        extractor = VectorExtractor(model=model_dir, save_dir=str(tmp_path / name), device_map=device_map)
+        make_trainer("gpu" if device_map else "cpu", 1).predict(
+            extractor,
+            datamodule=ExampleDataModule(examples, tokenizer, batch_size=2),
+            return_predictions=False,
+        )
+        vectors[name] = extractor.vectors
+    for kind, vector in vectors["whole"].items():
+        torch.testing.assert_close(vectors["split"][kind], vector, rtol=1e-4, atol=1e-4)
+
+
+def test_steering_an_offloaded_model_adds_on_the_execution_device(tiny_llama, tokenizer):
+    """accelerate's CPU offload (``device_map`` with ``cpu`` entries behind a GPU) keeps weights on the meta device
+    between calls: a direction placed by the weights' device would land on meta and fail."""
+    from accelerate import cpu_offload
+
+    batch = tokenizer(["Hello there, friend.", "Hi"], padding=True, padding_side="left", return_tensors="pt")
+    spec = SteeringSpec(2, torch.randn(32), 2.0, positions="response")
+    with torch.no_grad(), steer(tiny_llama, [spec]):
+        expected = tiny_llama(**batch).logits
+    cpu_offload(tiny_llama, execution_device=torch.device("cpu"))
+    assert next(locate_blocks(tiny_llama).blocks[1].parameters()).device.type == "meta"
+    with torch.no_grad(), steer(tiny_llama, [spec]):
+        torch.testing.assert_close(tiny_llama(**batch).logits, expected)

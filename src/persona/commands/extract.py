@@ -30,6 +30,7 @@ def extract(
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> dict[str, str]:
     """Extract persona vectors: mean activation on trait-showing responses minus on the others, per layer.
 
@@ -55,6 +56,7 @@ def extract(
         devices: Devices (processes) to use; with strategy ddp the sums are reduced across ranks.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
@@ -63,6 +65,7 @@ def extract(
     if max_length is not None:
         checks.at_least(max_length, 2, "--max_length")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     checks.model_source(model)
     folder = Path(save_dir) if save_dir else default_save_dir(model)
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
@@ -91,7 +94,12 @@ def extract(
     )
     datamodule.load_examples()  # the rows and their filter, before the model loads
     extractor = VectorExtractor(
-        model=model, trait=trait, save_dir=str(folder), dtype=dtype, trust_remote_code=trust_remote_code
+        model=model,
+        trait=trait,
+        save_dir=str(folder),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     make_trainer(accelerator, devices, strategy).predict(
         extractor, datamodule=datamodule, return_predictions=False

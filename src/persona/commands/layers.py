@@ -41,6 +41,7 @@ def layers(
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> int | None:
     """Per-layer AUC, separation and variance of projections on a persona vector; recommends a layer.
 
@@ -69,12 +70,14 @@ def layers(
         devices: Devices (processes) to use.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
     if max_batch_tokens is not None:
         checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     checks.model_source(model)
     out = Path(output_dir) if output_dir else default_output_dir(vector_path)
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
@@ -116,6 +119,7 @@ def layers(
         kinds=[kind],
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     scores = predict_projections(
         projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy

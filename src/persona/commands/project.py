@@ -42,6 +42,7 @@ def project(
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> list[str]:
     """Score every row of a dataset along persona vectors; adds one column per (vector, layer) to the file.
 
@@ -63,6 +64,7 @@ def project(
         devices: Devices (processes) to use.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     if projection_type not in PROJECTION_TYPES:
         raise ValueError(
@@ -72,6 +74,7 @@ def project(
     if max_batch_tokens is not None:
         checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
     checks.model_source(model)
@@ -100,6 +103,7 @@ def project(
         cosine=cosine,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     datamodule = ExampleDataModule(
         examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
