@@ -385,3 +385,22 @@ def test_steering_an_offloaded_model_adds_on_the_execution_device(tiny_llama, to
     assert next(locate_blocks(tiny_llama).blocks[1].parameters()).device.type == "meta"
     with torch.no_grad(), steer(tiny_llama, [spec]):
         torch.testing.assert_close(tiny_llama(**batch).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("environ", "nodes"),
+    [
+        ({}, 1),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, 1),  # Lightning's own single-node ddp launcher
+        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 2),  # torchrun --nnodes 2
+        ({"SLURM_NTASKS": "8", "SLURM_NNODES": "4", "SLURM_JOB_NAME": "persona"}, 4),  # srun
+        (
+            {"SLURM_NTASKS": "1", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "bash"},
+            1,
+        ),  # an interactive allocation
+    ],
+)
+def test_multi_node_launches_tell_lightning_the_node_count(environ, nodes):
+    from persona.hardware import launcher_num_nodes
+
+    assert launcher_num_nodes(environ) == nodes

@@ -347,12 +347,32 @@ class LoRAFineTune(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
 
     def _adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors whole, named as in the PEFT model; every rank must call it (FSDP gathers here)."""
+        """The adapter tensors whole, named as in the PEFT model; every rank must call it (FSDP gathers here).
+
+        FSDP2 (ModelParallelStrategy) keeps each parameter as a ``DTensor`` shard: ``full_tensor()`` gathers it.
+        FSDP1 (FSDPStrategy) keeps flat shards: ``summon_full_params`` on Lightning's FSDP root gathers them (on
+        CPU, for rank 0 only).
+        """
+        from contextlib import nullcontext
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = getattr(self.trainer.strategy, "model", None)
+        gather = (
+            FullyShardedDataParallel.summon_full_params(
+                root, writeback=False, rank0_only=True, offload_to_cpu=True
+            )
+            if isinstance(root, FullyShardedDataParallel)
+            else nullcontext()
+        )
         state = {}
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                full = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2 DTensor shards
-                state[name] = full.detach()
+        with gather:
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                        name = name.replace(wrapper, "")  # FSDP1 units and activation checkpointing
+                    state[name] = full.detach().clone()
         return state
 
     def on_train_end(self) -> None:
