@@ -31,6 +31,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         device_map: str | None = None,
+        module: torch.nn.Module | None = None,
     ):
         """
         Args:
@@ -40,10 +41,11 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             dtype: Model dtype (float32, bfloat16, float16, auto).
             trust_remote_code: Allow the model's custom code (off unless you trust the repository).
             device_map: Place the model across this process's GPUs (``auto``) for a model larger than one GPU.
+            module: An already-loaded model to use instead of loading ``model`` (not saved as a hyperparameter).
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.model: torch.nn.Module | None = None
+        self.save_hyperparameters(ignore=["module"])
+        self.model: torch.nn.Module | None = module
         self.vectors: dict[str, torch.Tensor] = {}
         self.saved_paths: dict[str, Path] = {}
 
@@ -53,7 +55,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             self.model = load_model(
                 hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, device_map=hp.device_map
             )
-            self.model.requires_grad_(False)
+        self.model.requires_grad_(False)
 
     def on_predict_start(self) -> None:
         layout = locate_blocks(self.model)
