@@ -247,10 +247,13 @@ def test_a_peft_wrapped_model_uses_the_session_compile(tiny_llama, tokenizer):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_cuda_inductor_fast_path_gives_the_plain_paths_tokens(tiny_model, tokenizer, positions):
-    """On a GPU: inductor with CUDA graphs (``reduce-overhead``), float32 without TF32, every architecture."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # a 2D-mask and a 4D-mask architecture; all five on CPU
+def test_cuda_inductor_fast_path_gives_the_plain_paths_tokens(tokenizer, arch, positions):
+    """On a GPU: inductor with CUDA graphs (``reduce-overhead``, what ``fast="auto"`` runs), float32 without TF32."""
+    from conftest import build_tiny_model
+
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = tiny_model.to("cuda")
+    model = build_tiny_model(arch, len(tokenizer)).to("cuda")
     input_ids, attention_mask = (tensor.to("cuda") for tensor in left_padded(tokenizer))
     specs = specs_for(positions)
     expected = plain_generate(model, input_ids, attention_mask, specs)
