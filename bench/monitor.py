@@ -22,7 +22,7 @@ from common import add_device_args, resolved_dtype, synchronize
 from persona.data.build import dataset
 from persona.models import DEFAULT_MODEL, model_dimensions
 from persona.training import ChatDataModule, LoRAFineTune
-from persona.training.callbacks import ActivationMonitor
+from persona.training.monitor import ActivationMonitor
 from persona.vectors import save_vector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def main() -> None:
             vector, layer = VECTOR, 15
         else:
             vector = save_vector(torch.randn(layers + 1, hidden), root / "random_response_avg_diff.pt")
-        dataset(trait="evil", out_dir=str(root / "data"), mix=[0.5], n=args.samples)
+        dataset(trait="evil", output_dir=str(root / "data"), mix=[0.5], n=args.samples)
         train_file = root / "data" / "mix_0.5.jsonl"
         fit_seconds(train_file, root / "warm", 1, False, args, vector, layer)  # warm caches and allocator
         plain = fit_seconds(train_file, root / "plain", args.epochs, False, args, vector, layer)
