@@ -34,16 +34,22 @@ def read_example_means(
     if unknown:
         raise ValueError(f"Unknown kinds {sorted(unknown)}; choose from {VECTOR_KINDS}.")
     out: dict[str, list[torch.Tensor | None]] = {kind: [None] * len(layers) for kind in kinds}
+    device = batch[
+        "input_ids"
+    ].device  # a model split across devices (device_map) reads each layer where it runs
 
     def reader(slot: int):
         def hook(hidden: torch.Tensor, _state) -> None:
             hidden = hidden.float()
             if "prompt_avg" in out:
-                out["prompt_avg"][slot] = masked_mean(hidden, batch["prompt_mask"])
+                mean = masked_mean(hidden, batch["prompt_mask"].to(hidden.device))
+                out["prompt_avg"][slot] = mean.to(device)
             if "response_avg" in out:
-                out["response_avg"][slot] = masked_mean(hidden, batch["response_mask"])
+                mean = masked_mean(hidden, batch["response_mask"].to(hidden.device))
+                out["response_avg"][slot] = mean.to(device)
             if "prompt_last" in out:
-                out["prompt_last"][slot] = gather_positions(hidden, batch["last_prompt_index"])
+                last = gather_positions(hidden, batch["last_prompt_index"].to(hidden.device))
+                out["prompt_last"][slot] = last.to(device)
 
         return hook
 

@@ -114,6 +114,16 @@ def at_least(value: float, minimum: float, flag: str) -> float:
     return value
 
 
+def device_map_alone(device_map: str | None, devices: int, strategy: str) -> None:
+    """``--device_map`` splits one model over one process's GPUs: not with several data-parallel processes."""
+    if device_map is not None and (devices != 1 or strategy not in ("auto", "single_device")):
+        raise PersonaError(
+            f"--device_map {device_map} splits one model over this process's GPUs; it does not combine with "
+            f"--devices {devices} --strategy {strategy}. Fix: pass --devices 1, or drop --device_map to run one "
+            "whole model per device."
+        )
+
+
 def finite(value: float, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise PersonaError(f"{flag} {value!r}: must be a finite number. Fix: pass e.g. {flag} 1.5.")

@@ -13,12 +13,14 @@ import lightning as L
 import torch
 
 from persona.activations import kind_row_mask, read_example_means
+from persona.hardware import input_device
 from persona.hooks import locate_blocks
 from persona.models import DEFAULT_MODEL, load_model
+from persona.placement import KeepsDevicePlacement
 from persona.vectors import VECTOR_KINDS, default_save_dir, save_vector, vector_filename
 
 
-class VectorExtractor(L.LightningModule):
+class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
     """Accumulates per-label sums of per-example means at every layer; saves the three mean differences."""
 
     def __init__(
@@ -28,6 +30,7 @@ class VectorExtractor(L.LightningModule):
         save_dir: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        device_map: str | None = None,
         module: torch.nn.Module | None = None,
     ):
         """
@@ -37,7 +40,8 @@ class VectorExtractor(L.LightningModule):
             save_dir: Where to write <trait>_{prompt_avg,response_avg,prompt_last}_diff.pt; default persona_vectors/<model>/.
             dtype: Model dtype (float32, bfloat16, float16, auto).
             trust_remote_code: Allow the model's custom code (off unless you trust the repository).
-            module: An already-loaded ``model`` to use instead of loading it (not saved as a hyperparameter).
+            device_map: Place the model across this process's GPUs (``auto``) for a model larger than one GPU.
+            module: An already-loaded model to use instead of loading ``model`` (not saved as a hyperparameter).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["module"])
@@ -48,18 +52,22 @@ class VectorExtractor(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+            self.model = load_model(
+                hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, device_map=hp.device_map
+            )
         self.model.requires_grad_(False)
 
     def on_predict_start(self) -> None:
         layout = locate_blocks(self.model)
         self.layers = list(range(layout.num_layers + 1))
         hidden = self.model.get_input_embeddings().weight.shape[-1]
-        # [label (0 neg, 1 pos), kind, layer, hidden]; float64 so long runs don't drift.
+        # [label (0 neg, 1 pos), kind, layer, hidden]; float64 so long runs don't drift. Where batches go: the
+        # module's device, or the input embeddings' under a device_map.
+        device = input_device(self.model)
         self.sums = torch.zeros(
-            2, len(VECTOR_KINDS), len(self.layers), hidden, dtype=torch.float64, device=self.device
+            2, len(VECTOR_KINDS), len(self.layers), hidden, dtype=torch.float64, device=device
         )
-        self.counts = torch.zeros(2, len(VECTOR_KINDS), dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(2, len(VECTOR_KINDS), dtype=torch.float64, device=device)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         means = read_example_means(self.model, batch, self.layers)

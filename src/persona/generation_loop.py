@@ -67,10 +67,12 @@ class ResponseGenerator(L.LightningModule):
         layer: int | None = None,
         coef: float | None = None,
         steering_type: str = "response",
+        fast: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = None
+        self.fast_generator = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -88,6 +90,21 @@ class ResponseGenerator(L.LightningModule):
             else [SteeringSpec(hp.layer, load_vector(hp.vector_path), hp.coef, positions=hp.steering_type)]
         )
 
+    def on_predict_start(self) -> None:
+        # One fast-generation session for the whole run: its decode step compiles once, not once per batch.
+        from persona.fast_generation import FastGenerator, fast_mode
+
+        if fast_mode(self.hparams.fast, self.device) != "off":
+            self.fast_generator = FastGenerator(self.model, self.hparams.fast).__enter__()
+
+    def on_predict_end(self) -> None:
+        if self.fast_generator is not None:  # its hooks leave the model
+            self.fast_generator.__exit__(None, None, None)
+            self.fast_generator = None
+
+    def teardown(self, stage: str) -> None:
+        self.on_predict_end()  # also after a failed run
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         random.seed(batch["seed"])
         torch.manual_seed(batch["seed"])
@@ -101,6 +118,7 @@ class ResponseGenerator(L.LightningModule):
             max_new_tokens=hp.max_tokens,
             temperature=hp.temperature,
             batch_size=len(batch["messages"]),
+            fast=self.fast_generator or False,
             min_new_tokens=1,
             **sampling,
         )

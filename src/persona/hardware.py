@@ -56,6 +56,23 @@ def resolve_dtype(dtype):
     return value
 
 
+def launcher_num_nodes(environ=None) -> int:
+    """The node count of a multi-node launch, read from its launcher's environment; 1 otherwise.
+
+    ``torchrun --nnodes N --nproc-per-node D`` sets ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (N = their ratio);
+    ``srun`` sets ``SLURM_NNODES``. Lightning checks devices x nodes against the launcher's world size, so the
+    pipeline commands pass it on (``persona fit`` takes ``--trainer.num_nodes``).
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in env and "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env:
+        return max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return max(1, int(env.get("SLURM_NNODES", "1")))
+    return 1
+
+
 def make_trainer(
     accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", callbacks: list | None = None
 ):
@@ -65,6 +82,7 @@ def make_trainer(
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
+        num_nodes=launcher_num_nodes(),
         strategy=strategy,
         callbacks=callbacks,
         logger=False,

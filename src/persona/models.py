@@ -217,23 +217,29 @@ def load_model(
     device=None,
     trust_remote_code: bool = False,
     adapter: str | None = None,
+    device_map: str | dict | None = None,
 ):
-    """Load a causal LM in eval mode, optionally with a PEFT adapter merged in view (not merged in weights)."""
+    """Load a causal LM in eval mode, optionally with a PEFT adapter merged in view (not merged in weights).
+
+    ``device_map`` (``"auto"``, or a dict of module -> device) places the layers across devices with accelerate, for
+    a model larger than one GPU; ``device`` is then ignored.
+    """
     from transformers import AutoModelForCausalLM
 
-    key = (name, str(dtype), trust_remote_code)
+    key = (name, str(dtype), trust_remote_code, str(device_map))
     if _shared is not None and adapter is None and key in _shared:
         model = _shared[key]
-        return (model.to(device) if device is not None else model).eval()
+        return (model.to(device) if device is not None and device_map is None else model).eval()
 
+    extra = {} if device_map is None else {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        resolve_model_path(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    if device is not None:
+    if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
     if _shared is not None and adapter is None:

@@ -30,13 +30,14 @@ from persona.hardware import make_trainer
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
 from persona.models import DEFAULT_MODEL, load_model
+from persona.placement import KeepsDevicePlacement
 from persona.vectors import VECTOR_KINDS
 
 # ---------------------------------------------------------------------------------------------------
 # The predict loop: per-example scores along one direction per (layer, direction) target.
 
 
-class ExampleProjector(L.LightningModule):
+class ExampleProjector(KeepsDevicePlacement, L.LightningModule):
     """Predict loop returning ``{"index": [batch], "scores": [batch, n_kinds, n_targets]}`` per batch."""
 
     def __init__(
@@ -50,6 +51,7 @@ class ExampleProjector(L.LightningModule):
         adapter: str | None = None,
         trust_remote_code: bool = False,
         module: torch.nn.Module | None = None,
+        device_map: str | None = None,
     ):
         """
         Args:
@@ -62,6 +64,7 @@ class ExampleProjector(L.LightningModule):
             adapter: A PEFT adapter directory to load on the model.
             trust_remote_code: Allow the model's custom code.
             module: An already-loaded model to use instead of loading ``model`` (not saved as a hyperparameter).
+            device_map: Place the model across this process's GPUs (``auto``) for a model larger than one GPU.
         """
         super().__init__()
         unknown = [kind for kind in kinds if kind not in VECTOR_KINDS]
@@ -79,7 +82,11 @@ class ExampleProjector(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model = load_model(
-                hp.model, dtype=hp.dtype, adapter=hp.adapter, trust_remote_code=hp.trust_remote_code
+                hp.model,
+                dtype=hp.dtype,
+                adapter=hp.adapter,
+                trust_remote_code=hp.trust_remote_code,
+                device_map=hp.device_map,
             )
         self.model.requires_grad_(False)
 

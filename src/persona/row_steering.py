@@ -126,7 +126,7 @@ def steer_rows(model: nn.Module, rows: Sequence[RowInterventions]) -> Iterator[D
     )
     hooks = []
     for layer in layers:
-        device = next(layout.blocks[max(layer - 1, 0)].parameters()).device
+        device = layout.layer_device(layer)
         slots = _slots_at(layer, prepared, width, device)
         hooks.append((layer, _row_hook(_bases_at(layer, rows, width, device), slots)))
     with block_hooks(model, hooks):

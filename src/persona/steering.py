@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -98,14 +98,24 @@ def hidden_size(layout: DecoderLayout) -> int:
 
 def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | None:
     """bool [batch, seq] (or broadcastable) of the prefill positions to steer; None = all of them."""
-    if state.attention_mask is not None and state.attention_mask.dim() != 2:
+    batch, seq_len = hidden.shape[:2]
+    padding = state.padding_mask(seq_len, hidden.device, batch)
+    if padding is None and state.attention_mask is not None:
+        prompt = state.prompt_mask
+        found = (
+            ""
+            if prompt is None
+            else f" (the caller's prompt mask is {list(prompt.shape)}, the forward [{batch}, {seq_len}])"
+        )
         raise ValueError(
-            f"Steering positions={positions!r} need a 2D attention mask to find each row's tokens, but this "
-            "forward got a custom 4D mask. Fix: use positions='all' (or 'generated') for such forwards."
+            f"Steering positions={positions!r} need each row's real tokens at prefill, but this forward got a "
+            f"4D or per-layer-type attention mask (a static KV cache passes one){found}. Fix: set "
+            "ForwardState.prompt_mask to the batch's 2D prompt mask (generate_steered does), or use "
+            "positions='all' or 'generated'."
         )
     if positions == "prompt":
-        return state.padding_mask(hidden.shape[1], hidden.device)
-    return state.last_token_mask(hidden.shape[1], hidden.device)
+        return padding
+    return state.last_token_mask(seq_len, hidden.device, batch)
 
 
 def steered_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | bool:
@@ -177,12 +187,15 @@ def prepare_specs(
 
 
 @contextmanager
-def steer(model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec) -> Iterator[DecoderLayout]:
+def steer(
+    model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec, *, state: ForwardState | None = None
+) -> Iterator[DecoderLayout]:
     """Apply every spec (one hook each; specs at the same layer compose in order) inside the block.
 
     All specs are validated against the model before any hook is attached. Specs with ``coef == 0``
     attach no hook at all, so the model is bit-identical to the unsteered one. Gradients flow through
-    the hidden states; the vector itself is treated as a constant.
+    the hidden states; the vector itself is treated as a constant. ``state``: see :func:`block_hooks` (a
+    caller that builds batches sets ``state.prompt_mask`` so prompt positions are found under 4D masks).
     """
     specs = [specs] if isinstance(specs, SteeringSpec) else list(specs)
     layout = locate_blocks(model)
@@ -190,7 +203,7 @@ def steer(model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec) -> Ite
         (spec.layer, _steering_hook(spec.positions, spec.direction, spec.scale))
         for spec in prepare_specs(layout, specs)
     ]
-    with block_hooks(model, hooks):
+    with block_hooks(model, hooks, state=state):
         yield layout
 
 
@@ -267,35 +280,54 @@ def generate_steered(
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     batch_size: int = 16,
+    fast="auto",
     **generate_kwargs,
 ) -> list[str]:
     """Generate a completion per prompt under steering; returns the new text only, in input order.
 
     A ``str`` is used as-is (the tokenizer's special tokens added); a message list ``[{"role", "content"}]``
     goes through the chat template with the generation prompt. Batches are left-padded, similar lengths
-    grouped together, and decoded with HF ``generate`` and its KV cache. ``temperature=0`` means greedy;
-    the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to ``model.generate``.
+    grouped together (longest first), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
+    means greedy; the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to
+    ``model.generate``.
+
+    ``fast``: ``"auto"`` (default) is a static KV cache with a compiled decode step on CUDA and the plain
+    dynamic-cache path elsewhere; ``True``/``"compile"``, ``"static"`` (static cache, no compile), ``False``, a
+    transformers ``CompileConfig``, or an open :class:`persona.fast_generation.FastGenerator` to share one
+    compile across calls. Every mode gives the plain path's tokens (see :mod:`persona.fast_generation`).
     """
     if isinstance(prompts_or_messages, str):
         raise TypeError("prompts_or_messages is a single string. Fix: pass a list of prompts, e.g. [prompt].")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token. Fix: set tokenizer.pad_token.")
+    from persona.fast_generation import FastGenerator, fast_mode
+
+    device = input_device(model)
+    mode = fast_mode(fast, device)
     encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad_id}
     if temperature > 0:
         kwargs["temperature"] = temperature
     kwargs.update(generate_kwargs)
-    device = input_device(model)
     outputs: list[str] = [""] * len(encoded)
-    with steer(model, specs):
+    with ExitStack() as stack:
+        if mode == "off":
+            stack.enter_context(steer(model, specs))
+            generator = None
+        elif isinstance(fast, FastGenerator):
+            generator = fast
+        else:
+            generator = stack.enter_context(FastGenerator(model, fast))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad_id)
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
-            )
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if generator is None:
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            else:
+                generated = generator.generate(input_ids, attention_mask, specs, **kwargs)
             for i, new_ids in zip(chunk, generated[:, input_ids.shape[1] :].tolist(), strict=True):
                 outputs[i] = answer_text(tokenizer, new_ids)
     return outputs

@@ -153,3 +153,26 @@ def test_hf_hidden_states_show_our_edits_even_when_its_recorders_came_first(tiny
     torch.testing.assert_close(steered[2], plain[2] + vector)
     block = locate_blocks(tiny_model).blocks[1]
     assert isinstance(block._forward_hooks, OrderedDict)
+
+
+def test_static_cache_phase_reads_nothing_off_the_device_under_compile_regression_item_graph_break():
+    """Regression: ``int(cache.get_seq_length())`` read a static cache's device counter inside transformers'
+    compiled decode step: a ``Tensor.item()`` graph break there (a host sync per step with ``fullgraph``)."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig
+    from transformers.cache_utils import StaticCache
+
+    from persona.hooks.phase import cached_tokens
+
+    config = LlamaConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    cache = StaticCache(config=config, max_cache_len=8)
+    assert cached_tokens(cache) == 0  # nothing written yet: known without a read
+    for layer in range(2):
+        cache.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), layer_idx=layer)
+    assert cached_tokens(cache) == 3  # eager: read
+
+    counters.clear()
+    compiled = torch.compile(lambda c, x: x + 1 if cached_tokens(c) else x - 1, backend="eager")
+    assert torch.equal(compiled(cache, torch.zeros(2)), torch.ones(2))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert cached_tokens(None) is None

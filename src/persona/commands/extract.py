@@ -22,6 +22,7 @@ def extract(
     pairs_path: str | None = None,
     split: str | None = None,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     max_length: int | None = None,
     overwrite: bool = False,
     dtype: str = "float32",
@@ -29,6 +30,7 @@ def extract(
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> dict[str, str]:
     """Extract persona vectors: mean activation on trait-showing responses minus on the others, per layer.
 
@@ -46,6 +48,7 @@ def extract(
         pairs_path: Contrastive pairs instead of CSVs (JSONL {prompt|messages, positive, negative}, TRAIT items, persona statements).
         split: With pairs_path: only pairs of this split (e.g. train).
         batch_size: Examples per forward pass.
+        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
         max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
         overwrite: Replace vector files that already exist in save_dir.
         dtype: Model dtype: float32, bfloat16, float16 or auto.
@@ -53,12 +56,16 @@ def extract(
         devices: Devices (processes) to use; with strategy ddp the sums are reduced across ranks.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
+    if max_batch_tokens is not None:
+        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     if max_length is not None:
         checks.at_least(max_length, 2, "--max_length")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     checks.model_source(model)
     folder = Path(save_dir) if save_dir else default_save_dir(model)
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
@@ -83,10 +90,16 @@ def extract(
         batch_size=batch_size,
         max_length=max_length,
         trust_remote_code=trust_remote_code,
+        max_batch_tokens=max_batch_tokens,
     )
     datamodule.load_examples()  # the rows and their filter, before the model loads
     extractor = VectorExtractor(
-        model=model, trait=trait, save_dir=str(folder), dtype=dtype, trust_remote_code=trust_remote_code
+        model=model,
+        trait=trait,
+        save_dir=str(folder),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     make_trainer(accelerator, devices, strategy).predict(
         extractor, datamodule=datamodule, return_predictions=False

@@ -33,6 +33,7 @@ def layers(
     output_dir: str | None = None,
     kind: ActivationKind = "response_avg",
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     max_length: int | None = None,
     overwrite: bool = False,
     dtype: str = "float32",
@@ -40,6 +41,7 @@ def layers(
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> int | None:
     """Per-layer AUC, separation and variance of projections on a persona vector; recommends a layer.
 
@@ -60,6 +62,7 @@ def layers(
         output_dir: Where to write the CSV and PNG; default <vector-stem>_layers/ beside the vector file.
         kind: Activation projected per example: response_avg, prompt_last or prompt_avg.
         batch_size: Examples per forward pass.
+        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
         max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
         overwrite: Replace layer_metrics.csv/png if they exist in output_dir.
         dtype: Model dtype: float32, bfloat16, float16 or auto.
@@ -67,10 +70,14 @@ def layers(
         devices: Devices (processes) to use.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.at_least(batch_size, 1, "--batch_size")
+    if max_batch_tokens is not None:
+        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     checks.model_source(model)
     out = Path(output_dir) if output_dir else default_output_dir(vector_path)
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
@@ -96,6 +103,7 @@ def layers(
         batch_size=batch_size,
         max_length=max_length,
         trust_remote_code=trust_remote_code,
+        max_batch_tokens=max_batch_tokens,
     )
     examples = datamodule.load_examples()  # bad rows fail here, before the model loads
     labels = np.array([example.label for example in examples])
@@ -111,6 +119,7 @@ def layers(
         kinds=[kind],
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     scores = predict_projections(
         projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy

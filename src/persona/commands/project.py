@@ -36,11 +36,13 @@ def project(
     model: str = DEFAULT_MODEL,
     overwrite: bool = False,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     dtype: str = "float32",
     accelerator: str = "auto",
     devices: int = 1,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> list[str]:
     """Score every row of a dataset along persona vectors; adds one column per (vector, layer) to the file.
 
@@ -56,18 +58,23 @@ def project(
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
         overwrite: Recompute columns that already exist (otherwise they are skipped).
         batch_size: Examples per forward pass.
+        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
         dtype: Model dtype: float32, bfloat16, float16 or auto.
         accelerator: Lightning accelerator (cpu, gpu, auto).
         devices: Devices (processes) to use.
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
+        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     if projection_type not in PROJECTION_TYPES:
         raise ValueError(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."
         )
     checks.at_least(batch_size, 1, "--batch_size")
+    if max_batch_tokens is not None:
+        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
     check_dtype(dtype)
+    checks.device_map_alone(device_map, devices, strategy)
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
     checks.model_source(model)
@@ -96,8 +103,11 @@ def project(
         cosine=cosine,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
-    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size)
+    datamodule = ExampleDataModule(
+        examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+    )
     scores = predict_projections(
         projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
     )

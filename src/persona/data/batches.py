@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import BatchSampler
 
 from persona.data.examples import Example
 
@@ -68,6 +70,41 @@ def context_length(tokenizer) -> int | None:
 def length_sorted(items: list[TokenizedExample]) -> list[TokenizedExample]:
     """Longest first: batches of similar lengths waste little on padding, and memory peaks up front."""
     return sorted(items, key=lambda item: -len(item.input_ids))
+
+
+class TokenBudgetBatchSampler(BatchSampler):
+    """Batches of consecutive items whose padded size, rows x longest row, stays within ``max_batch_tokens``.
+
+    Items come in the order of ``sampler`` (longest first, see :func:`length_sorted`: then the first row of a
+    batch is its longest, and padding stays small); an item longer than the budget on its own forms its own
+    batch. A ``BatchSampler`` with ``sampler`` and ``drop_last`` arguments, so Lightning can hand it each
+    rank's share under DDP (its distributed sampler keeps the order, so every rank's batches stay sorted).
+    """
+
+    def __init__(
+        self, sampler: Iterable[int], max_batch_tokens: int, lengths: Sequence[int], drop_last: bool = False
+    ):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= 1.")
+        super().__init__(sampler, batch_size=1, drop_last=drop_last)
+        self.max_batch_tokens = max_batch_tokens
+        self.lengths = list(lengths)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        longest = 0
+        for index in self.sampler:
+            length = self.lengths[index]
+            if batch and max(longest, length) * (len(batch) + 1) > self.max_batch_tokens:
+                yield batch
+                batch, longest = [], 0
+            batch.append(index)
+            longest = max(longest, length)
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def collate(items: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 :class:`ExampleDataModule` takes examples already read; :class:`ResponseDataModule` reads them from
 scored CSVs or contrastive pairs (its init arguments are the config schema of ``persona predict``).
-Both tokenise once and batch longest-first with right padding; batches carry ``index`` = position in
-the examples, so predictions can be put back in input order.
+Both tokenise once and batch longest-first with right padding, by rows (``batch_size``) or by padded tokens
+(``max_batch_tokens``); batches carry ``index`` = position in the examples, so predictions can be put back in
+input order.
 """
 
 from __future__ import annotations
@@ -12,26 +13,39 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 
-from persona.data.batches import collate, length_sorted, tokenize_examples
+from persona.data.batches import TokenBudgetBatchSampler, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, contrastive_pair_examples, scored_csv_examples
 from persona.models import DEFAULT_MODEL, load_tokenizer
 
 
 class ExampleDataModule(L.LightningDataModule):
-    """Already-read examples, tokenised once, batched longest-first with right padding."""
+    """Already-read examples, tokenised once, batched longest-first with right padding.
+
+    ``max_batch_tokens``: instead of ``batch_size`` rows, as many rows as fit in this many padded tokens
+    (rows x longest row): short examples go many to a batch, long ones few, so a GPU stays busy without
+    running out of memory on the longest batch. Results are the same either way (tests).
+    """
 
     def __init__(
-        self, examples: list[Example], tokenizer, batch_size: int = 8, max_length: int | None = None
+        self,
+        examples: list[Example],
+        tokenizer,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_batch_tokens: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= 1.")
         self.examples = examples
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        self.max_batch_tokens = max_batch_tokens
 
     def load_examples(self) -> list[Example]:
         return self.examples
@@ -41,12 +55,12 @@ class ExampleDataModule(L.LightningDataModule):
         self.items = length_sorted(tokenize_examples(examples, self.tokenizer, max_length=self.max_length))
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.items,
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
+        collate_fn = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+        if self.max_batch_tokens is None:
+            return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=collate_fn)
+        lengths = [len(item.input_ids) for item in self.items]
+        sampler = TokenBudgetBatchSampler(SequentialSampler(self.items), self.max_batch_tokens, lengths)
+        return DataLoader(self.items, batch_sampler=sampler, collate_fn=collate_fn)
 
 
 class ResponseDataModule(ExampleDataModule):
@@ -69,6 +83,7 @@ class ResponseDataModule(ExampleDataModule):
         batch_size: int = 8,
         max_length: int | None = None,
         trust_remote_code: bool = False,
+        max_batch_tokens: int | None = None,
     ):
         """
         Args:
@@ -83,8 +98,11 @@ class ResponseDataModule(ExampleDataModule):
             batch_size: Examples per forward pass.
             max_length: Cut prompt+response to this many tokens (default: the model's context), with a warning.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
+            max_batch_tokens: Batch by padded tokens (rows x longest row) instead of batch_size rows.
         """
-        super().__init__(None, None, batch_size=batch_size, max_length=max_length)
+        super().__init__(
+            None, None, batch_size=batch_size, max_length=max_length, max_batch_tokens=max_batch_tokens
+        )
         if pairs_path is None and (pos_path is None or neg_path is None):
             raise ValueError("Give pos_path and neg_path (scored CSVs) or pairs_path (contrastive pairs).")
         if pairs_path is None and trait is None and not no_filter:

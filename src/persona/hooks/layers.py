@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # Attribute paths from the causal-LM wrapper to its block list, most common first.
@@ -33,8 +34,27 @@ class DecoderLayout:
         return len(self.blocks)
 
     def layer_device(self, layer: int):
-        """The device of the residual stream at ``layer`` (models split across GPUs have several)."""
-        return next(self.blocks[max(layer - 1, 0)].parameters()).device
+        """The device of the residual stream at ``layer`` (models split across GPUs have several).
+
+        A block that accelerate offloads (``device_map`` with ``cpu``/``disk`` entries) keeps its weights on the
+        meta device between calls and runs on its hook's ``execution_device``: that is where the stream is.
+        """
+        block = self.blocks[max(layer - 1, 0)]
+        execution = _execution_device(block)
+        if execution is not None:
+            return torch.device(execution)
+        return next(block.parameters()).device
+
+
+def _execution_device(block: nn.Module):
+    """Where accelerate runs ``block`` (its hooks sit on the block or on its submodules), or None."""
+    for module in block.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
+            device = getattr(part, "execution_device", None)
+            if device is not None:
+                return device
+    return None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -4,6 +4,10 @@ transformers has renamed the decoder stack's cache argument before (``past_key_v
 in 5.24), and a tracker that read one keyword took every decode step for a prefill pass. Here the cache
 is found by its type among *all* arguments, and the 2D attention mask (past + current columns) must tell
 the same story: a disagreement is an error, never a guess.
+
+Nothing here reads a value off the device while ``torch.compile`` traces a forward (transformers compiles the
+decode steps of a static-cache ``generate``): a read would split the graph (or, with ``fullgraph``, sync the
+host every step). See :func:`cached_tokens` for what is known without one.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def find_cache(args: Iterable[Any], kwargs: Mapping[str, Any]) -> Any | None:
 
 
 def cache_length(cache: Any | None) -> int:
-    """Tokens already held by ``cache`` (0 for no cache)."""
+    """Tokens already held by ``cache`` (0 for no cache); reads a static cache's counter off the device."""
     if cache is None:
         return 0
     if _is_legacy_cache(cache):
@@ -70,22 +74,47 @@ def cache_length(cache: Any | None) -> int:
     return int(cache.get_seq_length())
 
 
-def find_attention_mask(bound: Mapping[str, Any]) -> torch.Tensor | None:
-    """The padding mask the stack was called with: ``[batch, past + current]`` (2D) or a caller-built 4D mask."""
-    mask = bound.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) else None
+def cached_tokens(cache: Any | None) -> int | bool | None:
+    """How much ``cache`` holds, as far as it is known without a device read: None (no cache), a count, or True.
+
+    Dynamic and legacy caches know their length on the host. A static cache keeps its counter in a device
+    tensor: a cache none of whose layers was ever written holds nothing (no read needed); otherwise, outside
+    ``torch.compile``, the counter is read. Inside a compiled forward it is not read: transformers compiles only
+    the decode steps of ``generate``, after an eager prefill wrote the cache, so a written static cache there
+    holds tokens (True, count unknown). A test pins that transformers behaviour; chunked prefill, which compiles
+    prompt chunks too, is refused by the fast generation path for this reason.
+    """
+    if cache is None:
+        return None
+    if _is_legacy_cache(cache):
+        return int(cache[0][0].shape[-2])
+    layers = getattr(cache, "layers", None)
+    if (
+        isinstance(layers, (list, tuple))
+        and layers
+        and not any(getattr(layer, "is_initialized", True) for layer in layers)
+    ):
+        return 0
+    length = cache.get_seq_length()
+    if not isinstance(length, torch.Tensor):
+        return int(length)
+    if torch.compiler.is_compiling():
+        return True
+    return int(length)
 
 
 def decide_prefill(
-    *, cache_tokens: int | None, mask: torch.Tensor | None, seq_len: int, model_name: str
+    *, cache_tokens: int | bool | None, mask: Any | None, seq_len: int, model_name: str
 ) -> bool | str:
     """True for a prefill pass, False for a cached decode step, or an error message when the signals disagree.
 
-    ``cache_tokens`` is None when no cache was found among the arguments. A 2D ``mask`` covers the past
-    and the current positions, so ``mask columns - seq_len`` is the number of earlier tokens.
+    ``cache_tokens`` (from :func:`cached_tokens`) is None when no cache was found among the arguments, True when
+    the cache holds an unread number of tokens. A 2D ``mask`` covers the past and the current positions, so
+    ``mask columns - seq_len`` is the number of earlier tokens; other masks (4D, dicts) say nothing about it.
     """
     cache_says_past = None if cache_tokens is None else cache_tokens > 0
-    mask_past = mask.shape[-1] - seq_len if mask is not None and mask.dim() == 2 else None
+    is_2d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    mask_past = mask.shape[-1] - seq_len if is_2d else None
     mask_says_past = None if mask_past is None else mask_past > 0
     if cache_says_past is None and mask_says_past is None:
         return True  # no cache and no padding mask: a plain forward over the whole sequence
@@ -99,11 +128,12 @@ def decide_prefill(
 def _disagreement(model_name: str, cache_tokens: int | None, mask_past: int | None) -> str:
     import transformers
 
-    cache = (
-        "no KV cache was found among its arguments"
-        if cache_tokens is None
-        else (f"the KV cache among its arguments holds {cache_tokens} tokens")
-    )
+    if cache_tokens is None:
+        cache = "no KV cache was found among its arguments"
+    elif cache_tokens is True:
+        cache = "the KV cache among its arguments holds tokens"
+    else:
+        cache = f"the KV cache among its arguments holds {cache_tokens} tokens"
     return (
         f"Cannot tell a prefill pass from a cached decode step in {model_name} (transformers "
         f"{transformers.__version__}): {cache}, but the attention mask implies {mask_past} earlier tokens. "

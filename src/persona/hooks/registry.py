@@ -10,12 +10,13 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from persona.hooks.layers import DecoderLayout, check_layer, locate_blocks
-from persona.hooks.phase import PhaseError, cache_length, decide_prefill, find_attention_mask, find_cache
+from persona.hooks.phase import PhaseError, cached_tokens, decide_prefill, find_cache
 
 HookFn = Callable[[torch.Tensor, "ForwardState"], torch.Tensor | None]
 
@@ -33,10 +34,18 @@ class ForwardState:
     positions by phase rather than by absolute token index keeps steering right under KV caching.
     The phase is decided from the cache found by type and the mask's length (see :mod:`persona.hooks.phase`);
     reading ``prefill`` when they disagree raises :class:`PhaseError` instead of steering the wrong tokens.
+
+    ``prompt_mask`` is set by a caller that builds the batch (``generate_steered``, the fast generation path):
+    the 2D padding mask ``[batch, prompt_len]`` of the prompts it passes to ``generate``. It is used only at
+    prefill, only when the forward's own mask is not 2D (a static cache makes transformers pass 4D masks), and
+    only when its shape is the forward's ``[batch, seq]``: it is never guessed from a 4D mask.
     """
 
-    attention_mask: torch.Tensor | None = None  # [batch, total_seq] (past + current positions)
+    attention_mask: Any = (
+        None  # [batch, total_seq] (past + current positions), or a 4D tensor / dict of masks
+    )
     phase: bool | str = True  # True prefill, False decode, str: why it is unknown
+    prompt_mask: torch.Tensor | None = None  # [batch, prompt_len], set by the caller that built the batch
 
     @property
     def prefill(self) -> bool:
@@ -44,20 +53,31 @@ class ForwardState:
             raise PhaseError(self.phase)
         return self.phase
 
-    def padding_mask(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    def padding_mask(
+        self, seq_len: int, device: torch.device, batch: int | None = None
+    ) -> torch.Tensor | None:
         """bool [batch, seq_len]: real (non-pad) tokens among the current positions; None if unknown.
 
-        A caller-built 4D mask says nothing simple about padding, so it counts as unknown.
+        From the forward's 2D mask, else (at prefill) from ``prompt_mask`` when it is ``[batch, seq_len]``.
+        A caller-built 4D mask says nothing simple about padding, so without a prompt mask it counts as unknown.
         """
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2:
-            return None
-        return mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        prompt = self.prompt_mask
+        if (
+            prompt is not None
+            and self.phase is True
+            and prompt.shape[-1] == seq_len
+            and (batch is None or prompt.shape[0] == batch)
+        ):
+            return prompt.to(device=device, dtype=torch.bool)
+        return None
 
-    def last_token_mask(self, seq_len: int, device: torch.device) -> torch.Tensor:
+    def last_token_mask(self, seq_len: int, device: torch.device, batch: int | None = None) -> torch.Tensor:
         """bool [batch or 1, seq_len]: the last real token of each row, whichever side the padding is on."""
         positions = torch.arange(seq_len, device=device)
-        mask = self.padding_mask(seq_len, device)
+        mask = self.padding_mask(seq_len, device, batch)
         if mask is None:
             return (positions == seq_len - 1).unsqueeze(0)
         last = seq_len - 1 - mask.flip(-1).to(torch.long).argmax(dim=-1)
@@ -71,20 +91,41 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
     raise PhaseError("The first decoder block was called without a [batch, seq, hidden] tensor.")
 
 
+def _mask_reader(stack: nn.Module) -> Callable[[tuple, dict], Any]:
+    """``(args, kwargs) -> attention_mask`` for calls of ``stack``, by keyword or by its position in the signature.
+
+    Looked up once here rather than with ``inspect.Signature.bind`` on every forward: ``torch.compile`` traces
+    the hooks of a compiled forward, and binding a signature inside the trace is not supported.
+    """
+    index = None
+    try:
+        parameters = list(inspect.signature(stack.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for position, parameter in enumerate(parameters):
+        if parameter.name == "attention_mask" and parameter.kind in positional:
+            index = position
+
+    def read(args: tuple, kwargs: dict) -> Any:
+        if "attention_mask" in kwargs:
+            return kwargs["attention_mask"]
+        if index is not None and len(args) > index:
+            return args[index]
+        return None
+
+    return read
+
+
 def _state_trackers(layout: DecoderLayout, state: ForwardState):
     """Pre-hooks for the stack (what the forward carries) and block 0 (how many positions it computes)."""
-    signature = inspect.signature(layout.stack.forward)
+    read_mask = _mask_reader(layout.stack)
     model_name = type(layout.model).__name__
     seen: dict = {}
 
     def stack_pre_hook(module, args, kwargs):
-        try:
-            bound = signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = kwargs
-        cache = find_cache(args, kwargs)
-        seen["cache_tokens"] = None if cache is None else cache_length(cache)
-        state.attention_mask = find_attention_mask(bound)
+        seen["cache_tokens"] = cached_tokens(find_cache(args, kwargs))
+        state.attention_mask = read_mask(args, kwargs)
 
     def block_pre_hook(module, args, kwargs):
         seq_len = _first_tensor(args, kwargs).shape[1]
@@ -154,14 +195,16 @@ def block_hooks(
     hooks: Iterable[tuple[int, HookFn]] = (),
     *,
     stop_after_layer: int | None = None,
+    state: ForwardState | None = None,
 ) -> Iterator[DecoderLayout]:
     """Attach ``(layer, fn)`` hooks for the duration of the block; removed even on exceptions.
 
     Hooks at the same layer run in the order given. ``stop_after_layer=L`` raises
     :class:`StopForward` once layer L is computed (use :func:`forward_until` to call the model).
+    ``state``: a :class:`ForwardState` of the caller's (to set ``prompt_mask`` per batch); a fresh one by default.
     """
     layout = locate_blocks(model)
-    state = ForwardState()
+    state = ForwardState() if state is None else state
     stack_tracker, block_tracker = _state_trackers(layout, state)
     handles = [
         layout.stack.register_forward_pre_hook(stack_tracker, with_kwargs=True),

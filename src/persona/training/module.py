@@ -190,6 +190,8 @@ class LoRAFineTune(L.LightningModule):
         )
         self.model = get_peft_model(base, config)  # freezes the base, adapters in float32
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as found
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: shard with FSDP2
+            self._fully_shard(self.device_mesh)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         log.info(
@@ -199,6 +201,30 @@ class LoRAFineTune(L.LightningModule):
             total,
             100 * trainable / total,
         )
+
+    def _fully_shard(self, mesh) -> None:
+        """FSDP2 (``fully_shard``) per decoder block, then the whole model, over the data-parallel mesh.
+
+        The module tree stays as it was (blocks become ``FSDP<Block>`` subclasses), so :mod:`persona.hooks` finds
+        the blocks and the steering/ablation/monitor callbacks hook them as usual; frozen base weights and
+        float32 adapters shard together. Tensor parallelism is not supported.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        from persona.hooks import locate_blocks
+
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "persona fit shards LoRA fine-tuning with FSDP2 only. Fix: "
+                "ModelParallelStrategy(tensor_parallel_size=1, data_parallel_size=<devices>)."
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        layout = locate_blocks(self.model)
+        for block in layout.blocks:
+            fully_shard(block, mesh=data_parallel)
+        # The root is the transformers model under PEFT: its generate() calls it directly, not the PeftModel, and
+        # FSDP2 gathers the root's own weights (embeddings, head) only when the root module itself is called.
+        fully_shard(layout.model, mesh=data_parallel)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -301,7 +327,9 @@ class LoRAFineTune(L.LightningModule):
         checkpoint["adapter_only"] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # ModelParallelStrategy (FSDP2) loads the weights itself and takes them out first
+            return
         expected = self._trainable_keys()
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if checkpoint.get("adapter_only") and (missing or unexpected):
@@ -318,12 +346,42 @@ class LoRAFineTune(L.LightningModule):
             return Path(self.hparams.adapter_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
 
+    def _adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors whole, named as in the PEFT model; every rank must call it (FSDP gathers here).
+
+        FSDP2 (ModelParallelStrategy) keeps each parameter as a ``DTensor`` shard: ``full_tensor()`` gathers it.
+        FSDP1 (FSDPStrategy) keeps flat shards: ``summon_full_params`` on Lightning's FSDP root gathers them (on
+        CPU, for rank 0 only).
+        """
+        from contextlib import nullcontext
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = getattr(self.trainer.strategy, "model", None)
+        gather = (
+            FullyShardedDataParallel.summon_full_params(
+                root, writeback=False, rank0_only=True, offload_to_cpu=True
+            )
+            if isinstance(root, FullyShardedDataParallel)
+            else nullcontext()
+        )
+        state = {}
+        with gather:
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                        name = name.replace(wrapper, "")  # FSDP1 units and activation checkpointing
+                    state[name] = full.detach().clone()
+        return state
+
     def on_train_end(self) -> None:
+        state = self._adapter_state_dict()  # on every rank: under FSDP the shards are gathered here
         if not self.trainer.is_global_zero:
             return
         self._check_adapter_finite()
         target = self.resolved_adapter_dir()
-        self.model.save_pretrained(target)
+        self.model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)
         log.warning(
             "Saved the LoRA adapter to %s (load with peft.PeftModel.from_pretrained(base, %r))",

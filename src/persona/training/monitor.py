@@ -90,6 +90,15 @@ def read_monitor_prompts(
     return [e.prompt for e in examples], [e.response for e in examples]
 
 
+def parameters_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are split across ranks (FSDP2 ``DTensor`` parameters, or FSDP1 wrappers)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters()) or any(
+        type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()
+    )
+
+
 class ActivationMonitor(Callback):
     """Projection of the model's activations on persona vectors during fine-tuning.
 
@@ -327,11 +336,11 @@ class ActivationMonitor(Callback):
                 out: dict[str, list[Tensor]] = {kind: [] for kind in self.kinds}
                 vectors, layers, hidden = self._units.shape
                 target_layers = self.layers * vectors  # target (v, l) at v * layers + l
-                for batch in self._rank_batches(trainer, pl_module):
+                for batch, keep in self._rank_batches(trainer, pl_module):
                     scores = example_projections(
                         model, batch, target_layers, self._units.reshape(-1, hidden), self.kinds
                     )
-                    for kind in self.kinds:
+                    for kind in self.kinds if keep else ():
                         out[kind].append(scores[kind].view(-1, vectors, layers))
         finally:
             for module, mode in modes.items():
@@ -341,21 +350,35 @@ class ActivationMonitor(Callback):
             kind: torch.cat(parts) if parts else self._units.new_empty(shape) for kind, parts in out.items()
         }
 
-    def _rank_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[dict[str, Tensor]]:
+    def _rank_batches(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> Iterator[tuple[dict[str, Tensor], bool]]:
+        """This rank's batches, each with whether to keep its scores.
+
+        Under FSDP every forward gathers weights from all ranks, so every rank must run as many forwards: a rank
+        with fewer prompts runs filler batches (scores dropped) and generation runs with ``synced_gpus``.
+        """
         tokenizer = pl_module.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = self._units.device
         shard = length_sorted(self._tokenized[trainer.global_rank :: trainer.world_size])
         chunks = [shard[start : start + self.batch_size] for start in range(0, len(shard), self.batch_size)]
+        keep = [True] * len(chunks)
+        synced = trainer.world_size > 1 and parameters_sharded(pl_module.model)
+        if synced:
+            most = math.ceil(math.ceil(len(self._tokenized) / trainer.world_size) / self.batch_size)
+            filler = [self._tokenized[0]]
+            chunks += [filler] * (most - len(chunks))
+            keep += [False] * (most - len(keep))
         if not self._generate:
             if self._batches is None:  # tokenised once in setup, collated and moved once
                 self._batches = [
                     {k: t.to(device) for k, t in collate(chunk, pad_id).items()} for chunk in chunks
                 ]
-            yield from self._batches
+            yield from zip(self._batches, keep, strict=True)
             return
         stop = {tokenizer.eos_token_id, pad_id} - {None}
-        for chunk in chunks:
+        for chunk, kept in zip(chunks, keep, strict=True):
             input_ids, attention_mask = left_pad([item.input_ids for item in chunk], pad_id)
             generated = pl_module.model.generate(
                 input_ids=input_ids.to(device),
@@ -363,12 +386,13 @@ class ActivationMonitor(Callback):
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
+                synced_gpus=synced,
             )
             items = []
             for item, new in zip(chunk, generated[:, input_ids.shape[1] :].tolist(), strict=True):
                 cut = next((i for i, token in enumerate(new) if token in stop), len(new))
                 items.append(TokenizedExample(item.input_ids + new[:cut], item.prompt_len, 0, item.index))
-            yield {k: t.to(device) for k, t in collate(items, pad_id).items()}
+            yield {k: t.to(device) for k, t in collate(items, pad_id).items()}, kept
 
     def _gather(self, trainer: L.Trainer, local: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every rank's rows (NaN-padded to equal length, so ``all_gather`` works; NaNs are not counted)."""

@@ -1,0 +1,38 @@
+"""Models split across devices (``device_map``) inside Lightning's predict loops.
+
+Lightning moves a LightningModule, and everything in it, to one device, and sends batches there. A model that
+accelerate spread over several GPUs (``device_map="auto"``, for a model larger than one) must stay where it was
+placed: :class:`KeepsDevicePlacement` leaves it alone when the module is moved and sends batches to the device of
+its input embeddings; each block's hooks then read the residual stream on that block's device.
+"""
+
+from __future__ import annotations
+
+from persona.hardware import input_device
+from persona.hooks import unwrap_model
+
+
+def split_across_devices(model) -> bool:
+    """Whether accelerate placed ``model``'s modules on more than one device."""
+    device_map = getattr(unwrap_model(model), "hf_device_map", None) or {}
+    return len({str(device) for device in device_map.values()}) > 1
+
+
+class KeepsDevicePlacement:
+    """Mixin for a LightningModule whose ``self.model`` may be placed across devices by ``device_map``."""
+
+    def _apply(self, fn, recurse=True):
+        model = self._modules.get("model")
+        if model is None or not split_across_devices(model):
+            return super()._apply(fn, recurse)
+        self._modules["model"] = None  # moved by nobody: accelerate placed it
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules["model"] = model
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        model = self._modules.get("model")
+        if model is not None and split_across_devices(model):
+            device = input_device(model)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
