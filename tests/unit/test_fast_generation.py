@@ -56,7 +56,8 @@ def hook_count(model) -> int:
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("mode", ["static", "compile"])
+# The compiled variant costs ~2 s a case (torch.compile): in the full suite (`slow`), not the fast tier.
+@pytest.mark.parametrize("mode", ["static", pytest.param("compile", marks=pytest.mark.slow)])
 def test_fast_path_gives_the_plain_paths_steered_tokens(tiny_model, tokenizer, positions, mode):
     input_ids, attention_mask = left_padded(tokenizer)
     specs = specs_for(positions)
