@@ -9,7 +9,7 @@ shipped traits (likelihood score, 10 test items, coefs -2 / -1 / 0 / +1 / +2), e
     extraversion       0.456 0.515 0.577 0.638 0.690     narcissism         0.312 0.343 0.379 0.419 0.462
     agreeableness      0.438 0.464 0.494 0.529 0.565     psychopathy        0.213 0.244 0.292 0.348 0.394
 
-(sem 0.02-0.05). The two tested here are a Big Five and a Dark Triad trait with large, clean rises.
+(sem 0.02-0.05). The one tested here is a Big Five trait with a large, clean rise (the demo sweeps psychopathy).
 """
 
 import pandas as pd
@@ -17,7 +17,7 @@ import pytest
 
 from persona.commands.personality import personality
 
-TRAITS = ("psychopathy", "extraversion")
+TRAITS = ("extraversion",)
 COEFS = (-2.0, 0.0, 2.0)
 
 

@@ -56,8 +56,7 @@ def hook_count(model) -> int:
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
-# The compiled variant costs ~2 s a case (torch.compile): in the full suite (`slow`), not the fast tier.
-@pytest.mark.parametrize("mode", ["static", pytest.param("compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["static"])
 def test_fast_path_gives_the_plain_paths_steered_tokens(tiny_model, tokenizer, positions, mode):
     input_ids, attention_mask = left_padded(tokenizer)
     specs = specs_for(positions)
@@ -74,6 +73,19 @@ def test_fast_path_gives_the_plain_paths_steered_tokens(tiny_model, tokenizer, p
     assert torch.equal(steered, expected)
     assert torch.equal(plain, unsteered)
     assert hook_count(tiny_model) == hooks_before
+
+
+@pytest.mark.slow  # ~2 s a case (torch.compile); the static path runs on every architecture above
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize(
+    "arch", ["llama", "gpt2"]
+)  # a 2D-mask and a 4D-mask architecture under a static cache
+def test_compiled_fast_path_gives_the_plain_paths_steered_tokens(tokenizer, arch, positions):
+    from conftest import build_tiny_model
+
+    test_fast_path_gives_the_plain_paths_steered_tokens(
+        build_tiny_model(arch, len(tokenizer)), tokenizer, positions, "compile"
+    )
 
 
 def test_generate_steered_fast_equals_plain_across_batches(tiny_llama, tokenizer):
