@@ -71,14 +71,14 @@ def versions(python: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("envs", nargs="*", default=["oldest", "newest"], choices=["oldest", "newest"])
+    parser.add_argument("envs", nargs="*", choices=["oldest", "newest"], help="default: both")
     parser.add_argument("--dir", type=Path, default=ROOT / ".compat", help="where the environments live")
     parser.add_argument(
         "--keep", action="store_true", help="reuse existing environments instead of rebuilding"
     )
     args = parser.parse_args()
     rows = []
-    for name in args.envs:
+    for name in args.envs or ["oldest", "newest"]:
         root = args.dir / name
         if root.exists() and not args.keep:
             subprocess.run(["rm", "-rf", str(root)], check=True)
