@@ -71,12 +71,15 @@ def versions(python: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("envs", nargs="*", choices=["oldest", "newest"], help="default: both")
+    parser.add_argument("envs", nargs="*", help="oldest and/or newest (default: both)")
     parser.add_argument("--dir", type=Path, default=ROOT / ".compat", help="where the environments live")
     parser.add_argument(
         "--keep", action="store_true", help="reuse existing environments instead of rebuilding"
     )
     args = parser.parse_args()
+    unknown = set(args.envs) - {"oldest", "newest"}
+    if unknown:
+        parser.error(f"unknown environment(s) {sorted(unknown)}: choose oldest and/or newest")
     rows = []
     for name in args.envs or ["oldest", "newest"]:
         root = args.dir / name
