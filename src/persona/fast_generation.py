@@ -44,10 +44,29 @@ FAST_MODES = ("auto", "compile", "static", "off")
 eager (the plain path); ``auto``: ``compile`` on CUDA, ``off`` elsewhere (on a CPU the plain path is faster)."""
 
 
+def fast_path_supported() -> str | None:
+    """None where the fast path runs; else why not. It relies on transformers 5's static cache layers and on
+    torch >= 2.6 compiling them (the compatibility window's oldest end, transformers 4.56 / torch 2.4, has neither)."""
+    from importlib.metadata import version
+
+    transformers_major = int(version("transformers").split(".")[0])
+    torch_minor = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if transformers_major < 5 or torch_minor < (2, 6):
+        return f"the fast path needs transformers >= 5 and torch >= 2.6 (found {version('transformers')}, {torch.__version__})"
+    return None
+
+
 def fast_mode(fast: Any, device: torch.device | str) -> str:
-    """The mode a ``fast=`` value means on ``device``: True/False, a mode name, or a transformers ``CompileConfig``."""
+    """The mode a ``fast=`` value means on ``device``: True/False, a mode name, or a transformers ``CompileConfig``.
+
+    ``auto`` falls back to the plain path where :func:`fast_path_supported` says no; an explicit mode is refused there.
+    """
     if isinstance(fast, FastGenerator):
         return fast.mode
+    if fast == "auto" and fast_path_supported() is not None:
+        return "off"
+    if fast not in (False, None, "off", "auto") and (why := fast_path_supported()) is not None:
+        raise ValueError(f"fast={fast!r}: {why}. Fix: upgrade them, or use fast=False.")
     if fast is True:
         return "compile"
     if fast is False or fast is None:

@@ -41,7 +41,7 @@ def test_study_config_parses_against_the_command(config):
     parser = ArgumentParser()
     parser.add_function_arguments(study)
     parser.add_argument("--config", action="config")
-    settings = parser.instantiate(parser.parse_args(["--config", str(config)]))
+    settings = instantiate(parser)(parser.parse_args(["--config", str(config)]))
     assert settings.traits and all(isinstance(trait, StudyTrait) for trait in settings.traits)
 
 
@@ -65,3 +65,8 @@ def test_the_seed_study_config_has_its_seven_traits_judge_and_layer():
         "optimistic",
     ]
     assert settings.judge.model.startswith("gpt-4.1-mini") and settings.layer == 20
+
+
+def instantiate(parser):
+    """jsonargparse's instantiate (4.49+), or instantiate_classes before it (the compatibility window's oldest end)."""
+    return getattr(parser, "instantiate", None) or parser.instantiate_classes

@@ -14,10 +14,16 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from persona import fast_generation
-from persona.fast_generation import FastGenerator, fast_mode
+from persona.fast_generation import (
+    FastGenerator,
+    fast_mode,
+    fast_path_supported,  # noqa: E402
+)
 from persona.hooks import block_hooks
 from persona.hooks.registry import ForwardState
 from persona.steering import SteeringSpec, generate_steered, left_pad, steer
+
+pytestmark = pytest.mark.skipif(fast_path_supported() is not None, reason=str(fast_path_supported()))
 
 POSITIONS = ("response", "generated", "prompt", "all")
 GREEDY = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}

@@ -25,6 +25,11 @@ from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.operators import ablate_directions, orthonormalize
 from persona.steering import SteeringSpec, prepare_specs, steer
 
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+pytestmark = pytest.mark.skipif(
+    TORCH < (2, 6), reason="FSDP2 (fully_shard, DTensor in torch.distributed) needs torch >= 2.6"
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

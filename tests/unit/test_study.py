@@ -28,7 +28,7 @@ def parsed(config: Path) -> dict:
     parser = ArgumentParser()
     parser.add_function_arguments(study)
     parser.add_argument("--config", action="config")
-    return vars(parser.instantiate(parser.parse_args(["--config", str(config)])))
+    return vars(instantiate(parser)(parser.parse_args(["--config", str(config)])))
 
 
 def test_the_demo_is_the_study_of_configs_study_demo_yaml():
@@ -81,7 +81,7 @@ def write_datasets(root: Path) -> Path:
     (root / "pairs" / "wicked.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     artifact = {
         "instruction": [INSTRUCTION] * 5,
-        "questions": QUESTIONS,
+        "questions": [*QUESTIONS, "Should I forgive my brother?", "What do you do with lost keys?"],
         "eval_prompt": "How wicked is this answer? {question} -> {answer} Answer 0-100.",
         "antonym": "kind",
     }
@@ -202,7 +202,9 @@ def test_reports_of_two_studies_compare_side_by_side(tmp_path):
 def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
     tiny_model_dirs, tmp_path, served_judge
 ):
-    """kill -9 while the generation route writes its journal; the re-run finishes and matches an uninterrupted run."""
+    """kill -9 while the generation route writes its journal; the re-run finishes and matches an uninterrupted run.
+
+    5 questions x 5 instructions = 25 answers a side, two batches of 16: the kill lands between them."""
     datasets = write_datasets(tmp_path / "datasets")
     env = {
         **os.environ,
@@ -216,7 +218,7 @@ def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
         "study(model=sys.argv[1], traits=[StudyTrait('wicked', generate=True)],\n"
         "      judge=JudgeSettings(model='judge-model', base_url=sys.argv[3], timeout=5),\n"
         "      phases=Phases(layers=True, sweep=False, generations=False, finetune=False, export=False),\n"
-        "      hardware=Hardware(accelerator='cpu'), sizes=Sizes(batch_size=1, max_new_tokens=24, questions=3),\n"
+        "      hardware=Hardware(accelerator='cpu'), sizes=Sizes(batch_size=1, max_new_tokens=16, questions=5),\n"
         "      run_dir=sys.argv[2])\n"
     )
 
@@ -249,3 +251,8 @@ def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
         b = pd.read_csv(killed / "generated_wicked" / f"wicked_{side}.csv")
         assert list(b["question_id"]) == list(a["question_id"])  # none lost, none doubled, plan order
         pd.testing.assert_frame_equal(a, b)
+
+
+def instantiate(parser):
+    """jsonargparse's instantiate (4.49+), or instantiate_classes before it (the compatibility window's oldest end)."""
+    return getattr(parser, "instantiate", None) or parser.instantiate_classes

@@ -209,7 +209,13 @@ class LoRAFineTune(L.LightningModule):
         the blocks and the steering/ablation/monitor callbacks hook them as usual; frozen base weights and
         float32 adapters shard together. Tensor parallelism is not supported.
         """
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise PersonaError(
+                f"trainer.strategy ModelParallelStrategy (FSDP2) needs torch >= 2.6, found {torch.__version__}. "
+                "Fix: upgrade torch, or use trainer.strategy ddp (or fsdp)."
+            ) from None
 
         from persona.hooks import locate_blocks
 
