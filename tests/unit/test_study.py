@@ -42,16 +42,17 @@ def test_the_demo_is_the_study_of_configs_study_demo_yaml():
 
 
 def test_a_trait_without_pairs_and_without_generation_is_refused_before_any_model_loads(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, tiny_model_dirs
 ):
     import persona.models
 
     monkeypatch.setattr(persona.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    model = tiny_model_dirs["llama"]  # the unit tier never needs the embedded model's wheel
     with pytest.raises(ValueError, match=r"'apathetic' has no contrastive pairs.*generate: true"):
-        study(model="smollm2-135m", traits=[StudyTrait("apathetic")], run_dir=str(tmp_path / "run"))
+        study(model=model, traits=[StudyTrait("apathetic")], run_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="judge.min_mass applies to local judges only"):
         study(
-            model="smollm2-135m",
+            model=model,
             traits=[StudyTrait("evil")],
             judge=JudgeSettings(model="gpt-4.1-mini", min_mass=0.0),
             run_dir=str(tmp_path / "run"),
