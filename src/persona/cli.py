@@ -119,7 +119,8 @@ def run_lightning_cli(argv: list[str]) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        # LightningCLI warns when given the process's own argv; it reads that itself.
+        args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
     )
 

@@ -18,8 +18,21 @@ class PersonaError(ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, json.JSONDecodeError)
 
 
+# How jsonargparse (under LightningCLI) wraps an error raised while it instantiates a config's classes:
+# the wrapper's text is a dump of the namespace, the user's message is its cause.
+WRAPPER_PREFIXES = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+
+
+def user_facing(error: BaseException) -> BaseException:
+    """The error whose message is meant for the user: wrappers that only re-raise with a dump are skipped."""
+    while isinstance(error.__cause__, Exception) and str(error).startswith(WRAPPER_PREFIXES):
+        error = error.__cause__
+    return error
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (library messages sometimes span several)."""
+    error = user_facing(error)
     text = " ".join(str(error).split())
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"

@@ -227,3 +227,35 @@ def test_project_keeps_the_mode_of_the_file_it_rewrites(work, tmp_path):
         stat.S_IMODE(data.stat().st_mode) == 0o644
         and "evil_response_avg_diff_proj_layer1" in data.read_text()
     )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("--data.batch_size=0", r"data\.batch_size=0: must be at least 1\. Fix:"),
+     ("--data.max_length=1", r"data\.max_length=1: must be at least 2 tokens\. Fix:")],
+)  # fmt: skip
+def test_fit_names_the_bad_config_field_not_jsonargparse_dump(work, tmp_path, override, message):
+    """LightningCLI's parser wraps the data module's error in a dump of the namespace; the user sees ours."""
+    import re
+
+    root, files = work
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        )
+        + "\n"
+    )
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "seed_everything: 0\nmodel:\n  class_path: persona.training.LoRAFineTune\n  init_args:\n"
+        f"    model: {files['model']}\n"
+        "data:\n  class_path: persona.training.ChatDataModule\n  init_args:\n"
+        f"    train_files: [{chat}]\n    model: {files['model']}\n"
+        "trainer:\n  accelerator: cpu\n  max_steps: 1\n  logger: false\n"
+    )
+    code, out, err, _ = persona(["fit", "-c", config, override], tmp_path, HF_HUB_OFFLINE="1")
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert code == 1, (out, err)
+    assert len(lines) == 1 and "Namespace(" not in err and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
