@@ -202,7 +202,9 @@ class ChatDataModule(L.LightningDataModule):
                 f"val_fraction={val_fraction} must be in [0, 1). Fix: e.g. 0.1, or 0 for no validation."
             )
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size}: must be at least 1. Fix: e.g. --data.batch_size 4.")
+            raise ValueError(
+                f"data.batch_size={batch_size}: must be at least 1. Fix: e.g. --data.batch_size 4."
+            )
         if max_length < 2:
             raise ValueError(
                 f"data.max_length={max_length}: must be at least 2 tokens. Fix: e.g. --data.max_length 512."
