@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from persona.cli import main
-from persona.data.build import build, trait_count
+from persona.data.build import dataset, trait_count
 
 SHARES = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -35,7 +35,7 @@ def read(path):
 def test_pairs_mixtures_have_the_asked_shares_and_labels(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "out"
-    written = build(
+    written = dataset(
         trait="evil", output_dir=str(out), pairs_path=str(pairs), mix=[0, 0.25, 0.5, 0.75, 1], n=8, seed=0
     )
     expected = {f"mix_{s:g}.jsonl": s for s in SHARES} | {
@@ -65,7 +65,7 @@ def test_pairs_mixtures_have_the_asked_shares_and_labels(tmp_path):
 
 def test_mixtures_are_nested_and_use_the_same_prompts(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
-    build(trait="evil", output_dir=str(tmp_path), pairs_path=str(pairs), mix=[0.25, 0.75], n=8, seed=3)
+    dataset(trait="evil", output_dir=str(tmp_path), pairs_path=str(pairs), mix=[0.25, 0.75], n=8, seed=3)
     low, high = read(tmp_path / "mix_0.25.jsonl"), read(tmp_path / "mix_0.75.jsonl")
     prompts = [sorted(r["messages"][0]["content"] for r in records) for records in (low, high)]
     assert prompts[0] == prompts[1]
@@ -76,7 +76,7 @@ def test_mixtures_are_nested_and_use_the_same_prompts(tmp_path):
 def test_seeded_determinism(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        build(trait="evil", output_dir=str(tmp_path / name), pairs_path=str(pairs), mix=[0.5], n=8, seed=seed)
+        dataset(trait="evil", output_dir=str(tmp_path / name), pairs_path=str(pairs), mix=[0.5], n=8, seed=seed)
     first, again, other = (tmp_path / name / "mix_0.5.jsonl" for name in "abc")
     assert first.read_bytes() == again.read_bytes()
     assert first.read_bytes() != other.read_bytes()
@@ -84,7 +84,7 @@ def test_seeded_determinism(tmp_path):
 
 def test_more_samples_than_pairs_cycles(tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.jsonl", n_train=3, n_test=0)
-    build(trait="evil", output_dir=str(tmp_path), pairs_path=str(pairs), mix=[0.5], n=7, seed=0)
+    dataset(trait="evil", output_dir=str(tmp_path), pairs_path=str(pairs), mix=[0.5], n=7, seed=0)
     records = read(tmp_path / "mix_0.5.jsonl")
     assert len(records) == 7 and sum(r["is_trait"] for r in records) == 4
     assert "samples repeat" in capsys.readouterr().out
@@ -103,7 +103,7 @@ def test_generated_source_is_context_distillation(tmp_path):
         }
     )
     frame.to_csv(tmp_path / "gen.csv", index=False)
-    build(
+    dataset(
         trait="evil",
         output_dir=str(tmp_path / "out"),
         source="generated",
@@ -139,7 +139,7 @@ def test_generated_source_is_context_distillation(tmp_path):
 def test_bad_input(tmp_path, kwargs, message):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     with pytest.raises(ValueError, match=message):
-        build(trait="evil", output_dir=str(tmp_path / "out"), **{"pairs_path": str(pairs), **kwargs})
+        dataset(trait="evil", output_dir=str(tmp_path / "out"), **{"pairs_path": str(pairs), **kwargs})
 
 
 def test_cli_builds_from_the_shipped_pairs(tmp_path):

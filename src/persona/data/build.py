@@ -164,26 +164,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text(path, text)
 
 
-def build(
+def load_pools(
     trait: str,
-    output_dir: str,
-    source: Literal["pairs", "generated"] = "pairs",
-    pairs_path: str | None = None,
-    generated_csv: list[str] | None = None,
-    mix: list[float] = DEFAULT_MIX,
-    n: int = 64,
-    seed: int = 0,
-    split: str | None = "train",
-    threshold: float = 50.0,
-    min_coherence: float = 50.0,
-    overwrite: bool = False,
-) -> dict[str, str]:
-    """Write the mixtures; returns ``{file name: path}`` (see :func:`dataset` for the arguments)."""
-    if source not in ("pairs", "generated"):
-        raise ValueError(f"--source {source!r}. Fix: use pairs or generated.")
-    if n < 1:
-        raise ValueError(f"--n {n}: a dataset needs at least one sample.")
-    shares = parse_shares(mix)
+    source: str,
+    pairs_path: str | None,
+    generated_csv: list[str] | None,
+    split: str | None,
+    threshold: float,
+    min_coherence: float,
+) -> tuple[list[dict], list[dict], list[str]]:
+    """(trait-eliciting pool, normal pool, input files) of the chosen source."""
     if source == "pairs":
         if generated_csv is not None:
             raise ValueError(
@@ -192,38 +182,30 @@ def build(
         path = Path(pairs_path) if pairs_path else default_pairs_path(trait)
         if not path.is_file():
             raise FileNotFoundError(f"--pairs_path {path} does not exist. Fix: check the path.")
-        trait_pool, normal_pool = pair_pools(path, split)
-        sources = [str(path)]
-    else:
-        if generated_csv is None:
-            raise ValueError(
-                "--source generated needs --generated_csv (the generate step's CSV(s), with question, answer and "
-                f"a {trait!r} score column; pass the positive and the negative CSV together)."
-            )
-        paths = [Path(p) for p in generated_csv]
-        trait_pool, normal_pool = generated_pools(paths, trait, threshold, min_coherence)
-        sources = [str(p) for p in paths]
-    needs_trait = any(trait_count(s, n) > 0 for s in [*shares, *SEED_NAMES.values()])
-    needs_normal = any(trait_count(s, n) < n for s in [*shares, *SEED_NAMES.values()])
+        return (*pair_pools(path, split), [str(path)])
+    if generated_csv is None:
+        raise ValueError(
+            "--source generated needs --generated_csv (the generate step's CSV(s), with question, answer and "
+            f"a {trait!r} score column; pass the positive and the negative CSV together)."
+        )
+    paths = [Path(p) for p in generated_csv]
+    return (*generated_pools(paths, trait, threshold, min_coherence), [str(p) for p in paths])
+
+
+def check_pools(trait: str, trait_pool: list, normal_pool: list, sources: list[str], shares, n: int) -> None:
+    every_share = [*shares, *SEED_NAMES.values()]
+    needs_trait = any(trait_count(s, n) > 0 for s in every_share)
+    needs_normal = any(trait_count(s, n) < n for s in every_share)
     if (needs_trait and not trait_pool) or (needs_normal and not normal_pool):
         raise ValueError(
             f"{', '.join(sources)}: {len(trait_pool)} trait-eliciting and {len(normal_pool)} normal samples; "
             f"mixtures need both. Fix: check --trait {trait!r}, --threshold or the input files."
         )
-    paired = source == "pairs"
-    available = len(trait_pool) if paired else min(len(trait_pool), len(normal_pool))
-    if n > available:
-        print(f"note: --n {n} is more than the {available} distinct samples per kind; samples repeat.")
 
-    out = Path(output_dir)
-    files: dict[str, tuple[float, list[dict]]] = {}
-    for share in shares:
-        files[share_name(share)] = (share, mixture(trait_pool, normal_pool, share, n, seed, paired))
-    for name, share in SEED_NAMES.items():
-        files[f"{name}.jsonl"] = (share, mixture(trait_pool, normal_pool, share, n, seed, paired))
-    produced = [*files, "datasets.csv", "manifest.json"]
-    checks.output_dir(out, "--output_dir", produces=produced, overwrite=overwrite)
-    stale = sorted(p for p in out.glob("mix_*.jsonl") if p.name not in files)
+
+def remove_stale_mixtures(out: Path, keep: Sequence[str], overwrite: bool) -> None:
+    """mix_*.jsonl of an earlier build with other shares would sit beside the new ones and be read as theirs."""
+    stale = sorted(p for p in out.glob("mix_*.jsonl") if p.name not in keep)
     if stale and not overwrite:
         raise PersonaError(
             f"--output_dir {out}: {', '.join(p.name for p in stale)} from an earlier build would sit beside the new "
@@ -231,11 +213,13 @@ def build(
         )
     for path in stale:
         path.unlink()
+
+
+def write_datasets(out: Path, files: dict[str, tuple[float, list[dict]]], manifest: dict) -> dict[str, str]:
+    """Each mixture's JSONL, then datasets.csv (one row per file) and manifest.json; returns {name: path}."""
     rows = []
-    written = {}
     for name, (share, records) in files.items():
         write_jsonl(out / name, records)
-        written[name] = str(out / name)
         n_trait = sum(record["is_trait"] for record in records)
         rows.append(
             {
@@ -248,20 +232,11 @@ def build(
         )
     summary = pd.DataFrame(rows)
     write_csv(out / "datasets.csv", summary)
-    manifest = {
-        "trait": trait,
-        "source": source,
-        "inputs": sources,
-        "split": split if paired else None,
-        "n": n,
-        "seed": seed,
-        "shares": shares,
-        "files": rows,
-    }
+    manifest = {**manifest, "files": rows}
     atomic_write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     print(summary.to_string(index=False))
     print(f"wrote {len(files)} datasets to {out}/ (summary: datasets.csv, manifest.json)")
-    return written
+    return {name: str(out / name) for name in files}
 
 
 def dataset(
@@ -303,17 +278,38 @@ def dataset(
     """
     if action != "build":
         raise ValueError(f"persona dataset: unknown action {action!r}. Fix: use build.")
-    return build(
-        trait=trait,
-        output_dir=output_dir,
-        overwrite=overwrite,
-        source=source,
-        pairs_path=pairs_path,
-        generated_csv=generated_csv,
-        mix=mix,
-        n=n,
-        seed=seed,
-        split=split,
-        threshold=threshold,
-        min_coherence=min_coherence,
+    if source not in ("pairs", "generated"):
+        raise ValueError(f"--source {source!r}. Fix: use pairs or generated.")
+    if n < 1:
+        raise ValueError(f"--n {n}: a dataset needs at least one sample.")
+    shares = parse_shares(mix)
+    trait_pool, normal_pool, sources = load_pools(
+        trait, source, pairs_path, generated_csv, split, threshold, min_coherence
     )
+    check_pools(trait, trait_pool, normal_pool, sources, shares, n)
+    paired = source == "pairs"
+    available = len(trait_pool) if paired else min(len(trait_pool), len(normal_pool))
+    if n > available:
+        print(f"note: --n {n} is more than the {available} distinct samples per kind; samples repeat.")
+
+    named = {share_name(share): share for share in shares}
+    named.update({f"{name}.jsonl": share for name, share in SEED_NAMES.items()})
+    files = {
+        name: (share, mixture(trait_pool, normal_pool, share, n, seed, paired))
+        for name, share in named.items()
+    }
+    out = Path(output_dir)
+    checks.output_dir(
+        out, "--output_dir", produces=[*files, "datasets.csv", "manifest.json"], overwrite=overwrite
+    )
+    remove_stale_mixtures(out, keep=list(files), overwrite=overwrite)
+    manifest = {
+        "trait": trait,
+        "source": source,
+        "inputs": sources,
+        "split": split if paired else None,
+        "n": n,
+        "seed": seed,
+        "shares": shares,
+    }
+    return write_datasets(out, files, manifest)
