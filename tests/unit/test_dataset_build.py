@@ -76,7 +76,9 @@ def test_mixtures_are_nested_and_use_the_same_prompts(tmp_path):
 def test_seeded_determinism(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        dataset(trait="evil", output_dir=str(tmp_path / name), pairs_path=str(pairs), mix=[0.5], n=8, seed=seed)
+        dataset(
+            trait="evil", output_dir=str(tmp_path / name), pairs_path=str(pairs), mix=[0.5], n=8, seed=seed
+        )
     first, again, other = (tmp_path / name / "mix_0.5.jsonl" for name in "abc")
     assert first.read_bytes() == again.read_bytes()
     assert first.read_bytes() != other.read_bytes()
