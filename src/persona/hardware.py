@@ -56,6 +56,13 @@ def resolve_dtype(dtype):
     return value
 
 
+def precision_for(dtype) -> str:
+    """Lightning's ``*-true`` precision for a model dtype: the whole module runs in it (adapters included)."""
+    return {"torch.bfloat16": "bf16-true", "torch.float16": "16-true"}.get(
+        str(resolve_dtype(dtype)), "32-true"
+    )
+
+
 def launcher_num_nodes(environ=None) -> int:
     """The node count of a multi-node launch, read from its launcher's environment; 1 otherwise.
 

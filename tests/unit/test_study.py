@@ -257,3 +257,27 @@ def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
 def instantiate(parser):
     """jsonargparse's instantiate (4.49+), or instantiate_classes before it (the compatibility window's oldest end)."""
     return getattr(parser, "instantiate", None) or parser.instantiate_classes
+
+
+def test_the_finetuning_plan_adds_steering_and_caft_on_the_all_trait_mixture(tmp_path):
+    from persona.study.finetune import planned_runs
+    from persona.training.callbacks import ConceptAblation, PreventativeSteering
+
+    sizes = Sizes(finetune_mixtures=[0.0, 0.5, 1.0], finetune_interventions=True, steering_coef=2.5)
+    plan = planned_runs((0.0, 0.5, 1.0), sizes, str(tmp_path / "v.pt"), 3)
+    assert [(share, name) for share, name, _ in plan] == [
+        (0.0, "mix_0"), (0.5, "mix_0.5"), (1.0, "mix_1"), (1.0, "mix_1+steer"), (1.0, "mix_1+caft"),
+    ]  # fmt: skip
+    steer, caft = plan[3][2], plan[4][2]
+    assert isinstance(steer[0], PreventativeSteering) and steer[0].coef == 2.5
+    assert isinstance(caft[0], ConceptAblation) and all(not extra for _, _, extra in plan[:3])
+    assert [name for _, name, _ in planned_runs((0.0, 0.5), sizes, "v.pt", 3)] == ["mix_0", "mix_0.5"]
+
+
+def test_precision_follows_the_model_dtype():
+    import torch
+
+    from persona.hardware import precision_for
+
+    assert precision_for("bfloat16") == "bf16-true" and precision_for(torch.float16) == "16-true"
+    assert precision_for("float32") == "32-true" and precision_for("auto") in ("32-true", "bf16-true")

@@ -15,10 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona.store import (
-    write_csv,  # noqa: E402
-    write_figure,
-)
+from persona.store import write_csv, write_figure  # noqa: E402
 
 
 def train_run(
@@ -38,13 +35,12 @@ def train_run(
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from persona.hardware import precision_for, resolve_dtype
     from persona.training import ChatDataModule, LoRAFineTune
     from persona.training.monitor import ActivationMonitor
 
     L.seed_everything(0, verbose=False)
     adapter_dir = run_dir / name / "adapter"
-    from persona.hardware import resolve_dtype
-
     dtype = resolve_dtype(hardware.dtype)
     module = LoRAFineTune(
         model=model,
@@ -65,7 +61,7 @@ def train_run(
     trainer = L.Trainer(
         accelerator=hardware.accelerator,
         devices=1,
-        precision="bf16-true" if str(dtype) == "torch.bfloat16" else "32-true",
+        precision=precision_for(dtype),
         max_epochs=epochs,
         logger=logger,
         callbacks=[monitor, *extra_callbacks],
@@ -90,92 +86,57 @@ def finetune_study(
     sizes,
     hardware,
 ) -> dict:
-    from persona.commands.screen import screen
-    from persona.commands.shift import shift
-    from persona.data.build import dataset, default_pairs_path
-    from persona.training.callbacks import ConceptAblation, PreventativeSteering
+    from persona.data.build import dataset
     from persona.traits import traits_dir
 
     mixtures = tuple(sizes.finetune_mixtures)
-    samples, epochs, screen_tokens = (
-        sizes.finetune_samples,
-        sizes.finetune_epochs,
-        min(sizes.max_new_tokens, 32),
-    )
     data_dir = phase_dir / "data"
     dataset(
-        trait=trait, output_dir=str(data_dir), mix=list(mixtures), n=samples, split="train", overwrite=True
+        trait=trait,
+        output_dir=str(data_dir),
+        mix=list(mixtures),
+        n=sizes.finetune_samples,
+        split="train",
+        overwrite=True,
     )
-    eval_file = traits_dir() / "eval" / f"{trait}.json"
     common = dict(
         model=model,
         vector_path=vector_path,
         layer=layer,
-        eval_file=eval_file,
-        epochs=epochs,
+        eval_file=traits_dir() / "eval" / f"{trait}.json",
+        epochs=sizes.finetune_epochs,
         hardware=hardware,
     )
     runs = {}
-    for share in mixtures:
-        name = f"mix_{share:g}"
+    for share, name, callbacks in planned_runs(mixtures, sizes, vector_path, layer):
         runs[name] = train_run(
-            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=[], **common
-        )
-    if sizes.finetune_interventions and 1.0 in mixtures:
-        runs["mix_1+steer"] = train_run(
-            phase_dir,
-            "mix_1+steer",
-            data_dir / "mix_1.jsonl",
-            **common,
-            extra_callbacks=[PreventativeSteering(vector_path, [layer], coef=sizes.steering_coef)],
-        )
-        runs["mix_1+caft"] = train_run(
-            phase_dir,
-            "mix_1+caft",
-            data_dir / "mix_1.jsonl",
-            **common,
-            extra_callbacks=[ConceptAblation(vector_paths=[vector_path], layers=[layer])],
+            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
         )
 
     monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)
     write_csv(phase_dir / "monitor.csv", monitor)
     plot_monitor(monitor, phase_dir / "monitor.png", layer)
 
-    mixture_runs = [name for name in runs if "+" not in name]
-    shift_result = shift(
-        base_model=model,
-        finetuned=[runs[name]["adapter"] for name in runs],
-        vector_path=vector_path,
-        layer=layer,
-        trait=trait,
-        output_dir=str(phase_dir / "shift"),
-        overwrite=True,  # the caller decides when to recompute
-        pairs_path=str(default_pairs_path(trait)),
-        split="test",
-        max_new_tokens=screen_tokens,
-        accelerator=hardware.accelerator,
-        dtype=hardware.dtype,
-    )
-    shift_table = pd.read_csv(phase_dir / "shift" / "shift.csv")
-    shift_table.insert(0, "run", list(runs))
-    shift_table.insert(1, "trait_share", [float(n.split("_")[1].split("+")[0]) for n in runs])
-    write_csv(phase_dir / "shift_by_run.csv", shift_table)
-    correlation = correlate(shift_table[shift_table["run"].isin(mixture_runs)])
-    write_csv(phase_dir / "shift_correlation.csv", pd.DataFrame([correlation]))
-    plot_shift(shift_table, correlation, phase_dir / "shift_vs_score.png")
-
-    screened = screen(
-        data=str(data_dir / "mix_0.5.jsonl"),
-        vector_path=vector_path,
-        layer=layer,
+    # Short answers are enough to measure shift and ΔP; the full length would dominate the study's time.
+    answer_tokens = min(sizes.max_new_tokens, 32)
+    shift_result, correlation = shift_study(
+        phase_dir,
+        runs,
         model=model,
-        labels_field="is_trait",
-        max_new_tokens=screen_tokens,
-        output_path=str(phase_dir / "screen" / "mix_0.5.screened.jsonl"),
-        overwrite=True,  # the caller decides when to recompute
-        cache_path=str(phase_dir / "screen" / "base_responses.jsonl"),
-        accelerator=hardware.accelerator,
-        dtype=hardware.dtype,
+        trait=trait,
+        vector_path=vector_path,
+        layer=layer,
+        answer_tokens=answer_tokens,
+        hardware=hardware,
+    )
+    screened = screen_mixture(
+        phase_dir,
+        data_dir / "mix_0.5.jsonl",
+        model=model,
+        vector_path=vector_path,
+        layer=layer,
+        answer_tokens=answer_tokens,
+        hardware=hardware,
     )
     return {
         "runs": list(runs),
@@ -189,6 +150,82 @@ def finetune_study(
         "screen_summary": str(phase_dir / "screen"),
         "shift_raw": {k: v for k, v in shift_result.items() if isinstance(v, (int, float, str))},
     }
+
+
+def planned_runs(
+    mixtures: tuple[float, ...], sizes, vector_path: str, layer: int
+) -> list[tuple[float, str, list]]:
+    """(trait share, run name, extra callbacks): one run per mixture, then steering and CAFT on the all-trait one."""
+    from persona.training.callbacks import ConceptAblation, PreventativeSteering
+
+    plan = [(share, f"mix_{share:g}", []) for share in mixtures]
+    if sizes.finetune_interventions and 1.0 in mixtures:
+        plan.append(
+            (1.0, "mix_1+steer", [PreventativeSteering(vector_path, [layer], coef=sizes.steering_coef)])
+        )
+        plan.append((1.0, "mix_1+caft", [ConceptAblation(vector_paths=[vector_path], layers=[layer])]))
+    return plan
+
+
+def shift_study(
+    phase_dir: Path,
+    runs: dict,
+    *,
+    model: str,
+    trait: str,
+    vector_path: str,
+    layer: int,
+    answer_tokens: int,
+    hardware,
+) -> tuple[dict, dict]:
+    """Finetuning shift of every run against its trait-score change; Pearson r over the mixture runs (CSV + PNG)."""
+    from persona.commands.shift import shift
+    from persona.data.build import default_pairs_path
+
+    result = shift(
+        base_model=model,
+        finetuned=[run["adapter"] for run in runs.values()],
+        vector_path=vector_path,
+        layer=layer,
+        trait=trait,
+        output_dir=str(phase_dir / "shift"),
+        overwrite=True,  # the caller decides when to recompute
+        pairs_path=str(default_pairs_path(trait)),
+        split="test",
+        max_new_tokens=answer_tokens,
+        accelerator=hardware.accelerator,
+        dtype=hardware.dtype,
+    )
+    table = pd.read_csv(phase_dir / "shift" / "shift.csv")
+    table.insert(0, "run", list(runs))
+    table.insert(1, "trait_share", [float(n.split("_")[1].split("+")[0]) for n in runs])
+    write_csv(phase_dir / "shift_by_run.csv", table)
+    mixture_runs = [name for name in runs if "+" not in name]
+    correlation = correlate(table[table["run"].isin(mixture_runs)])
+    write_csv(phase_dir / "shift_correlation.csv", pd.DataFrame([correlation]))
+    plot_shift(table, correlation, phase_dir / "shift_vs_score.png")
+    return result, correlation
+
+
+def screen_mixture(
+    phase_dir: Path, mixture: Path, *, model: str, vector_path: str, layer: int, answer_tokens: int, hardware
+) -> dict:
+    """ΔP screening of one mixture before any training, scored against its is_trait labels."""
+    from persona.commands.screen import screen
+
+    return screen(
+        data=str(mixture),
+        vector_path=vector_path,
+        layer=layer,
+        model=model,
+        labels_field="is_trait",
+        max_new_tokens=answer_tokens,
+        output_path=str(phase_dir / "screen" / f"{mixture.stem}.screened.jsonl"),
+        overwrite=True,  # the caller decides when to recompute
+        cache_path=str(phase_dir / "screen" / "base_responses.jsonl"),
+        accelerator=hardware.accelerator,
+        dtype=hardware.dtype,
+    )
 
 
 def correlate(table: pd.DataFrame) -> dict:
