@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from persona.data.monitor_prompts import read_monitor_prompts
 from persona.hooks import block_hooks, locate_blocks
 from persona.training.callbacks import ConceptAblation, PreventativeSteering
-from persona.training.monitor import ActivationMonitor, read_monitor_prompts
+from persona.training.monitor import ActivationMonitor
 from persona.vectors import save_vector
 
 HIDDEN, NUM_LAYERS = 32, 3  # tiny_llama in conftest

@@ -167,3 +167,15 @@ class TrainStepHooks(Callback):
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self._detach()
+
+
+def parameters_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are split across ranks (FSDP2 ``DTensor`` parameters, or FSDP1 wrappers)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 has no public DTensor (and persona's FSDP2 path needs 2.6)
+        DTensor = ()
+
+    return any(isinstance(param, DTensor) for param in model.parameters()) or any(
+        type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()
+    )

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from torch import Tensor, nn
 
 from persona.activations import example_projections
 from persona.data.batches import TokenizedExample, collate, length_sorted, tokenize_examples
-from persona.data.examples import Example, format_prompt
+from persona.data.examples import Example
+from persona.data.monitor_prompts import read_monitor_prompts
 from persona.hardware import input_device
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
@@ -35,71 +35,10 @@ from persona.training.callback_base import (
     check_against_model,
     check_rows,
     checked_layers,
+    parameters_sharded,
     vector_stem,
 )
 from persona.vectors import load_vector
-
-
-def read_monitor_prompts(
-    tokenizer, *, prompts: Sequence[str] | None = None, eval_file: str | None = None
-) -> tuple[list[str], list[str] | None]:
-    """Chat-formatted prompts, and the responses when the source has them (else None).
-
-    ``prompts`` are user turns. ``eval_file`` is a chat JSONL (``messages``, the last one the response),
-    a response CSV (``prompt`` already chat-formatted, ``answer``) or a trait JSON (its ``questions``).
-    """
-    from persona.data.scored_files import (  # the `persona project` readers
-        read_scored_file,
-        scored_file_examples,
-    )
-
-    if (prompts is None) == (eval_file is None):
-        raise ValueError("ActivationMonitor: pass exactly one of prompts or eval_file.")
-    if prompts is not None:
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError(
-                f"ActivationMonitor: prompts={prompts!r}. Fix: pass a non-empty list of user prompts."
-            )
-        return [
-            format_prompt(tokenizer, {"prompt": str(p)}, where=f"prompts[{i}]") for i, p in enumerate(prompts)
-        ], None
-    path = Path(eval_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"ActivationMonitor: eval_file {path} does not exist. Fix: check the path.")
-    if path.suffix.lower() == ".json":
-        try:
-            artifact = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            artifact = None  # a JSONL file named .json: read below
-        if isinstance(artifact, dict):
-            questions = artifact.get("questions")
-            if (
-                not isinstance(questions, list)
-                or not questions
-                or not all(isinstance(q, str) and q for q in questions)
-            ):
-                raise ValueError(
-                    f"ActivationMonitor: {path}: field 'questions' must be a non-empty list of strings "
-                    "(trait artifact format)."
-                )
-            return [
-                format_prompt(tokenizer, {"prompt": q}, where=f"{path}: questions[{i}]")
-                for i, q in enumerate(questions)
-            ], None
-    examples = scored_file_examples(path, read_scored_file(path), tokenizer)
-    return [e.prompt for e in examples], [e.response for e in examples]
-
-
-def parameters_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s weights are split across ranks (FSDP2 ``DTensor`` parameters, or FSDP1 wrappers)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5 has no public DTensor (and persona's FSDP2 path needs 2.6)
-        DTensor = ()
-
-    return any(isinstance(param, DTensor) for param in model.parameters()) or any(
-        type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()
-    )
 
 
 class ActivationMonitor(Callback):
