@@ -124,6 +124,28 @@ def device_map_alone(device_map: str | None, devices: int, strategy: str) -> Non
         )
 
 
+def run_settings(
+    *,
+    batch_size: int,
+    dtype: str,
+    max_batch_tokens: int | None = None,
+    max_length: int | None = None,
+    device_map: str | None = None,
+    devices: int = 1,
+    strategy: str = "auto",
+) -> None:
+    """The batching, precision and placement flags every model-running command shares."""
+    from persona.hardware import check_dtype
+
+    at_least(batch_size, 1, "--batch_size")
+    if max_batch_tokens is not None:
+        at_least(max_batch_tokens, 1, "--max_batch_tokens")
+    if max_length is not None:
+        at_least(max_length, 2, "--max_length")
+    check_dtype(dtype)
+    device_map_alone(device_map, devices, strategy)
+
+
 def finite(value: float, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise PersonaError(f"{flag} {value!r}: must be a finite number. Fix: pass e.g. {flag} 1.5.")

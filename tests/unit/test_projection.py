@@ -185,6 +185,22 @@ def test_batch_size_does_not_change_scores(tiny_model_dirs, tmp_path):
     pd.testing.assert_frame_equal(frames[0], frames[1], rtol=1e-5, atol=1e-6)
 
 
+def test_max_length_cuts_long_rows_with_a_counted_warning(tiny_model_dirs, tmp_path, caplog):
+    model_dir = tiny_model_dirs["llama"]
+    tokenizer = load_tokenizer(model_dir)
+    vector_paths = write_vectors(tmp_path)
+    frames = []
+    for name, max_length in (("full", None), ("roomy", 4096), ("cut", 6)):
+        path = write_csv(tmp_path / f"{name}.csv", tokenizer)
+        with caplog.at_level("WARNING"):
+            project(file_path=str(path), vector_path=vector_paths, layer=LAYERS, model=model_dir,
+                    max_length=max_length, accelerator="cpu")  # fmt: skip
+        frames.append(pd.read_csv(path))
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+    assert not frames[2].equals(frames[0])
+    assert "were cut there" in caplog.text
+
+
 def _refuse_model_loading(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model must not be loaded")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from persona import checks
 from persona.data.examples import check_example_files
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
 from persona.vectors import VECTOR_KINDS, default_save_dir, vector_filename
 
@@ -59,13 +58,10 @@ def extract(
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
-    checks.at_least(batch_size, 1, "--batch_size")
-    if max_batch_tokens is not None:
-        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
-    if max_length is not None:
-        checks.at_least(max_length, 2, "--max_length")
-    check_dtype(dtype)
-    checks.device_map_alone(device_map, devices, strategy)
+    checks.run_settings(
+        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
+        device_map=device_map, devices=devices, strategy=strategy,
+    )  # fmt: skip
     checks.model_source(model)
     folder = Path(save_dir) if save_dir else default_save_dir(model)
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]

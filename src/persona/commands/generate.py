@@ -14,7 +14,6 @@ from persona import checks
 from persona.constants import POSITIONS
 from persona.errors import PersonaError
 from persona.generation import ResponseStore, plan_items
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
 from persona.traits import load_trait
 from persona.vectors import load_metadata
@@ -141,17 +140,13 @@ def check_flags(
         raise PersonaError(
             f"--persona_instruction_type {persona_instruction_type!r}. Fix: use pos, neg or none."
         )
-    for flag, value in (
-        ("--n_per_question", n_per_question),
-        ("--max_tokens", max_tokens),
-        ("--batch_size", batch_size),
-    ):
-        checks.at_least(value, 1, flag)
+    checks.run_settings(batch_size=batch_size, dtype=dtype)
+    checks.at_least(n_per_question, 1, "--n_per_question")
+    checks.at_least(max_tokens, 1, "--max_tokens")
     if max_questions is not None:
         checks.at_least(max_questions, 1, "--max_questions")
     if steering_type not in POSITIONS:
         raise PersonaError(f"--steering_type {steering_type!r}. Fix: use one of {', '.join(POSITIONS)}.")
-    check_dtype(dtype)
     return instruction_type
 
 

@@ -11,7 +11,6 @@ from persona import checks
 from persona.analysis.layers import default_output_dir, layer_metrics, plot_layer_metrics, recommend_layer
 from persona.data.examples import check_example_files
 from persona.errors import PersonaError
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
 from persona.vectors import load_metadata
@@ -73,11 +72,10 @@ def layers(
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     checks.example_inputs(pos_path, neg_path, pairs_path)
-    checks.at_least(batch_size, 1, "--batch_size")
-    if max_batch_tokens is not None:
-        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
-    check_dtype(dtype)
-    checks.device_map_alone(device_map, devices, strategy)
+    checks.run_settings(
+        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
+        device_map=device_map, devices=devices, strategy=strategy,
+    )  # fmt: skip
     checks.model_source(model)
     out = Path(output_dir) if output_dir else default_output_dir(vector_path)
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)

@@ -8,7 +8,6 @@ from pathlib import Path
 from persona import checks
 from persona.data.personality import read_trait_items, resolve_items_path, split_items
 from persona.errors import PersonaError
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL, model_dimensions, model_short_name
 from persona.steer_eval import parse_coefs
 from persona.vectors import read_vector_file, vector_filename
@@ -79,8 +78,7 @@ def personality(
         raise PersonaError(f"--method {method!r}. Fix: use likelihood, choice or both.")
     methods = list(METHODS) if method == "both" else [method]
     coef_list = parse_coefs(coefs)
-    checks.at_least(batch_size, 1, "--batch_size")
-    check_dtype(dtype)
+    checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.model_source(model)
     checks.not_both({"--vector_path": vector_path}, {"--vector_dir": vector_dir})
     if vector_path is not None and len(resolved) != 1:

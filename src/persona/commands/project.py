@@ -15,7 +15,6 @@ from persona.data.scored_files import (
     scored_file_examples,
     write_scores,
 )
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL, model_dimensions
 from persona.vectors import read_vector_file
 
@@ -37,6 +36,7 @@ def project(
     overwrite: bool = False,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
+    max_length: int | None = None,
     dtype: str = "float32",
     accelerator: str = "auto",
     devices: int = 1,
@@ -59,6 +59,7 @@ def project(
         overwrite: Recompute columns that already exist (otherwise they are skipped).
         batch_size: Examples per forward pass.
         max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
+        max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
         dtype: Model dtype: float32, bfloat16, float16 or auto.
         accelerator: Lightning accelerator (cpu, gpu, auto).
         devices: Devices (processes) to use.
@@ -70,11 +71,10 @@ def project(
         raise ValueError(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."
         )
-    checks.at_least(batch_size, 1, "--batch_size")
-    if max_batch_tokens is not None:
-        checks.at_least(max_batch_tokens, 1, "--max_batch_tokens")
-    check_dtype(dtype)
-    checks.device_map_alone(device_map, devices, strategy)
+    checks.run_settings(
+        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
+        device_map=device_map, devices=devices, strategy=strategy,
+    )  # fmt: skip
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
     checks.model_source(model)
@@ -106,7 +106,7 @@ def project(
         device_map=device_map,
     )
     datamodule = ExampleDataModule(
-        examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+        examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, max_length=max_length
     )
     scores = predict_projections(
         projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy

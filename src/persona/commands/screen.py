@@ -18,7 +18,6 @@ from persona.analysis.screening import (
 )
 from persona.data.scored_files import read_scored_file
 from persona.errors import PersonaError
-from persona.hardware import check_dtype
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
 
@@ -73,9 +72,8 @@ def screen(
         raise PersonaError(
             f"--data {path}: screening reads chat JSONL (messages). Fix: convert the file to .jsonl."
         )
-    checks.at_least(batch_size, 1, "--batch_size")
+    checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.at_least(max_new_tokens, 1, "--max_new_tokens")
-    check_dtype(dtype)
     checks.input_file(vector_path, "--vector_path", what="vector file")
     checks.model_source(model)
     out_path = Path(output_path) if output_path else path.with_name(path.stem + ".screened.jsonl")

@@ -8,7 +8,6 @@ from typing import Literal
 
 from persona import checks
 from persona.errors import PersonaError
-from persona.hardware import check_dtype
 from persona.models import model_dimensions, model_short_name
 from persona.traits import load_trait
 
@@ -90,9 +89,8 @@ def shift(
     finetuned = list(finetuned)
     if score not in ("likelihood", "judge"):
         raise PersonaError(f"--score {score!r}. Fix: use likelihood or judge.")
-    checks.at_least(batch_size, 1, "--batch_size")
+    checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.at_least(max_new_tokens, 1, "--max_new_tokens")
-    check_dtype(dtype)
     checks.model_source(base_model, "--base_model")
     checks.input_file(vector_path, "--vector_path", what="vector file")
     checks.input_file(pairs_path, "--pairs_path")
