@@ -10,12 +10,14 @@ import collections.abc
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,41 @@ def usage() -> str:
         lines.append(f"  {name:<{width}}  {sub.summary}")
     lines += ["", "The default model is the embedded SmolLM2-135M-Instruct (--model smollm2-135m)."]
     return "\n".join(lines)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """``-c/--config`` files exist and are YAML, answered before Lightning loads (it takes seconds)."""
+    import yaml
+
+    from persona.errors import PersonaError
+
+    for position, token in enumerate(argv):
+        flag, has_value, value = token.partition("=")
+        if flag not in ("-c", "--config"):
+            continue
+        if not has_value:
+            value = argv[position + 1] if position + 1 < len(argv) else ""
+        path = Path(value)
+        if not path.is_file():
+            raise PersonaError(
+                f"{flag} {value}: no such config file. Fix: check the path (configs/ has examples)."
+            )
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise PersonaError(
+                f"{flag} {value}: not a YAML file{line}: {getattr(error, 'problem', None) or error}. "
+                "Fix: correct the file (indentation, quotes, colons)."
+            ) from error
+
+
+class DropLightningTips(logging.Filter):
+    """Lightning logs an advertisement ("💡 Tip: ...") each time a Trainer starts; persona's users don't need it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
 
 
 def run_lightning_cli(argv: list[str]) -> None:
@@ -236,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     if sub is None and name not in LIGHTNING_SUBCOMMANDS:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLightningTips())
     try:
         if name in LIGHTNING_SUBCOMMANDS:
+            check_config_files(rest)
             run_lightning_cli(argv)
         else:
             run_function(name, sub.target, rest)

@@ -92,12 +92,21 @@ def work(tmp_path_factory, tiny_model_dirs):
     (root / "data.csv").write_text('prompt,answer\n"p","a"\n')
     (root / "data.csv").chmod(0o644)
     (root / "a_file").write_text("")
+    (root / "broken.yaml").write_text("model:\n  class_path: x\n   init_args: [\n")
     (root / "no_config").mkdir()
     (root / "run").mkdir()
     (root / "run" / "results.json").write_text('{"model": "x"')  # truncated
     (root / "run_old").mkdir()
     (root / "run_old" / "results.json").write_text('{"model": "x"}')  # a key missing
-    for name in ("pos.csv", "neg.csv", "text_score.csv", "latin1.csv", "chat.jsonl", "data.csv"):
+    for name in (
+        "pos.csv",
+        "neg.csv",
+        "text_score.csv",
+        "latin1.csv",
+        "chat.jsonl",
+        "data.csv",
+        "broken.yaml",
+    ):
         files[name] = root / name
     return root, files
 
@@ -144,6 +153,9 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "filter everything away": (["screen", "--data", f["chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m, "--filtered_out", "f.jsonl", "--filter_top", "5"], r"drops 5 of 3 samples"),
         # 6. list flags take a,b,c / [a,b] / a b
         "project vector list with spaces": (["project", "--file_path", f["data.csv"], "--vector_path", v, "missing2.pt", "--layer", "1,2", "--model", m], r"missing2.pt: no such vector file"),
+        # LightningCLI's commands: the config file, before Lightning loads
+        "fit missing config": (["fit", "-c", "missing.yaml"], r"-c missing.yaml: no such config file\. Fix:"),
+        "predict broken config": (["predict", "--config", f["broken.yaml"]], r"broken.yaml: not a YAML file \(line 3\)"),
     }  # fmt: skip
 
 
@@ -155,7 +167,7 @@ CASES = [
     "latin-1 csv", "jsonl line that is an array", "model path that does not exist", "folder without config.json",
     "hub id offline", "output under a regular file", "truncated results.json", "results.json missing a key",
     "empty vector file", "truncated vector file", "pickled object as vector", "both csvs and pairs",
-    "filter everything away", "project vector list with spaces",
+    "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
 ]  # fmt: skip
 
 
@@ -259,3 +271,27 @@ def test_fit_names_the_bad_config_field_not_jsonargparse_dump(work, tmp_path, ov
     assert code == 1, (out, err)
     assert len(lines) == 1 and "Namespace(" not in err and "Traceback" not in err, err
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):
+    """Lightning logs a "💡 Tip" for a cloud logger whenever a Trainer starts; persona's entry point filters it."""
+    import logging
+
+    import lightning as L
+
+    from persona.cli import DropLightningTips
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    if "💡" not in caplog.text:
+        pytest.skip("this Lightning release logs no tip")
+    caplog.clear()
+    tip_filter = DropLightningTips()
+    logger.addFilter(tip_filter)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    finally:
+        logger.removeFilter(tip_filter)
+    assert "💡" not in caplog.text and "GPU available" in caplog.text  # other messages still pass
