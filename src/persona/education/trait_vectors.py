@@ -103,97 +103,87 @@ def build_vector(
     accelerator: str,
 ) -> dict:
     """Make (or find) the trait's response-average vector file; returns its path, route and provenance."""
+    loading = {"model": model, "dtype": dtype, "accelerator": accelerator}  # for generate and extract alike
+    if route == "given":
+        detail = f"ready vector file in {settings.vector_dir}"
+        return _provenance(trait, route, str(given_path(trait, settings)), detail)
+    if route == "pairs":
+        path = _extract(trait, phase_dir, loading, pairs_path=str(pairs_path(trait)), split="train")
+        return _provenance(trait, route, path, f"hand-written pairs {pairs_path(trait).name} (train split)")
+    if route == "generated":
+        return _generated_vector(trait, settings, phase_dir, seed, loading)
+    if route == "instruction_pairs":
+        pairs = instruction_pairs(trait, settings, phase_dir, model_and_tokenizer, seed)
+        path = _extract(trait, phase_dir, loading, pairs_path=str(pairs))
+        detail = f"fallback: pos/neg-instruction answers by the model itself, unjudged ({pairs.name})"
+        return _provenance(trait, route, path, detail)
+    raise ValueError(f"route {route!r} is not buildable")
+
+
+def _provenance(trait: str, route: str, path: str, detail: str, **extra) -> dict:
+    return {"trait": trait, "route": route, "path": path, "detail": detail, **extra}
+
+
+def _extract(trait: str, phase_dir: Path, loading: dict, **source) -> str:
+    """``persona extract`` of ``source`` into the phase directory; the path of its response-average vector."""
     from persona.commands.extract import extract
 
-    if route == "given":
-        return {
-            "trait": trait,
-            "route": route,
-            "path": str(given_path(trait, settings)),
-            "detail": f"ready vector file in {settings.vector_dir}",
-        }
-    if route == "pairs":
-        paths = extract(
-            model=model,
-            pairs_path=str(pairs_path(trait)),
-            split="train",
-            trait=trait,
-            save_dir=str(phase_dir),
-            overwrite=True,  # the caller decides when to recompute
-            dtype=dtype,
-            accelerator=accelerator,
-        )
-        return {
-            "trait": trait,
-            "route": route,
-            "path": paths["response_avg"],
-            "detail": f"hand-written pairs {pairs_path(trait).name} (train split)",
-        }
-    if route == "generated":
-        from persona.commands.generate import generate
+    paths = extract(
+        trait=trait,
+        save_dir=str(phase_dir),
+        overwrite=True,  # the caller decides when to recompute
+        **loading,
+        **source,
+    )
+    return paths["response_avg"]
 
-        csvs = {}
-        for kind in ("pos", "neg"):
-            csvs[kind] = phase_dir / f"{trait}_{kind}.csv"
-            generate(
-                model=model,
-                trait=trait,
-                output_path=str(csvs[kind]),
-                persona_instruction_type=kind,
-                n_per_question=settings.n_per_question,
-                max_questions=settings.max_questions,
-                max_tokens=settings.max_tokens,
-                judge_model=settings.judge,
-                seed=seed,
-                dtype=dtype,
-                accelerator=accelerator,
-            )
-        kept = surviving_pairs(csvs["pos"], csvs["neg"], trait, settings.threshold)
-        total = len(pd.read_csv(csvs["pos"]))
-        paths = extract(
-            model=model,
-            pos_path=str(csvs["pos"]),
-            neg_path=str(csvs["neg"]),
+
+def _generated_vector(
+    trait: str, settings: VectorSettings, phase_dir: Path, seed: int, loading: dict
+) -> dict:
+    """The paper's route: judged persona-prompted answers, filtered into pairs (all of them if none pass)."""
+    csvs = _persona_answers(trait, settings, phase_dir, seed, loading)
+    kept = surviving_pairs(csvs["pos"], csvs["neg"], trait, settings.threshold)
+    total = len(pd.read_csv(csvs["pos"]))
+    path = _extract(
+        trait,
+        phase_dir,
+        loading,
+        pos_path=str(csvs["pos"]),
+        neg_path=str(csvs["neg"]),
+        threshold=settings.threshold,
+        no_filter=kept == 0,
+    )
+    detail = (
+        f"persona-prompted answers judged by {settings.judge}: {kept} of {total} pairs passed the "
+        f"threshold {settings.threshold:g}"
+        + ("; none did, so ALL pairs were used (unfiltered)" if kept == 0 else "")
+    )
+    return _provenance(
+        trait, "generated", path, detail, pairs_kept=kept, pairs_total=total, filtered=kept > 0
+    )
+
+
+def _persona_answers(
+    trait: str, settings: VectorSettings, phase_dir: Path, seed: int, loading: dict
+) -> dict[str, Path]:
+    """``persona generate`` under the pos and under the neg instructions: the two judged CSVs, by kind."""
+    from persona.commands.generate import generate
+
+    csvs = {kind: phase_dir / f"{trait}_{kind}.csv" for kind in ("pos", "neg")}
+    for kind, csv in csvs.items():
+        generate(
+            **loading,
             trait=trait,
-            save_dir=str(phase_dir),
-            overwrite=True,  # the caller decides when to recompute
-            threshold=settings.threshold,
-            no_filter=kept == 0,
-            dtype=dtype,
-            accelerator=accelerator,
+            output_path=str(csv),
+            persona_instruction_type=kind,
+            n_per_question=settings.n_per_question,
+            max_questions=settings.max_questions,
+            max_tokens=settings.max_tokens,
+            judge_model=settings.judge,
+            seed=seed,
         )
-        detail = (
-            f"persona-prompted answers judged by {settings.judge}: {kept} of {total} pairs passed the "
-            f"threshold {settings.threshold:g}"
-            + ("; none did, so ALL pairs were used (unfiltered)" if kept == 0 else "")
-        )
-        return {
-            "trait": trait,
-            "route": route,
-            "path": paths["response_avg"],
-            "detail": detail,
-            "pairs_kept": kept,
-            "pairs_total": total,
-            "filtered": kept > 0,
-        }
-    if route == "instruction_pairs":
-        path = instruction_pairs(trait, settings, phase_dir, model_and_tokenizer, seed)
-        paths = extract(
-            model=model,
-            pairs_path=str(path),
-            trait=trait,
-            save_dir=str(phase_dir),
-            overwrite=True,  # the caller decides when to recompute
-            dtype=dtype,
-            accelerator=accelerator,
-        )
-        return {
-            "trait": trait,
-            "route": route,
-            "path": paths["response_avg"],
-            "detail": f"fallback: pos/neg-instruction answers by the model itself, unjudged ({path.name})",
-        }
-    raise ValueError(f"route {route!r} is not buildable")
+    return csvs
 
 
 def instruction_pairs(
