@@ -8,6 +8,7 @@ store.py           keyed JSONL journals (resume), run signature
 study.py           experiments A and B
 metrics.py         QWK (sklearn), bias, MAE, agreement, effects with bootstrap CIs
 report.py          report.md + PNG/CSV of a run
+report_text.py     the text of report.md, section by section
 compare.py         several runs (models) side by side, coefficients raw and relative
 cli.py             `persona education`
 """

@@ -13,9 +13,22 @@ import pandas as pd
 
 from persona.education.figures import order_types, plt, save_figure
 from persona.education.metrics import UNSTEERED
-from persona.education.report import write_report
+from persona.education.report import write_report, write_tables
 from persona.report import markdown_table
-from persona.store import atomic_write, write_csv
+from persona.store import write_text
+
+COEF_COLUMNS = (
+    "run",
+    "trait",
+    "route",
+    "layer",
+    "vector_norm",
+    "residual_norm",
+    "student_coef_raw",
+    "student_coef_relative",
+    "grader_coef_raw",
+    "grader_coef_relative",
+)
 
 
 def compare_runs(runs: list[str], out_dir: str | Path) -> Path:
@@ -24,66 +37,78 @@ def compare_runs(runs: list[str], out_dir: str | Path) -> Path:
         raise ValueError(f"--runs {runs}: compare needs at least two run directories.")
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    effects, pooled, shifts, steering = [], [], [], []
-    for run in runs:
-        run = Path(run)
-        if not (run / "tables" / "effects.csv").is_file():
-            write_report(run)
-        settings = json.loads((run / "settings.json").read_text())
-        label = f"{settings['model']} ({run.name})"
-        effects.append(pd.read_csv(run / "tables" / "effects.csv").assign(run=label))
-        metrics = pd.read_csv(run / "tables" / "grader_metrics.csv", dtype={"set": str})
-        pooled.append(metrics[metrics["set"] == "pooled"].assign(run=label))
-        shifts.append(pd.read_csv(run / "tables" / "grader_shifts.csv").assign(run=label))
-        if (run / "steering.csv").is_file():
-            steering.append(pd.read_csv(run / "steering.csv").assign(run=label))
-    effects, pooled = pd.concat(effects, ignore_index=True), pd.concat(pooled, ignore_index=True)
-    shifts = pd.concat(shifts, ignore_index=True)
-    steering = pd.concat(steering, ignore_index=True) if steering else pd.DataFrame()
-    for name, table in (
-        ("effects", effects),
-        ("qwk_pooled", pooled),
-        ("grader_shifts", shifts),
-        ("steering", steering),
-    ):
-        write_csv(out / f"compare_{name}.csv", table)
-
+    effects, pooled, shifts, steering = combine_runs(runs)
+    write_tables(
+        out,
+        {
+            "compare_effects": effects,
+            "compare_qwk_pooled": pooled,
+            "compare_grader_shifts": shifts,
+            "compare_steering": steering,
+        },
+    )
     labels = list(dict.fromkeys(effects["run"]))
     unsteered = effects[(effects["grader"] == UNSTEERED) & (effects["type"] != UNSTEERED)]
-    wide = unsteered.pivot_table(index="type", columns="run", values="effect").reindex(columns=labels)
-    wide = wide.loc[order_types(wide.index)] if len(wide) else wide
+    wide = by_run(unsteered, "type", "effect", labels)
+    plot_by_run(
+        wide,
+        "effect on mean normalised score (unsteered grader)",
+        out / "figures" / "effects_by_run.png",
+        zero_line=True,
+    )
+    qwk = by_run(pooled, "grader", "qwk", labels)
+    plot_by_run(qwk, "pooled QWK vs human scores", out / "figures" / "qwk_by_run.png", zero_line=False)
+    path = out / "compare.md"
+    write_text(path, render_comparison(labels, steering, wide, qwk, shifts))
+    print(f"comparison: {path}")
+    return path
+
+
+def read_run(run: Path) -> dict[str, pd.DataFrame]:
+    """One run's tables, labelled with its model and folder (its report is written first if missing)."""
+    if not (run / "tables" / "effects.csv").is_file():
+        write_report(run)
+    settings = json.loads((run / "settings.json").read_text())
+    label = f"{settings['model']} ({run.name})"
+    tables = {"effects": pd.read_csv(run / "tables" / "effects.csv").assign(run=label)}
+    metrics = pd.read_csv(run / "tables" / "grader_metrics.csv", dtype={"set": str})
+    tables["pooled"] = metrics[metrics["set"] == "pooled"].assign(run=label)
+    tables["shifts"] = pd.read_csv(run / "tables" / "grader_shifts.csv").assign(run=label)
+    if (run / "steering.csv").is_file():
+        tables["steering"] = pd.read_csv(run / "steering.csv").assign(run=label)
+    return tables
+
+
+def combine_runs(runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(effects, pooled metrics, grader shifts, steering) of all runs, each one table with a ``run`` column."""
+    read = [read_run(Path(run)) for run in runs]
+    effects, pooled, shifts = (
+        pd.concat([tables[name] for tables in read], ignore_index=True)
+        for name in ("effects", "pooled", "shifts")
+    )
+    steering = [tables["steering"] for tables in read if "steering" in tables]
+    return effects, pooled, shifts, pd.concat(steering, ignore_index=True) if steering else pd.DataFrame()
+
+
+def by_run(table: pd.DataFrame, index: str, values: str, labels: list[str]) -> pd.DataFrame:
+    """``values`` as one column per run (in ``labels`` order), one row per ``index`` (in type order)."""
+    wide = table.pivot_table(index=index, columns="run", values=values).reindex(columns=labels)
+    return wide.loc[order_types(wide.index)] if len(wide) else wide
+
+
+def plot_by_run(wide: pd.DataFrame, xlabel: str, path: Path, *, zero_line: bool) -> None:
     figure, axis = plt.subplots(figsize=(7, 0.4 * max(len(wide), 1) + 1.5), layout="constrained")
     if len(wide):
         wide.plot.barh(ax=axis)
         axis.invert_yaxis()
-    axis.axvline(0, color="grey", lw=0.7)
-    axis.set_xlabel("effect on mean normalised score (unsteered grader)")
-    save_figure(figure, out / "figures" / "effects_by_run.png")
-    qwk = pooled.pivot_table(index="grader", columns="run", values="qwk").reindex(columns=labels)
-    qwk = qwk.loc[order_types(qwk.index)] if len(qwk) else qwk
-    figure, axis = plt.subplots(figsize=(7, 0.4 * max(len(qwk), 1) + 1.5), layout="constrained")
-    if len(qwk):
-        qwk.plot.barh(ax=axis)
-        axis.invert_yaxis()
-    axis.set_xlabel("pooled QWK vs human scores")
-    save_figure(figure, out / "figures" / "qwk_by_run.png")
+    if zero_line:
+        axis.axvline(0, color="grey", lw=0.7)
+    axis.set_xlabel(xlabel)
+    save_figure(figure, path)
 
-    coef_columns = [
-        c
-        for c in (
-            "run",
-            "trait",
-            "route",
-            "layer",
-            "vector_norm",
-            "residual_norm",
-            "student_coef_raw",
-            "student_coef_relative",
-            "grader_coef_raw",
-            "grader_coef_relative",
-        )
-        if c in steering.columns
-    ]
+
+def render_comparison(labels: list[str], steering, wide, qwk, shifts) -> str:
+    coef_columns = [c for c in COEF_COLUMNS if c in steering.columns]
     lines = [
         "# ASAP-SAS study: comparison of runs",
         "",
@@ -116,7 +141,4 @@ def compare_runs(runs: list[str], out_dir: str | Path) -> Path:
         "`compare_steering.csv`.",
         "",
     ]
-    path = out / "compare.md"
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
-    print(f"comparison: {path}")
-    return path
+    return "\n".join(lines)

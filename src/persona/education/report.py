@@ -34,7 +34,7 @@ from persona.education.metrics import (  # noqa: E402
     student_effects,
     with_normalised,
 )
-from persona.report import markdown_table  # noqa: E402
+from persona.education.report_text import render  # noqa: E402
 from persona.store import (
     read_journal,  # noqa: E402
     write_csv,  # noqa: E402
@@ -161,30 +161,93 @@ def examples_table(results: Results, a_scores: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ report
 
 
+@dataclass
+class ReportTables:
+    """What the report shows, computed from a run's results."""
+
+    effects: pd.DataFrame
+    a_unsteered: pd.DataFrame  # experiment A's grades by the unsteered grader, with normalised scores
+    heat: pd.DataFrame
+    lengths: pd.DataFrame
+    metrics: pd.DataFrame
+    shifts: pd.DataFrame
+    b_counts: pd.DataFrame
+    distributions: pd.DataFrame
+    missing: pd.DataFrame
+    examples: pd.DataFrame
+
+
 def write_report(run_dir: str | Path) -> Path:
     results = load_results(run_dir)
-    run, settings, sets = results.run_dir, results.settings, results.sets
-    n_boot, seed = settings.get("n_bootstrap", 1000), settings.get("seed", 0)
-    grades = results.grades
-    a_grades = grades[grades["experiment"] == "A"] if len(grades) else grades
-    b_grades = grades[grades["experiment"] == "B"].copy() if len(grades) else grades
-    figures, tables = run / "figures", run / "tables"
-    figures.mkdir(exist_ok=True)
-    tables.mkdir(exist_ok=True)
+    run = results.run_dir
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "tables").mkdir(exist_ok=True)
+    tables = compute_tables(results)
+    write_tables(run / "tables", csv_tables(tables))
+    made = draw_figures(tables, run)
+    text = render(
+        results,
+        tables.effects,
+        tables.metrics,
+        tables.shifts,
+        tables.missing,
+        tables.examples,
+        tables.lengths,
+        made,
+    )
+    path = run / "report.md"
+    write_text(path, text)
+    print(f"report: {path}")
+    return path
 
+
+def compute_tables(results: Results) -> ReportTables:
+    settings, sets, grades = results.settings, results.sets, results.grades
+    n_boot, seed = settings.get("n_bootstrap", 1000), settings.get("seed", 0)
+    a_grades = grades[grades["experiment"] == "A"] if len(grades) else grades
     effects = student_effects(a_grades, sets, n_boot, seed)
-    write_csv(tables / "effects.csv", effects)
     a_scores = with_normalised(a_grades, sets) if len(a_grades) else a_grades.assign(normalised=[])
     a_unsteered = a_scores[a_scores["grader"] == UNSTEERED] if len(a_scores) else a_scores
-    heat = (
-        a_scores.pivot_table(index="type", columns="grader", values="normalised", aggfunc="mean")
-        if len(a_scores)
-        else pd.DataFrame()
+    b_grades = experiment_b_grades(grades, settings.get("human_reference", "score1"))
+    metrics = grader_metrics(b_grades, sets) if len(b_grades) else pd.DataFrame(columns=["grader", "set"])
+    shifts = (
+        grader_shifts(b_grades, sets, n_boot, seed) if len(b_grades) else grader_shifts(pd.DataFrame(), sets)
     )
+    b_counts = score_counts(b_grades)
+    return ReportTables(
+        effects=effects,
+        a_unsteered=a_unsteered,
+        heat=heatmap_table(a_scores),
+        lengths=lengths_table(a_unsteered),
+        metrics=metrics,
+        shifts=shifts,
+        b_counts=b_counts,
+        distributions=score_distributions_table(a_unsteered, b_counts),
+        missing=missing_table(results),
+        examples=examples_table(results, a_unsteered),
+    )
+
+
+def experiment_b_grades(grades: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Experiment B's grades with the ``human`` score they are compared with."""
+    b_grades = grades[grades["experiment"] == "B"].copy() if len(grades) else grades
+    if len(b_grades):
+        b_grades["human"] = human_column(b_grades, reference)
+    return b_grades
+
+
+def heatmap_table(a_scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean normalised score per student type (rows) and grader (columns)."""
+    if not len(a_scores):
+        return pd.DataFrame()
+    heat = a_scores.pivot_table(index="type", columns="grader", values="normalised", aggfunc="mean")
     if len(heat):
         heat = heat.loc[order_types(heat.index), order_types(heat.columns)]
-    write_csv(tables / "student_grader_heatmap.csv", heat.reset_index())
-    lengths = pd.DataFrame(
+    return heat
+
+
+def lengths_table(a_unsteered: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
         [
             {
                 "type": t,
@@ -195,20 +258,10 @@ def write_report(run_dir: str | Path) -> Path:
             for t, p in a_unsteered.dropna(subset=["normalised"]).groupby("type")
         ]
     )
-    write_csv(tables / "length_vs_score.csv", lengths)
-    write_csv(
-        tables / "length_vs_score_points.csv",
-        a_unsteered[["type", "set", "sample", "words", "normalised"]] if len(a_unsteered) else pd.DataFrame(),
-    )
 
-    if len(b_grades):
-        b_grades["human"] = human_column(b_grades, settings.get("human_reference", "score1"))
-    metrics = grader_metrics(b_grades, sets) if len(b_grades) else pd.DataFrame(columns=["grader", "set"])
-    shifts = (
-        grader_shifts(b_grades, sets, n_boot, seed) if len(b_grades) else grader_shifts(pd.DataFrame(), sets)
-    )
-    write_csv(tables / "grader_metrics.csv", metrics)
-    write_csv(tables / "grader_shifts.csv", shifts)
+
+def score_counts(b_grades: pd.DataFrame) -> pd.DataFrame:
+    """Experiment B: how often each score was given, by the humans (rounded half up) and by each grader."""
     counts = []
     if len(b_grades):
         humans = b_grades.drop_duplicates(["set", "sample"])
@@ -219,6 +272,11 @@ def write_report(run_dir: str | Path) -> Path:
                 counts.append(
                     {"who": who, "score": int(score), "count": int(count), "share": count / len(scores)}
                 )
+    return pd.DataFrame(counts)
+
+
+def score_distributions_table(a_unsteered: pd.DataFrame, b_counts: pd.DataFrame) -> pd.DataFrame:
+    """Score counts of both experiments in one table (A: per student type, unsteered grader; B: per grader)."""
     a_counts = (
         a_unsteered.dropna(subset=["score"])
         .groupby(["type", "score"])
@@ -229,185 +287,48 @@ def write_report(run_dir: str | Path) -> Path:
         if len(a_unsteered)
         else pd.DataFrame()
     )
-    write_csv(
-        tables / "score_distributions.csv",
-        pd.concat(
-            [a_counts.rename(columns={"type": "who"}), pd.DataFrame(counts).assign(experiment="B")],
-            ignore_index=True,
-        ),
+    return pd.concat(
+        [a_counts.rename(columns={"type": "who"}), b_counts.assign(experiment="B")], ignore_index=True
     )
-    missing = missing_table(results)
-    write_csv(tables / "missing_grades.csv", missing)
-    examples = examples_table(results, a_unsteered)
-    write_csv(tables / "examples.csv", examples)
-
-    made = {}
-    if len(effects) and (effects["type"] != UNSTEERED).any():
-        plot_effects(effects, figures / "effects.png")
-        made["effects"] = "figures/effects.png"
-    plot_distributions(a_unsteered, pd.DataFrame(counts), figures / "score_distributions.png")
-    made["distributions"] = "figures/score_distributions.png"
-    pooled = metrics[metrics["set"] == "pooled"] if len(metrics) else metrics
-    if len(pooled):
-        plot_grader_metrics(shifts, pooled, figures / "grader_qwk_bias.png")
-        made["graders"] = "figures/grader_qwk_bias.png"
-    if len(heat):
-        plot_heatmap(heat, figures / "student_grader_heatmap.png")
-        made["heatmap"] = "figures/student_grader_heatmap.png"
-    plot_length(a_unsteered.dropna(subset=["normalised"]), figures / "length_vs_score.png")
-    made["length"] = "figures/length_vs_score.png"
-
-    text = render(results, effects, metrics, shifts, missing, examples, lengths, made)
-    path = run / "report.md"
-    write_text(path, text)
-    print(f"report: {path}")
-    return path
 
 
-def _fmt_ci(value, low, high) -> str:
-    if not math.isfinite(value):
-        return "—"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{value:+.3f}"
-    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
-def render(results: Results, effects, metrics, shifts, missing, examples, lengths, made: dict) -> str:
-    s = results.settings
-    info = s.get("model_info", {})
-    reference = {
-        "score1": "Score1 (the official score)",
-        "mean": "the mean of Score1 and Score2 (rounded half up for QWK and exact agreement)",
+def csv_tables(tables: ReportTables) -> dict[str, pd.DataFrame]:
+    """The CSVs under ``tables/``, by file name without ``.csv``."""
+    points = ["type", "set", "sample", "words", "normalised"]
+    return {
+        "effects": tables.effects,
+        "student_grader_heatmap": tables.heat.reset_index(),
+        "length_vs_score": tables.lengths,
+        "length_vs_score_points": tables.a_unsteered[points] if len(tables.a_unsteered) else pd.DataFrame(),
+        "grader_metrics": tables.metrics,
+        "grader_shifts": tables.shifts,
+        "score_distributions": tables.distributions,
+        "missing_grades": tables.missing,
+        "examples": tables.examples,
     }
-    lines = [
-        "# ASAP-SAS study: persona-steered students and graders",
-        "",
-        f"Model `{s['model']}`, steering layer **{info.get('layer')}** of {info.get('num_layers')} "
-        f"(mean residual norm there {info.get('residual_norm', math.nan):.1f}); seed {s.get('seed')}; "
-        f"answers from `{s['data_file']}`; human reference: {reference[s.get('human_reference', 'score1')]}.",
-        "",
-    ]
-    if s.get("synthetic_data"):
-        lines += [
-            "> **Synthetic sample data.** The answers and human scores of experiment B come from the small "
-            "sample we wrote (`datasets/asap_sas/sample/`), not from ASAP-SAS: the numbers below test the "
-            "pipeline and mean nothing about real graders. See `datasets/asap_sas/sample/README.md` for "
-            "the real data.",
-            "",
-        ]
-    if s.get("test"):
-        lines += ["> `--test` run: 2 traits × 2 sets × 1 sample; too small for any conclusion.", ""]
-    if not s.get("graders", {}).get("include_source", True):
-        lines += [
-            "> Grader prompts left out the reading passage / procedure (`graders.include_source: false`).",
-            "",
-        ]
-    lines += [
-        "Scores are read from the grader's probabilities of the allowed whole numbers (min..max): the expected "
-        "score (kept raw for bias and correlation) and its rounding (for QWK, MAE, agreement). A grade is "
-        f"missing — never the minimum — when less than {s.get('min_mass')} of the probability sits on the allowed "
-        "scores, when the grader refuses, or when the call fails.",
-        "",
-        "## Persona vectors and coefficients",
-        "",
-        "Students are steered at `response` positions; steered graders at every position of their one scoring "
-        "forward. *relative* = the push's norm divided by the mean residual norm at the layer, comparable "
-        "across models.",
-        "",
-    ]
-    if len(results.steering):
-        lines += [markdown_table(results.steering), "", "Table: [`steering.csv`](steering.csv)", ""]
-    lines += ["## Experiment A: steered students", ""]
-    if len(effects):
-        shown = effects.assign(
-            effect_ci=[
-                _fmt_ci(e, lo, hi)
-                for e, lo, hi in zip(effects["effect"], effects["ci_low"], effects["ci_high"], strict=True)
-            ]
-        )
-        lines += [
-            "Effect of a student type = its mean normalised score (0–1 within each set's range) minus the "
-            "unsteered student's, under the same grader, over the (set, sample) items both answered; "
-            "95% paired bootstrap CI.",
-            "",
-            markdown_table(shown[["grader", "type", "n", "missing", "mean_normalised", "effect_ci"]]),
-            "",
-            "Table: [`tables/effects.csv`](tables/effects.csv)",
-            "",
-        ]
-    for key, caption in (
-        ("effects", "Effect sizes per trait"),
-        ("heatmap", "Student × grader: mean normalised score (tables/student_grader_heatmap.csv)"),
-        ("distributions", "Score distributions (tables/score_distributions.csv)"),
-        ("length", "Answer length vs score (tables/length_vs_score.csv)"),
-    ):
-        if key in made:
-            lines += [f"![{caption}]({made[key]})", "", f"*{caption}.*", ""]
-    if len(lengths):
-        lines += [markdown_table(lengths), ""]
-    if len(examples):
-        lines += [
-            "### One answer per student type",
-            "",
-            markdown_table(examples, floatfmt=".2f"),
-            "",
-            "Table: [`tables/examples.csv`](tables/examples.csv)",
-            "",
-        ]
-    lines += ["## Experiment B: steered graders vs human scores", ""]
-    if len(metrics):
-        pooled = metrics[metrics["set"] == "pooled"].drop(columns=["set"])
-        per_set = metrics[metrics["set"] != "pooled"].pivot(index="grader", columns="set", values="qwk")
-        per_set = per_set.reindex(order_types(per_set.index)).reset_index()
-        per_set.columns = ["grader"] + [f"QWK set {c}" for c in per_set.columns[1:]]
-        lines += [
-            "Pooled over sets (QWK with labels over the union of the ranges; `mean_set_qwk` = mean of the "
-            "defined per-set values). NaN = undefined (fewer than 2 items, or no variation).",
-            "",
-            markdown_table(pooled),
-            "",
-            markdown_table(per_set),
-            "",
-            "Change vs the unsteered grader on the same answers (95% paired bootstrap CI):",
-            "",
-            markdown_table(
-                shifts.assign(
-                    delta_bias_ci=[
-                        _fmt_ci(v, lo, hi)
-                        for v, lo, hi in zip(
-                            shifts["delta_bias"],
-                            shifts["delta_bias_ci_low"],
-                            shifts["delta_bias_ci_high"],
-                            strict=True,
-                        )
-                    ],
-                    delta_qwk_ci=[
-                        _fmt_ci(v, lo, hi)
-                        for v, lo, hi in zip(
-                            shifts["delta_qwk"],
-                            shifts["delta_qwk_ci_low"],
-                            shifts["delta_qwk_ci_high"],
-                            strict=True,
-                        )
-                    ],
-                )[["grader", "n_paired", "bias", "delta_bias_ci", "qwk", "delta_qwk_ci"]]
-            ),
-            "",
-            "Tables: [`tables/grader_metrics.csv`](tables/grader_metrics.csv), "
-            "[`tables/grader_shifts.csv`](tables/grader_shifts.csv)",
-            "",
-        ]
-    if "graders" in made:
-        lines += [f"![Grader QWK and bias]({made['graders']})", "", "*Grader QWK and bias.*", ""]
-    lines += ["## Missing grades", ""]
-    lines += (
-        [
-            markdown_table(missing),
-            "",
-            "Re-running the same command retries failed calls (`failures.jsonl` keeps every failed attempt).",
-            "",
-        ]
-        if len(missing)
-        else ["None.", ""]
-    )
-    return "\n".join(lines)
+
+
+def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Each table as ``<folder>/<name>.csv``."""
+    for name, table in tables.items():
+        write_csv(folder / f"{name}.csv", table)
+
+
+def draw_figures(tables: ReportTables, run: Path) -> dict[str, str]:
+    """The figures there is data for; returns their paths relative to the run directory, by key."""
+    made = {}
+
+    def draw(key: str, name: str, plot, *data) -> None:
+        plot(*data, run / "figures" / name)
+        made[key] = f"figures/{name}"
+
+    if len(tables.effects) and (tables.effects["type"] != UNSTEERED).any():
+        draw("effects", "effects.png", plot_effects, tables.effects)
+    draw("distributions", "score_distributions.png", plot_distributions, tables.a_unsteered, tables.b_counts)
+    pooled = tables.metrics[tables.metrics["set"] == "pooled"] if len(tables.metrics) else tables.metrics
+    if len(pooled):
+        draw("graders", "grader_qwk_bias.png", plot_grader_metrics, tables.shifts, pooled)
+    if len(tables.heat):
+        draw("heatmap", "student_grader_heatmap.png", plot_heatmap, tables.heat)
+    draw("length", "length_vs_score.png", plot_length, tables.a_unsteered.dropna(subset=["normalised"]))
+    return made
