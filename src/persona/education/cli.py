@@ -135,6 +135,113 @@ def run_study(
     grader_factory=None,
 ) -> str:
     """The study end to end; ``grader_factory`` (tests only) replaces the model graders."""
+    from persona.education.report import write_report
+    from persona.education.study import Study
+    from persona.store import check_signature, write_json
+
+    started = time.perf_counter()
+    if test:
+        traits, sets, students, graders, vectors = test_plan(traits, sets, students, graders, vectors)
+    traits = check_traits(traits, vectors)
+    if n_bootstrap < 0:
+        raise ValueError(f"--n_bootstrap {n_bootstrap}: must be >= 0.")
+    # Every input is read and checked before a model loads.
+    inputs = read_inputs(data_dir, sets_path, sets, graders.n_real, seed)
+    if graders.api:  # a missing key or URL fails now, not after the students have written their answers
+        from persona.education.grading import make_api_grader
+
+        make_api_grader(graders.api, graders.api_base_url, cache_dir=None)
+    run = Path(run_dir) if run_dir else default_run_dir(model, test)
+    prepare_run_dir(run, overwrite)
+    min_mass = MIN_MASS if graders.min_mass is None else graders.min_mass
+    check_signature(
+        run / "meta.json",
+        study_signature(model, dtype, seed, inputs, students, graders, min_mass, steering, vectors),
+        command="persona education",
+        subject=run,
+        fix="choose another --run_dir, or pass --overwrite true to start over",
+    )
+    types = 1 + 2 * len(traits)
+    print(
+        f"persona education: {len(traits)} trait(s) x {len(inputs.sets)} set(s); A: {types} student "
+        f"types x {students.n_samples} sample(s); B: {len(inputs.real)} real answers x {types}"
+        f"{' + API' if graders.api else ''} graders -> {run}"
+    )
+    study = Study(
+        run_dir=run,
+        model=model,
+        sets=inputs.sets,
+        traits=traits,
+        students=students,
+        graders=dataclasses.replace(graders, min_mass=min_mass),
+        steering=steering,
+        vectors=vectors,
+        real_answers=inputs.real,
+        seed=seed,
+        dtype=dtype,
+        accelerator=accelerator,
+        grader_factory=grader_factory,
+    )
+    settings = {
+        "model": model,
+        "test": test,
+        "seed": seed,
+        "n_bootstrap": n_bootstrap,
+        "traits": traits,
+        **inputs.settings(),
+        "human_reference": graders.human_reference,
+        "min_mass": min_mass,
+        "students": dataclasses.asdict(students),
+        "graders": dataclasses.asdict(graders),
+        "steering": dataclasses.asdict(steering),
+        "vectors": dataclasses.asdict(vectors),
+    }
+    write_json(run / "settings.json", settings)  # the report can be written from a half-finished run
+    study.run()
+    write_json(
+        run / "settings.json",
+        {**settings, "model_info": study.info, "seconds_last_run": time.perf_counter() - started},
+    )
+    path = write_report(run)
+    print(f"persona education: done in {time.perf_counter() - started:.0f} s")
+    return str(path)
+
+
+def check_traits(traits: list[str] | None, vectors: VectorSettings) -> list[str]:
+    """The traits to steer with (default the seed traits); an unknown trait or an impossible vector route fails
+    now, not after a model load."""
+    from persona.education.trait_vectors import choose_route
+    from persona.traits import load_trait
+
+    traits = list(traits if traits is not None else SEED_TRAITS)
+    for trait in traits:
+        load_trait(trait, "extract")
+        choose_route(trait, vectors)
+    return traits
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyInputs:
+    """The files the study reads, and what it takes from them."""
+
+    sets_file: Path
+    answer_file: Path
+    sets: list  # the chosen essay sets
+    real: list[dict]  # experiment B's real answers, with their human scores
+
+    def settings(self) -> dict:
+        from persona.education.data import default_data_dir
+
+        return {
+            "sets": [s.set_id for s in self.sets],
+            "sets_path": str(self.sets_file.resolve()),
+            "data_file": str(self.answer_file),
+            "synthetic_data": self.answer_file.resolve().parent == default_data_dir().resolve(),
+        }
+
+
+def read_inputs(data_dir, sets_path, sets, n_real: int, seed: int) -> StudyInputs:
+    """Sets and answers, read and checked; ``n_real`` real answers per set sampled for experiment B."""
     from persona.education.data import (
         choose_sets,
         default_data_dir,
@@ -144,28 +251,13 @@ def run_study(
         read_answers,
         sample_answers,
     )
-    from persona.education.prompts import PROMPT_VERSION
-    from persona.education.report import write_report
-    from persona.education.study import Study
-    from persona.education.trait_vectors import choose_route
-    from persona.traits import load_trait
 
-    started = time.perf_counter()
-    if test:
-        traits, sets, students, graders, vectors = test_plan(traits, sets, students, graders, vectors)
-    traits = list(traits if traits is not None else SEED_TRAITS)
-    for trait in traits:
-        load_trait(trait, "extract")  # unknown trait -> a clear error now, not after a model load
-        choose_route(trait, vectors)
-    if n_bootstrap < 0:
-        raise ValueError(f"--n_bootstrap {n_bootstrap}: must be >= 0.")
-    # Every input is read and checked before a model loads.
     sets_file = Path(sets_path) if sets_path else default_sets_path()
     all_sets = load_sets(sets_file)
     chosen = choose_sets(all_sets, sets)
     answer_file = find_answer_file(data_dir if data_dir is not None else default_data_dir())
     answers = read_answers(answer_file, all_sets)
-    sampled = sample_answers(answers, [s.set_id for s in chosen], graders.n_real, seed)
+    sampled = sample_answers(answers, [s.set_id for s in chosen], n_real, seed)
     real = [
         {
             "set": int(r.EssaySet),
@@ -179,13 +271,11 @@ def run_study(
     empty = [s.set_id for s in chosen if not any(r["set"] == s.set_id for r in real)]
     if empty:
         print(f"note: {answer_file} has no answers for set(s) {empty}; experiment B skips them.")
+    return StudyInputs(sets_file, answer_file, chosen, real)
 
-    if graders.api:  # a missing key or URL fails now, not after the students have written their answers
-        from persona.education.grading import make_api_grader
 
-        make_api_grader(graders.api, graders.api_base_url, cache_dir=None)
-
-    run = Path(run_dir) if run_dir else default_run_dir(model, test)
+def prepare_run_dir(run: Path, overwrite: bool) -> None:
+    """Refuse a folder that is not a study run; with ``overwrite``, delete the run's results first."""
     if overwrite and run.exists():
         if not (run / "meta.json").is_file():
             raise ValueError(
@@ -196,74 +286,23 @@ def run_study(
         raise ValueError(
             f"--run_dir {run} exists and is not a study run directory. Fix: choose another --run_dir."
         )
-    from persona.store import check_signature
 
-    min_mass = MIN_MASS if graders.min_mass is None else graders.min_mass
-    signature = {
+
+def study_signature(
+    model, dtype, seed, inputs: StudyInputs, students, graders, min_mass, steering, vectors
+) -> dict:
+    """The settings a resumed run must share with the run it continues (see persona.store.check_signature)."""
+    from persona.education.prompts import PROMPT_VERSION
+
+    return {
         "model": model,
         "dtype": dtype,
         "seed": seed,
         "prompt_version": PROMPT_VERSION,
-        "answers_sha256": _sha256(answer_file),
-        "sets_sha256": _sha256(sets_file),
+        "answers_sha256": _sha256(inputs.answer_file),
+        "sets_sha256": _sha256(inputs.sets_file),
         "students": {k: v for k, v in dataclasses.asdict(students).items() if k != "n_samples"},
         "graders": {"min_mass": min_mass, "include_source": graders.include_source},
         "steering": dataclasses.asdict(steering),
         "vectors": dataclasses.asdict(vectors),
     }
-    check_signature(
-        run / "meta.json",
-        signature,
-        command="persona education",
-        subject=run,
-        fix="choose another --run_dir, or pass --overwrite true to start over",
-    )
-    print(
-        f"persona education: {len(traits)} trait(s) x {len(chosen)} set(s); A: {1 + 2 * len(traits)} student "
-        f"types x {students.n_samples} sample(s); B: {len(real)} real answers x {1 + 2 * len(traits)}"
-        f"{' + API' if graders.api else ''} graders -> {run}"
-    )
-
-    study = Study(
-        run_dir=run,
-        model=model,
-        sets=chosen,
-        traits=traits,
-        students=students,
-        graders=dataclasses.replace(graders, min_mass=min_mass),
-        steering=steering,
-        vectors=vectors,
-        real_answers=real,
-        seed=seed,
-        dtype=dtype,
-        accelerator=accelerator,
-        grader_factory=grader_factory,
-    )
-    settings = {
-        "model": model,
-        "test": test,
-        "seed": seed,
-        "n_bootstrap": n_bootstrap,
-        "traits": traits,
-        "sets": [s.set_id for s in chosen],
-        "sets_path": str(sets_file.resolve()),
-        "data_file": str(answer_file),
-        "synthetic_data": answer_file.resolve().parent == default_data_dir().resolve(),
-        "human_reference": graders.human_reference,
-        "min_mass": min_mass,
-        "students": dataclasses.asdict(students),
-        "graders": dataclasses.asdict(graders),
-        "steering": dataclasses.asdict(steering),
-        "vectors": dataclasses.asdict(vectors),
-    }
-    from persona.store import write_json
-
-    write_json(run / "settings.json", settings)  # the report can be written from a half-finished run
-    study.run()
-    write_json(
-        run / "settings.json",
-        {**settings, "model_info": study.info, "seconds_last_run": time.perf_counter() - started},
-    )
-    path = write_report(run)
-    print(f"persona education: done in {time.perf_counter() - started:.0f} s")
-    return str(path)
