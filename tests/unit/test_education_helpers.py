@@ -125,3 +125,15 @@ def test_the_pairs_given_and_instruction_routes(fake_commands, tmp_path, monkeyp
     )
     with pytest.raises(ValueError, match="route 'auto' is not buildable"):
         build("auto", tmp_path)
+
+
+def test_compare_tolerates_runs_without_grades():
+    """A run stopped before grading has no QWK column; the comparison says "(none)" instead of a KeyError."""
+    import pandas as pd
+
+    from persona.education.compare import by_run
+
+    empty = by_run(pd.DataFrame({"run": [], "grader": []}), "grader", "qwk", ["a", "b"])
+    assert empty.empty and list(empty.columns) == ["a", "b"]
+    table = pd.DataFrame({"run": ["a", "b"], "grader": ["unsteered", "unsteered"], "qwk": [0.5, 0.7]})
+    assert by_run(table, "grader", "qwk", ["b", "a"]).loc["unsteered"].tolist() == [0.7, 0.5]

@@ -92,6 +92,8 @@ def combine_runs(runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
 
 def by_run(table: pd.DataFrame, index: str, values: str, labels: list[str]) -> pd.DataFrame:
     """``values`` as one column per run (in ``labels`` order), one row per ``index`` (in type order)."""
+    if values not in table.columns or table.empty:  # runs without grades (or effects) yet
+        return pd.DataFrame(columns=labels)
     wide = table.pivot_table(index=index, columns="run", values=values).reindex(columns=labels)
     return wide.loc[order_types(wide.index)] if len(wide) else wide
 
