@@ -4,7 +4,7 @@ data.py            sets.json + train.tsv, checked (errors name the file, line, c
 prompts.py         the student's and the grader's prompts
 grading.py         range graders (0-2 / 0-3) on persona.judges: local (steerable) and API
 trait_vectors.py   a persona vector per trait, by route: given, pairs, generated, instruction_pairs
-(persona.store)     keyed JSONL journals (resume), run signature
+(persona.store)    keyed JSONL journals (resume), run signature
 study.py           experiments A and B
 metrics.py         QWK (sklearn), bias, MAE, agreement, effects with bootstrap CIs
 report.py          report.md + PNG/CSV of a run
