@@ -226,7 +226,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    key = (name, str(dtype), trust_remote_code, str(device_map))
+    # The resolved dtype: "auto" and "float32" name the same weights on a CPU and must share one copy.
+    key = (name, str(resolve_dtype(dtype)), trust_remote_code, str(device_map))
     if _shared is not None and adapter is None and key in _shared:
         model = _shared[key]
         return (model.to(device) if device is not None and device_map is None else model).eval()

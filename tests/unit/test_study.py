@@ -281,3 +281,15 @@ def test_precision_follows_the_model_dtype():
 
     assert precision_for("bfloat16") == "bf16-true" and precision_for(torch.float16) == "16-true"
     assert precision_for("float32") == "32-true" and precision_for("auto") in ("32-true", "bf16-true")
+
+
+def test_a_study_process_holds_one_copy_of_its_model(tiny_model_dirs):
+    """Phases and the local judge ask with different dtype names; on a CPU "auto" is float32: one copy, not two."""
+    from persona.models import load_model, shared_models
+
+    model_dir = tiny_model_dirs["llama"]
+    with shared_models():
+        first = load_model(model_dir, dtype="auto")
+        assert load_model(model_dir, dtype="float32") is first and load_model(model_dir) is first
+        assert load_model(model_dir, dtype="bfloat16") is not first
+    assert load_model(model_dir) is not first  # outside the block every load is fresh

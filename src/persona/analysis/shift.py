@@ -188,8 +188,10 @@ def measure_shifts(
             f"{name}: shift_prompt_last {row['shift_prompt_last']:+.4f}, shift_response_avg "
             f"{row['shift_response_avg']:+.4f}, trait score {row['trait_score']:.4f} ({row['trait_score_change']:+.4f})"
         )
+        # Hand the fine-tuned copy's memory back before the next one loads: a PEFT model holds reference
+        # cycles, so `del` alone leaves it to a later collection (one more model's worth at the peak).
         del net
-        if torch.cuda.is_available():  # hand the fine-tuned copy's memory back before the next one loads
-            gc.collect()
+        gc.collect()
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return pd.DataFrame(rows)

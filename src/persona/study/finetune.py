@@ -7,6 +7,7 @@ across the mixture runs (Pearson r) and ΔP screening of one mixture before any 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import matplotlib
@@ -112,6 +113,7 @@ def finetune_study(
         runs[name] = train_run(
             phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
         )
+        gc.collect()  # the run's model and trainer hold reference cycles: free them before the next run
 
     monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)
     write_csv(phase_dir / "monitor.csv", monitor)
