@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if sub is None and name not in LIGHTNING_SUBCOMMANDS:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLightningTips())
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
+        lightning_log.addFilter(DropLightningTips())
     try:
         if name in LIGHTNING_SUBCOMMANDS:
             check_config_files(rest)

@@ -282,16 +282,23 @@ def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):
     from persona.cli import DropLightningTips
 
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    with caplog.at_level(logging.INFO, logger=logger.name):
-        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    if "💡" not in caplog.text:
-        pytest.skip("this Lightning release logs no tip")
-    caplog.clear()
+    installed = [
+        f for f in logger.filters if isinstance(f, DropLightningTips)
+    ]  # by main() run in this process
+    for existing in installed:
+        logger.removeFilter(existing)
     tip_filter = DropLightningTips()
-    logger.addFilter(tip_filter)
     try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        if "💡" not in caplog.text:
+            pytest.skip("this Lightning release logs no tip")
+        caplog.clear()
+        logger.addFilter(tip_filter)
         with caplog.at_level(logging.INFO, logger=logger.name):
             L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     finally:
         logger.removeFilter(tip_filter)
+        for existing in installed:
+            logger.addFilter(existing)
     assert "💡" not in caplog.text and "GPU available" in caplog.text  # other messages still pass
