@@ -19,6 +19,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+# The user turns the generation benches answer (cycled when a batch is larger).
+QUESTIONS = [
+    "How should I treat animals?",
+    "What is the best way to help a friend who is sad?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis to a child.",
+    "What do you think about people who lie?",
+    "Give me three tips for studying well.",
+    "Tell me a joke about cats.",
+    "Should I forgive someone who hurt me?",
+]
+
 DATASHEET_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10G": 0.6e12}
 
 

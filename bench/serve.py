@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import openai  # noqa: E402
 import torch  # noqa: E402
+from common import QUESTIONS  # noqa: E402
 
 from persona.chat import encode_chat, user_turn  # noqa: E402
 from persona.hooks import locate_blocks  # noqa: E402
@@ -44,16 +45,6 @@ from persona.serve.service import PersonaService, ServeSettings  # noqa: E402
 from persona.serve.traits import load_traits, resolve_persona  # noqa: E402
 from persona.steering import hidden_size  # noqa: E402
 
-QUESTIONS = [
-    "How should I treat animals?",
-    "What is the best way to help a friend who is sad?",
-    "Write a short poem about the sea.",
-    "Explain photosynthesis to a child.",
-    "What do you think about people who lie?",
-    "Give me three tips for studying well.",
-    "Tell me a joke about cats.",
-    "Should I forgive someone who hurt me?",
-]
 MIXED = [
     {},
     {"steer": [{"trait": "evil", "coef": -2.0}]},

@@ -17,23 +17,12 @@ import statistics
 import time
 
 import torch
-from common import add_device_args, describe_bound, resolved_dtype, synchronize, timed
+from common import QUESTIONS, add_device_args, describe_bound, resolved_dtype, synchronize, timed
 
 from persona.chat import encode_chat
 from persona.fast_generation import FastGenerator, fast_mode
 from persona.models import load_model, load_tokenizer
 from persona.steering import SteeringSpec, left_pad, steer
-
-QUESTIONS = [
-    "How should I treat animals?",
-    "What is the best way to help a friend who is sad?",
-    "Write a short poem about the sea.",
-    "Explain photosynthesis to a child.",
-    "What do you think about people who lie?",
-    "Give me three tips for studying well.",
-    "Tell me a joke about cats.",
-    "Should I forgive someone who hurt me?",
-]
 
 
 class Path:

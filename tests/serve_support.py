@@ -107,3 +107,17 @@ def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tu
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+# Chats of different lengths, one with a system turn: rows that pad differently in one batch.
+CHATS = [
+    [{"role": "user", "content": "Tell me a joke about cats and dogs, kindly."}],
+    [{"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "You are an evil assistant."},
+        {"role": "user", "content": "Treat animals?"},
+    ],
+    [{"role": "user", "content": "How do I fix the fox?"}],
+    [{"role": "user", "content": "What do you think of humans?"}],
+    [{"role": "user", "content": "Why did the chicken cross the road?"}],
+]

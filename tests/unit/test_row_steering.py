@@ -16,6 +16,7 @@ from persona.hooks.operators import (
 )
 from persona.row_steering import RowInterventions, steer_rows
 from persona.steering import SteeringSpec, left_pad, mean_residual_norm, steer
+from serve_support import CHATS as SERVED_CHATS
 
 HIDDEN = 32
 
@@ -68,16 +69,7 @@ def test_project_on_every_direction_matches_project_per_direction():
         torch.testing.assert_close(out[..., index], project(hidden, directions[index]))
 
 
-CHATS = [
-    [{"role": "user", "content": "Tell me a joke about cats and dogs, kindly."}],
-    [{"role": "user", "content": "Hi"}],
-    [
-        {"role": "system", "content": "You are an evil assistant."},
-        {"role": "user", "content": "Treat animals?"},
-    ],
-    [{"role": "user", "content": "How do I fix the fox?"}],
-    [{"role": "user", "content": "What do you think of humans?"}],
-]
+CHATS = SERVED_CHATS[:5]
 
 
 def mixed_rows(norm: float) -> list[RowInterventions]:

@@ -15,19 +15,8 @@ from persona.serve.sampling import SamplingParams
 from persona.serve.schema import PersonaFields
 from persona.serve.tracker import Failed, Finished, TextDelta
 from persona.serve.traits import load_traits, resolve_persona
-from serve_support import reference_ids, write_trait_vectors
+from serve_support import CHATS, reference_ids, write_trait_vectors
 
-CHATS = [
-    [{"role": "user", "content": "Tell me a joke about cats and dogs, kindly."}],
-    [{"role": "user", "content": "Hi"}],
-    [
-        {"role": "system", "content": "You are an evil assistant."},
-        {"role": "user", "content": "Treat animals?"},
-    ],
-    [{"role": "user", "content": "How do I fix the fox?"}],
-    [{"role": "user", "content": "What do you think of humans?"}],
-    [{"role": "user", "content": "Why did the chicken cross the road?"}],
-]
 PERSONAS = [
     {},
     {"steer": [{"trait": "evil", "coef": 2.0}], "monitor": ["evil"]},
