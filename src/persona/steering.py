@@ -280,7 +280,7 @@ def generate_steered(
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     batch_size: int = 16,
-    fast="auto",
+    fast=False,
     **generate_kwargs,
 ) -> list[str]:
     """Generate a completion per prompt under steering; returns the new text only, in input order.
@@ -291,10 +291,12 @@ def generate_steered(
     means greedy; the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to
     ``model.generate``.
 
-    ``fast``: ``"auto"`` (default) is a static KV cache with a compiled decode step on CUDA and the plain
-    dynamic-cache path elsewhere; ``True``/``"compile"``, ``"static"`` (static cache, no compile), ``False``, a
-    transformers ``CompileConfig``, or an open :class:`persona.fast_generation.FastGenerator` to share one
-    compile across calls. Every mode gives the plain path's tokens (see :mod:`persona.fast_generation`).
+    ``fast``: ``False`` (default) is the plain dynamic-cache path. For the fast path pass an open
+    :class:`persona.fast_generation.FastGenerator`, which compiles once for all the calls it serves (``persona
+    generate`` holds one per run); a mode here (``"auto"``: compile on CUDA, plain elsewhere; ``True``/
+    ``"compile"``; ``"static"``; a transformers ``CompileConfig``) opens a session for this call alone, so a
+    compiling mode compiles again on every call. Every mode gives the plain path's tokens (see
+    :mod:`persona.fast_generation`).
     """
     if isinstance(prompts_or_messages, str):
         raise TypeError("prompts_or_messages is a single string. Fix: pass a list of prompts, e.g. [prompt].")

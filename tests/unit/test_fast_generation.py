@@ -118,6 +118,23 @@ def test_auto_is_the_plain_path_on_a_cpu_and_the_compiled_one_on_cuda():
         fast_mode("quick", "cpu")
 
 
+def test_a_one_shot_generate_steered_never_compiles_by_default(tiny_llama, tokenizer, monkeypatch):
+    """Callers that loop over generate_steered (sweeps, screening, the education study) would compile on every
+    call on a GPU; the fast path is opt-in through an open session, which compiles once."""
+    import persona.fast_generation as fast_generation
+
+    monkeypatch.setattr(
+        fast_generation, "fast_mode", lambda fast, device: "compile" if fast == "auto" else "off"
+    )
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a session was opened for a one-shot call")
+
+    monkeypatch.setattr(fast_generation.FastGenerator, "__init__", refuse)
+    chats = [[{"role": "user", "content": "Hi"}]]
+    assert len(generate_steered(tiny_llama, tokenizer, chats, (), 4, temperature=0)) == 1
+
+
 def test_a_new_coefficient_reuses_the_compiled_step_a_new_layer_recompiles(tiny_llama, tokenizer):
     input_ids, attention_mask = left_padded(tokenizer)
     with FastGenerator(tiny_llama, eager_compile()) as generator:
