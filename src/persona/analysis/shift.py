@@ -16,7 +16,6 @@ the Pearson r between shift and trait-score change over the fine-tuned models.
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pandas as pd
 import torch
 
 from persona.data.examples import Example
-from persona.hardware import resolve_device
+from persona.hardware import release_memory, resolve_device
 from persona.models import load_model, load_tokenizer
 from persona.projection import score_examples
 from persona.steering import generate_steered
@@ -191,7 +190,5 @@ def measure_shifts(
         # Hand the fine-tuned copy's memory back before the next one loads: a PEFT model holds reference
         # cycles, so `del` alone leaves it to a later collection (one more model's worth at the peak).
         del net
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
     return pd.DataFrame(rows)

@@ -7,7 +7,6 @@ across the mixture runs (Pearson r) and ΔP screening of one mixture before any 
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import matplotlib
@@ -88,6 +87,7 @@ def finetune_study(
     hardware,
 ) -> dict:
     from persona.data.build import dataset
+    from persona.hardware import release_memory
     from persona.traits import traits_dir
 
     mixtures = tuple(sizes.finetune_mixtures)
@@ -113,7 +113,7 @@ def finetune_study(
         runs[name] = train_run(
             phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
         )
-        gc.collect()  # the run's model and trainer hold reference cycles: free them before the next run
+        release_memory()  # the run's model and trainer, before the next run loads its own
 
     monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)
     write_csv(phase_dir / "monitor.csv", monitor)
