@@ -34,6 +34,12 @@ def default_save_dir(model: str) -> Path:
     return Path("persona_vectors") / model_short_name(model)
 
 
+def layers_dir(vector_path: str | Path) -> Path:
+    """Where ``persona layers`` writes a vector's per-layer metrics by default (the server reads it back)."""
+    vector_path = Path(vector_path)
+    return vector_path.parent / f"{vector_path.stem}_layers"
+
+
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 

@@ -93,8 +93,3 @@ def plot_layer_metrics(metrics: pd.DataFrame, recommended: int, path: Path, titl
     if title:
         figure.suptitle(title)
     write_figure(path, figure, dpi=120)
-
-
-def default_output_dir(vector_path: str | Path) -> Path:
-    vector_path = Path(vector_path)
-    return vector_path.parent / f"{vector_path.stem}_layers"

@@ -8,12 +8,12 @@ from typing import Literal
 import numpy as np
 
 from persona import checks
-from persona.analysis.layers import default_output_dir, layer_metrics, plot_layer_metrics, recommend_layer
+from persona.analysis.layers import layer_metrics, plot_layer_metrics, recommend_layer
 from persona.data.examples import check_example_files
 from persona.errors import PersonaError
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
-from persona.vectors import load_metadata
+from persona.vectors import layers_dir, load_metadata
 
 ActivationKind = Literal["response_avg", "prompt_last", "prompt_avg"]
 PRODUCES = ("layer_metrics.csv", "layer_metrics.png")
@@ -77,7 +77,7 @@ def layers(
         device_map=device_map, devices=devices, strategy=strategy,
     )  # fmt: skip
     checks.model_source(model)
-    out = Path(output_dir) if output_dir else default_output_dir(vector_path)
+    out = Path(output_dir) if output_dir else layers_dir(vector_path)
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
     vector = checks.vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
     if pairs_path is None and trait is None and not no_filter:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from persona.models import DEFAULT_MODEL, model_short_name
 from persona.serve.server import is_loopback
@@ -68,6 +67,7 @@ def serve(
     from persona.serve.service import PersonaService, ServeSettings
     from persona.serve.traits import load_traits
     from persona.steering import hidden_size
+    from persona.vectors import default_save_dir
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
@@ -87,7 +87,7 @@ def serve(
         alert_z=alert_z,
         api_key=api_key,
     )
-    vectors = vectors or str(Path("persona_vectors") / model_short_name(model))
+    vectors = vectors or str(default_save_dir(model))
     lm, tokenizer = load_model_and_tokenizer(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
     )

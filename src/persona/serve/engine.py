@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from persona.hardware import input_device
 from persona.hooks import block_hooks
 from persona.row_steering import RowInterventions, steer_rows
 from persona.serve.monitoring import ProjectionRecorder
@@ -56,7 +57,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.device = model.get_input_embeddings().weight.device
+        self.device = input_device(model)
 
     def run_batch(self, jobs: Sequence[GenerationJob]) -> None:
         """Generate every job's reply in one batch; a failure fails this batch's unfinished jobs, never the server."""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from persona.chat import encode_chat, user_turn
+from persona.data.batches import context_length
 from persona.hooks import locate_blocks
 from persona.serve.batcher import DynamicBatcher, QueueFull
 from persona.serve.engine import Engine, GenerationJob
@@ -58,8 +59,8 @@ def model_context_length(model, tokenizer) -> int:
             value = getattr(cfg, name, None)
             if isinstance(value, int) and value > 0:
                 return value
-    declared = getattr(tokenizer, "model_max_length", None)
-    if isinstance(declared, int) and 0 < declared < 10**7:
+    declared = context_length(tokenizer)
+    if declared is not None:
         return declared
     raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
 

@@ -19,7 +19,7 @@ from persona.hooks.operators import orthonormalize
 from persona.row_steering import RowInterventions
 from persona.serve.schema import AblateItem, ApiError, PersonaFields
 from persona.steering import SteeringSpec
-from persona.vectors import load_vector
+from persona.vectors import layers_dir, load_vector
 
 VECTOR_SUFFIX = "_response_avg_diff.pt"
 
@@ -46,7 +46,7 @@ class Trait:
 
 def recommended_layer(vector_path: Path) -> int | None:
     """The layer ``persona layers`` recommended for this vector file, if it was run."""
-    metrics = vector_path.with_name(f"{vector_path.stem}_layers") / "layer_metrics.csv"
+    metrics = layers_dir(vector_path) / "layer_metrics.csv"
     if not metrics.is_file():
         return None
     with metrics.open(newline="") as handle:
