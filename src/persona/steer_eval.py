@@ -167,37 +167,40 @@ def steer_eval(
     SteeringSpec(layer, vector, 1.0, positions=steering_type)  # layer in range
     out = Path(output_dir) if output_dir else default_output_dir(vector_path, layer, steering_type)
 
+    from persona.models import shared_models
+
     paths: dict[float, Path] = {}
-    for coef in coef_list:
-        print(f"--- {loaded.name}: coefficient {coef:g} ({len(paths) + 1}/{len(coef_list)})", flush=True)
-        paths[coef] = Path(
-            generate(
-                trait=trait,
-                output_path=str(out / coef_filename(coef)),
-                model=model,
-                persona_instruction_type=None,
-                version="eval",
-                n_per_question=n_per_question,
-                max_questions=max_questions,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                judge_model=judge_model,
-                judge_base_url=judge_base_url,
-                judge_min_mass=judge_min_mass,
-                coef=coef,
-                vector_path=vector_path,
-                layer=layer,
-                steering_type=steering_type,
-                batch_size=batch_size,
-                seed=seed,
-                overwrite=overwrite,
-                dtype=dtype,
-                accelerator=accelerator,
-                devices=devices,
-                strategy=strategy,
-                trust_remote_code=trust_remote_code,
+    with shared_models():  # one model (and local judge) for every coefficient, not one load per coefficient
+        for coef in coef_list:
+            print(f"--- {loaded.name}: coefficient {coef:g} ({len(paths) + 1}/{len(coef_list)})", flush=True)
+            paths[coef] = Path(
+                generate(
+                    trait=trait,
+                    output_path=str(out / coef_filename(coef)),
+                    model=model,
+                    persona_instruction_type=None,
+                    version="eval",
+                    n_per_question=n_per_question,
+                    max_questions=max_questions,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    judge_model=judge_model,
+                    judge_base_url=judge_base_url,
+                    judge_min_mass=judge_min_mass,
+                    coef=coef,
+                    vector_path=vector_path,
+                    layer=layer,
+                    steering_type=steering_type,
+                    batch_size=batch_size,
+                    seed=seed,
+                    overwrite=overwrite,
+                    dtype=dtype,
+                    accelerator=accelerator,
+                    devices=devices,
+                    strategy=strategy,
+                    trust_remote_code=trust_remote_code,
+                )
             )
-        )
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return str(out / "summary.csv")

@@ -104,10 +104,14 @@ def personality(
         split_items(read_trait_items(resolved[name]), "train", resolved[name])
     if split == "train" and to_extract:
         log.warning("Scoring the train split with vectors extracted from it: the scores are in-sample.")
-    return run_sweep(
-        model, resolved, items_by_trait, given, to_extract, out, layer=layer, coefs=coef_list, methods=methods,
-        split=split, batch_size=batch_size, dtype=dtype, accelerator=accelerator, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+    from persona.models import shared_models
+
+    with shared_models():  # the extractions and the sweep read one copy of the model
+        return run_sweep(
+            model, resolved, items_by_trait, given, to_extract, out, layer=layer, coefs=coef_list, methods=methods,
+            split=split, batch_size=batch_size, dtype=dtype, accelerator=accelerator,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
 
 
 def given_vectors(

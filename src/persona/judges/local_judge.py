@@ -124,9 +124,13 @@ class LocalJudge:
                 expected answer given a numeric one, for small judges such as the embedded model.
         """
         if isinstance(model, str):
+            from persona.hardware import resolve_device
             from persona.models import load_model_and_tokenizer
 
-            self.model, self.tokenizer = load_model_and_tokenizer(model)
+            # The GPU in bfloat16 when one is present (float32 on a CPU): a study's model is then shared.
+            self.model, self.tokenizer = load_model_and_tokenizer(
+                model, dtype="auto", device=resolve_device("auto")
+            )
             default_name = f"local:{model}"
         else:
             self.model, self.tokenizer = model
