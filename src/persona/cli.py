@@ -248,13 +248,19 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def normalise_argv(function, argv: list[str]) -> list[str]:
+    """The seed scripts' spellings as jsonargparse reads them: aliases, bare bool flags, lists, negative values."""
+    argv = apply_aliases(function, argv)
+    # Lists first: `--coefs -1 0 1` is one list; then a lone negative value (`--coef -2`) is attached to its flag.
+    return attach_negative_values(lists_as_lists(function, bare_bool_flags_as_true(function, argv)))
+
+
 def run_function(name: str, target: str, argv: list[str]):
     from jsonargparse import auto_cli
 
     module_name, _, function_name = target.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    argv = apply_aliases(function, argv)
-    argv = lists_as_lists(function, attach_negative_values(bare_bool_flags_as_true(function, argv)))
+    argv = normalise_argv(function, argv)
     if argv and not argv[0].startswith("-") and "action" in inspect.signature(function).parameters:
         argv = ["--action", *argv]  # `persona dataset build ...` == `persona dataset --action build ...`
     return auto_cli(function, args=argv, as_positional=False, prog=f"persona {name}")

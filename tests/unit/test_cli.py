@@ -114,3 +114,15 @@ def test_a_bare_force_means_overwrite_through_the_whole_parser(tmp_path, capsys)
         == 0
     )
     assert out.read_bytes() != b"old"
+
+
+def test_a_list_of_negative_values_separated_by_spaces_is_one_list():
+    def command(coefs: list[float] = (), coef: float = 0.0, no_filter: bool = False, output_path: str = ""):
+        pass
+
+    assert cli.normalise_argv(command, ["--coefs", "-1", "0", "1", "--coef", "-2", "--no_filter"]) == [
+        "--coefs", "[-1,0,1]", "--coef=-2", "--no_filter", "true",
+    ]  # fmt: skip
+    assert cli.normalise_argv(command, ["--coefs", "-2,-1,0", "--out", "x.csv"]) == [
+        "--coefs", "[-2,-1,0]", "--output_path", "x.csv",
+    ]  # fmt: skip
