@@ -56,6 +56,11 @@ def write_json(path: str | Path, data) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_jsonl(path: str | Path, records) -> Path:
+    """One compact JSON object a line (UTF-8, non-ASCII kept as is), each line ending in a newline."""
+    return write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
 def read_json(path: str | Path, *, what: str = "file") -> dict:
     """A JSON object from ``path``; a clear error naming the file when it is missing, truncated or not an object."""
     path = Path(path)

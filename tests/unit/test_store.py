@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from persona.store import KeyedJournal, atomic_write, check_signature, read_journal, write_text
+from persona.store import KeyedJournal, atomic_write, check_signature, read_journal, write_jsonl, write_text
 
 
 def mode(path) -> int:
@@ -39,6 +39,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, broken)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_jsonl_is_one_compact_utf8_line_a_record_non_ascii_kept(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"q": "café", "n": 1}, {"q": None}])
+    assert path.read_bytes() == '{"q": "café", "n": 1}\n{"q": null}\n'.encode()
+    assert write_jsonl(tmp_path / "empty.jsonl", []).read_bytes() == b""
 
 
 def test_a_damaged_line_mid_file_is_named_set_aside_and_no_intact_row_is_lost(tmp_path, caplog):

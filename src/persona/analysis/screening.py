@@ -26,7 +26,8 @@ import pandas as pd
 from persona.data.examples import Example, format_prompt
 from persona.hardware import resolve_device
 from persona.models import load_model, load_tokenizer, model_dimensions
-from persona.store import KeyedJournal, write_figure, write_text
+from persona.store import KeyedJournal, write_figure
+from persona.store import write_jsonl as write_jsonl  # re-exported: commands/screen.py imports it from here
 from persona.vectors import load_vector
 
 Messages = list[dict]
@@ -197,11 +198,6 @@ def plot_histogram(
     axes.set_ylabel("samples")
     axes.set_title(title, fontsize=9)
     write_figure(path, figure, dpi=120)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    write_text(path, text)
 
 
 def _float_or_none(value: float) -> float | None:

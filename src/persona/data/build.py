@@ -29,7 +29,7 @@ import pandas as pd
 from persona import checks
 from persona.data.examples import read_csv_checked, read_pair_records
 from persona.errors import PersonaError
-from persona.store import atomic_write, write_csv, write_text
+from persona.store import atomic_write, write_csv, write_jsonl
 from persona.traits import datasets_dir
 
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
@@ -157,11 +157,6 @@ def mixture(
         samples += [normal_pool[normal_order[j % len(normal_order)]] for j in range(n - k)]
     shuffle = np.random.default_rng([seed, round(share * 1_000_000)]).permutation(n)
     return [samples[i] for i in shuffle]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    write_text(path, text)
 
 
 def load_pools(

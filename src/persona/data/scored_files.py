@@ -6,7 +6,6 @@ Rewrites keep every other column as it was (read as text) and the rows in their 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 
 from persona.data.examples import Example, format_prompt, read_csv_checked, read_jsonl
 from persona.models import model_short_name
-from persona.store import write_csv, write_text
+from persona.store import write_csv, write_jsonl
 
 
 def projection_column(model: str, vector_path: str | Path, projection_type: str, layer: int) -> str:
@@ -97,5 +96,4 @@ def write_scores(path: Path, data: pd.DataFrame | list[dict], columns: dict[str,
         for name, values in columns.items():
             value = float(values[row])
             record[name] = None if math.isnan(value) else value  # JSON has no NaN
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in data)
-    write_text(path, text)
+    write_jsonl(path, data)
