@@ -160,3 +160,23 @@ def test_settings_out_of_range_are_refused_before_any_model_loads(field):
 
     with pytest.raises(ValueError, match=f"--{field}=0"):
         ServeSettings("m", **{field: 0})
+
+
+@pytest.mark.parametrize("stream, stop", [(False, []), (True, []), (False, ["zz"])])
+def test_a_reply_is_decoded_per_token_only_when_streamed_or_watched_for_stops(monkeypatch, stream, stop):
+    """Decoding the whole reply at every token is O(length) per step; a plain request decodes once at the end."""
+    import types
+
+    import persona.serve.tracker as tracker
+
+    calls = []
+    monkeypatch.setattr(tracker, "answer_text", lambda tok, ids: calls.append(len(ids)) or "ab" * len(ids))
+    sent = []
+    job = types.SimpleNamespace(stream=stream, stop=stop, max_tokens=5, monitor=[], emit=sent.append)
+    row = tracker.RowState(job, tokenizer=None, eos_ids=frozenset({0}))
+    assert [row.step(token) for token in (7, 8, 9, 10, 11)] == [False, False, False, False, True]
+    assert row.text == "ab" * 5 and row.finish_reason == "length"
+    assert calls == ([1, 2, 3, 4, 5] if stream or stop else [5])
+    eos_row = tracker.RowState(job, tokenizer=None, eos_ids=frozenset({0}))
+    assert [eos_row.step(token) for token in (7, 8, 0)] == [False, False, True]
+    assert eos_row.text == "ab" * 2 and eos_row.finish_reason == "stop" and eos_row.ended_by_eos

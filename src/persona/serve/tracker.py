@@ -75,6 +75,8 @@ class RowState:
         self.ended_by_eos = False
         self.reading_back = False
         self.done = False
+        # Decoding the whole reply at every token costs O(length) per step; only streams and stop sequences need it.
+        self.watch_text = bool(job.stream or job.stop)
 
     def step(self, token: int) -> bool:
         """Take this row's newest token; True when the reply is complete (finish it)."""
@@ -82,24 +84,30 @@ class RowState:
             return True
         if token in self.eos_ids:
             self.finish_reason, self.ended_by_eos = "stop", True
-            self._send(self.text)  # what was held back in case a stop sequence followed
-            return True
-        self.tokens.append(token)
+        else:
+            self.tokens.append(token)
+            if self.watch_text:
+                self._read_text()
+            if self.finish_reason is None and len(self.tokens) >= self.job.max_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason is None:
+                self._send(streamable_prefix(self.text, self.job.stop))
+                return False
+        if not self.watch_text:  # nothing streamed and no stop sequence: one decode, at the end
+            self.text = answer_text(self.tokenizer, self.tokens)
+        self._send(self.text)  # with EOS: what was held back in case a stop sequence followed
+        if self.job.monitor and not self.ended_by_eos:
+            self.reading_back = True  # one more forward reads the last token; its output is dropped
+            return False
+        return True
+
+    def _read_text(self) -> None:
+        """The reply so far, cut at a stop sequence (which finishes it)."""
         text = answer_text(self.tokenizer, self.tokens)
         cut = find_stop(text, self.job.stop)
         if cut is not None:
             text, self.finish_reason = text[:cut], "stop"
-        elif len(self.tokens) >= self.job.max_tokens:
-            self.finish_reason = "length"
         self.text = text
-        if self.finish_reason is None:
-            self._send(streamable_prefix(text, self.job.stop))
-            return False
-        self._send(text)
-        if self.job.monitor:
-            self.reading_back = True  # one more forward reads the last token; its output is dropped
-            return False
-        return True
 
     def _send(self, visible: str) -> None:
         if self.job.stream and len(visible) > len(self.sent) and visible.startswith(self.sent):
