@@ -8,12 +8,11 @@ for L < num_layers; the last row is taken *before* the final norm). Files are na
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from persona import __version__
 from persona.constants import VECTOR_KINDS  # noqa: F401  (re-exported: the file kinds)
-from persona.store import atomic_write
+from persona.store import atomic_write, write_json
 
 LAYER_CONVENTION = (
     "row 0 = embedding output; row L = output of decoder block L-1 (HF hidden_states[L]); "
@@ -59,7 +58,7 @@ def save_vector(vector, path: str | Path, metadata: dict | None = None) -> Path:
         "persona_version": __version__,
         **(metadata or {}),
     }
-    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(sidecar_path(path), meta)
     return path
 
 

@@ -17,7 +17,6 @@ change) — differences between mixtures come from the share alone.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import pandas as pd
 from persona import checks
 from persona.data.examples import read_csv_checked, read_pair_records
 from persona.errors import PersonaError
-from persona.store import atomic_write, write_csv, write_jsonl
+from persona.store import write_csv, write_json, write_jsonl
 from persona.traits import datasets_dir
 
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
@@ -228,7 +227,7 @@ def write_datasets(out: Path, files: dict[str, tuple[float, list[dict]]], manife
     summary = pd.DataFrame(rows)
     write_csv(out / "datasets.csv", summary)
     manifest = {**manifest, "files": rows}
-    atomic_write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_json(out / "manifest.json", manifest)
     print(summary.to_string(index=False))
     print(f"wrote {len(files)} datasets to {out}/ (summary: datasets.csv, manifest.json)")
     return {name: str(out / name) for name in files}

@@ -9,7 +9,7 @@ import pandas as pd
 
 from persona.errors import PersonaError
 from persona.report import markdown_table, relative
-from persona.store import atomic_write, read_json, write_csv
+from persona.store import read_json, write_csv, write_text
 
 TARGET_AUC = 0.95
 TARGET_R = 0.9
@@ -183,7 +183,7 @@ def write_report(run: Path) -> Path:
     if results.get("not_run"):
         lines += ["## Not run", "", *[f"- {item}" for item in results["not_run"]], ""]
     path = run / "report.md"
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
+    write_text(path, "\n".join(lines))
     write_csv(run / "summary.csv", summary_table(results))
     write_csv(run / "traits.csv", trait_summary(results))
     return path
