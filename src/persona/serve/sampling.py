@@ -39,14 +39,17 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token from logits [vocab]; non-finite rows (a runaway steering push) fall back to the argmax."""
+def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
+    """One token (a 0-d tensor) from logits [vocab]; non-finite rows (a runaway steering push) fall back to the argmax.
+
+    Nothing here reads a value back to the host, so a GPU step is not stalled once per sampled row.
+    """
     scaled = torch.nan_to_num(logits.float() / temperature, nan=float("-inf"), posinf=float("-inf"))
     scaled = top_p_filter(scaled, top_p)
-    if not torch.isfinite(scaled).any():
-        return int(torch.nan_to_num(logits.float(), nan=float("-inf")).argmax())
-    probs = scaled.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    fallback = torch.nan_to_num(logits.float(), nan=float("-inf")).argmax()
+    certain = torch.zeros_like(scaled).scatter_(0, fallback[None], 1.0)
+    probs = torch.where(torch.isfinite(scaled).any(), scaled.softmax(dim=-1), certain)
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 class RowSampler(LogitsProcessor):
@@ -85,5 +88,5 @@ class RowSampler(LogitsProcessor):
             p = self.params[row]
             token = sample_token(scores[row], p.temperature, p.top_p, self.generators[row])
             scores[row] = float("-inf")
-            scores[row, token] = 0.0
+            scores[row].index_fill_(0, token[None], 0.0)
         return scores
