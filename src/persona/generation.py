@@ -26,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona.chat import user_turn
 from persona.store import KeyedJournal, atomic_write, batch_seed, check_signature
 from persona.traits import Trait
 
@@ -64,7 +65,7 @@ class WorkItem:
         return (self.question_id, self.sample)
 
     def messages(self) -> list[dict[str, str]]:
-        user = [{"role": "user", "content": self.question}]
+        user = user_turn(self.question)
         return user if self.system is None else [{"role": "system", "content": self.system}, *user]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from persona import checks
+from persona.chat import user_turn
 from persona.data.examples import read_csv_checked, read_pair_records
 from persona.errors import PersonaError
 from persona.store import write_csv, write_json, write_jsonl
@@ -90,7 +91,7 @@ def pair_pools(path: Path, split: str | None) -> tuple[list[dict], list[dict]]:
         if isinstance(record.get("messages"), list):
             prompt = [dict(message) for message in record["messages"]]
         elif isinstance(record.get("prompt"), str):
-            prompt = [{"role": "user", "content": record["prompt"]}]
+            prompt = user_turn(record["prompt"])
         else:
             raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
         trait.append(chat_sample(prompt, record["positive"], 1, f"{path.name}:{line}:positive"))
@@ -120,7 +121,7 @@ def generated_pools(
             if pd.isna(score) or not coherent or not answer.strip():
                 dropped += 1
                 continue
-            prompt = [{"role": "user", "content": str(record["question"])}]
+            prompt = user_turn(str(record["question"]))
             if score >= threshold:
                 trait_pool.append(chat_sample(prompt, answer, 1, f"{path.name}:{row}"))
             elif score < 100 - threshold:

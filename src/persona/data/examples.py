@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.chat import has_chat_template, render_chat
+from persona.chat import has_chat_template, render_chat, user_turn
 
 RESPONSE_CSV_COLUMNS = ("question", "prompt", "answer", "question_id")
 
@@ -164,7 +164,7 @@ def format_prompt(tokenizer, record: dict, *, where: str) -> str:
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record:
-        messages = [{"role": "user", "content": record["prompt"]}]
+        messages = user_turn(record["prompt"])
     else:
         raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
     if not has_chat_template(tokenizer) and "messages" in record:

@@ -63,10 +63,11 @@ class StudyContext:
     # ---- phases -----------------------------------------------------------------------------------------
 
     def hello(self, phase_dir: Path) -> dict:
+        from persona.chat import user_turn
         from persona.steering import generate_steered
 
         lm, tokenizer = self.lm_and_tokenizer()
-        question = [[{"role": "user", "content": "What is the capital of France?"}]]
+        question = [user_turn("What is the capital of France?")]
         answer = generate_steered(lm, tokenizer, question, max_new_tokens=16, temperature=0)[0]
         config = lm.config.get_text_config()
         return {
