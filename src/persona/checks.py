@@ -175,6 +175,11 @@ def not_both(flags: Mapping[str, object], other: Mapping[str, object]) -> None:
         )
 
 
+def is_adapter(name: str | Path) -> bool:
+    """A PEFT adapter directory (applied on a base model) rather than a whole model."""
+    return (Path(name) / "adapter_config.json").is_file()
+
+
 def model_source(name: str, flag: str = "--model") -> None:
     """An embedded alias that is installed, a local model directory, or a hub id available offline."""
     from persona.models import EMBEDDED_MODELS, embedded_gguf_path

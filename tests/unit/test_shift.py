@@ -112,6 +112,15 @@ def test_shift_matches_independent_computation_and_is_zero_for_an_identity_adapt
         steering, "generate_steered", lambda *a, **k: generations.append(1) or original_generate(*a, **k)
     )
 
+    import transformers
+
+    loads = []
+    original_load = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: loads.append(1) or original_load(*a, **k),
+    )
     out = tmp_path / "out"
     result = shift(
         base_model=base_dir,
@@ -126,6 +135,8 @@ def test_shift_matches_independent_computation_and_is_zero_for_an_identity_adapt
     )
     assert len(reads) == 1 + 4, "base activations are read once, then once per fine-tuned model"
     assert len(generations) == 1
+    assert len(loads) == 1, "the base weights are read once; every adapter goes onto them"
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", original_load)
     table = pd.read_csv(result["table"])
     assert list(table.columns) == [
         "adapter",
@@ -331,3 +342,29 @@ def test_cli_accepts_a_comma_separated_adapter_list(
         == 1
     )
     assert "--layer 9 is out of range" in capsys.readouterr().err
+
+
+def test_adapters_go_onto_the_base_in_turn_and_leave_it_as_it_was(tmp_path, base_dir):
+    from persona.analysis.shift import finetuned_models
+
+    adapters = [str(make_adapter(base_dir, tmp_path / f"a{i}", seed=i, b_std=0.3)) for i in range(2)]
+    base = load_model(base_dir).requires_grad_(False)
+    names = [type(m).__name__ for m in base.modules()]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    plain = base(ids).logits
+    seen = []
+    for name, net in finetuned_models(base, base_dir, [*adapters, base_dir]):
+        logits = net(ids).logits
+        if name == base_dir:  # a whole model by name: loaded on its own, equal to the base here
+            torch.testing.assert_close(logits, plain)
+        else:
+            fresh = load_model(base_dir, adapter=name)(ids).logits
+            torch.testing.assert_close(logits, fresh)  # the same as a fresh base with this adapter alone
+            assert not torch.allclose(logits, plain)
+        seen.append(name)
+    assert seen == [*adapters, base_dir]
+    assert [type(m).__name__ for m in base.modules()] == names
+    torch.testing.assert_close(base(ids).logits, plain)
+    for _name, _net in finetuned_models(base, base_dir, adapters):
+        break  # stopping early also unloads
+    assert [type(m).__name__ for m in base.modules()] == names

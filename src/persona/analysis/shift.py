@@ -17,12 +17,15 @@ the Pearson r between shift and trait-score change over the fine-tuned models.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
+from persona.checks import is_adapter
 from persona.data.examples import Example
 from persona.hardware import release_memory, resolve_device
 from persona.models import load_model, load_tokenizer
@@ -34,11 +37,35 @@ from persona.traits import Trait
 SHIFT_KINDS = ("prompt_last", "response_avg")
 
 
-def load_finetuned(base_model: str, name: str, **kwargs) -> torch.nn.Module:
-    """A PEFT adapter directory on top of the base model, or else a full fine-tuned model by name."""
-    if (Path(name) / "adapter_config.json").is_file():
-        return load_model(base_model, adapter=name, **kwargs)
-    return load_model(name, **kwargs)
+def finetuned_models(
+    base, base_model: str, names: list[str], **load_kwargs
+) -> Iterator[tuple[str, nn.Module]]:
+    """Each fine-tuned model in turn, frozen. Adapters go onto the already loaded ``base`` one at a time (PEFT),
+    so the base weights are read once for all of them; a full fine-tuned model is loaded by name. ``base`` is
+    left as it was (the adapters unloaded, also when the caller stops early or fails)."""
+    wrapped = None
+    try:
+        for index, name in enumerate(names):
+            if not is_adapter(name):
+                net = load_model(name, **load_kwargs).requires_grad_(False)
+                yield name, net
+                del net
+                release_memory()  # before the next one loads
+                continue
+            key = f"finetuned_{index}"
+            if wrapped is None:
+                from peft import PeftModel
+
+                wrapped = PeftModel.from_pretrained(base, name, adapter_name=key)
+            else:
+                previous = wrapped.active_adapter
+                wrapped.load_adapter(name, adapter_name=key)
+                wrapped.set_adapter(key)
+                wrapped.delete_adapter(previous)
+            yield name, wrapped.requires_grad_(False)
+    finally:
+        if wrapped is not None:
+            wrapped.unload()  # the LoRA layers out again: base's own modules back in place
 
 
 def pearson_with_ci(x, y, confidence: float = 0.95) -> dict[str, float]:
@@ -145,7 +172,7 @@ def measure_shifts(
     trust_remote_code: bool,
 ) -> pd.DataFrame:
     """Per fine-tuned model: the mean shift of ``examples``' projections (each kind) from the base model's
-    (``base``, already loaded; released here), and its trait score against the base's (``trait_score(model)``)."""
+    (``base``, already loaded; the adapters go onto it in turn), and its trait score against the base's (``trait_score(model)``)."""
     load_kwargs = {
         "dtype": dtype,
         "device": resolve_device(accelerator),
@@ -167,11 +194,9 @@ def measure_shifts(
         )
 
     base_scores, base_trait = scores(base), trait_score(base)
-    del base
     print(f"base {base_model}: trait score {base_trait:.4f}")
     rows = []
-    for name in finetuned:
-        net = load_finetuned(base_model, name, **load_kwargs).requires_grad_(False)
+    for name, net in finetuned_models(base, base_model, finetuned, **load_kwargs):
         found = scores(net)
         row = {"adapter": name}
         for kind in SHIFT_KINDS:
@@ -187,8 +212,4 @@ def measure_shifts(
             f"{name}: shift_prompt_last {row['shift_prompt_last']:+.4f}, shift_response_avg "
             f"{row['shift_response_avg']:+.4f}, trait score {row['trait_score']:.4f} ({row['trait_score_change']:+.4f})"
         )
-        # Hand the fine-tuned copy's memory back before the next one loads: a PEFT model holds reference
-        # cycles, so `del` alone leaves it to a later collection (one more model's worth at the peak).
-        del net
-        release_memory()
     return pd.DataFrame(rows)

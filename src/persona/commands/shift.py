@@ -14,10 +14,6 @@ from persona.traits import load_trait
 PRODUCES = ("shift.csv", "correlation.csv", "shift.png")
 
 
-def is_adapter(name: str) -> bool:
-    return (Path(name) / "adapter_config.json").is_file()
-
-
 def check_finetuned(base_model: str, finetuned: list[str], *, trust_remote_code: bool) -> None:
     if not finetuned:
         raise PersonaError("--finetuned needs at least one adapter directory (or fine-tuned model).")
@@ -26,7 +22,7 @@ def check_finetuned(base_model: str, finetuned: list[str], *, trust_remote_code:
         raise PersonaError(f"--finetuned lists {sorted(duplicates)} more than once.")
     base_dims = model_dimensions(base_model, trust_remote_code=trust_remote_code)
     for name in finetuned:
-        if is_adapter(name):
+        if checks.is_adapter(name):
             continue
         checks.model_source(name, "--finetuned")  # not an adapter: then a full fine-tuned model
         dims = model_dimensions(name, trust_remote_code=trust_remote_code)
