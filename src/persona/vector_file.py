@@ -28,11 +28,6 @@ class NotATensorFile(ValueError):
     pass
 
 
-class _Storage:
-    def __init__(self, dtype, key: str):
-        self.dtype, self.key = dtype, key
-
-
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
         super().__init__(io.BytesIO(data))

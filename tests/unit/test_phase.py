@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from persona.hooks import block_hooks, locate_blocks
-from persona.hooks.phase import PhaseError, cache_length, decide_prefill, find_cache
+from persona.hooks.phase import PhaseError, cached_tokens, decide_prefill, find_cache
 from persona.steering import SteeringSpec, steer
 
 
@@ -101,7 +101,7 @@ def test_unknown_phase_refuses_positional_steering_but_not_all_positions(tiny_ll
 def test_legacy_tuple_caches_are_found_and_measured():
     legacy = tuple((torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4)) for _ in range(3))
     assert find_cache((), {"whatever": legacy}) is legacy
-    assert cache_length(legacy) == 7
+    assert cached_tokens(legacy) == 7
     assert find_cache((torch.zeros(2, 3),), {"x": None, "y": 3}) is None
 
 

@@ -25,10 +25,9 @@ import pandas as pd
 
 from persona.data.examples import Example, format_prompt
 from persona.hardware import resolve_device
-from persona.models import load_model, load_tokenizer, model_dimensions
+from persona.models import load_model, load_tokenizer
 from persona.store import KeyedJournal, write_figure
 from persona.store import write_jsonl as write_jsonl  # re-exported: commands/screen.py imports it from here
-from persona.vectors import load_vector
 
 Messages = list[dict]
 PROMPT_PREVIEW_CHARS = 80
@@ -103,22 +102,6 @@ def cached_greedy_responses(
 
 # ---------------------------------------------------------------------------------------------------
 # Validation (all before the model loads).
-
-
-def check_vector_and_layer(model: str, vector_path: str, layer: int, *, trust_remote_code: bool = False):
-    """The vector row at ``layer`` [hidden], checked against the model's config (no weights loaded)."""
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= num_layers:
-        raise ValueError(
-            f"--layer {layer!r} is out of range for {model} with {num_layers} blocks. "
-            f"Fix: choose 0..{num_layers} (0 = embeddings, L = output of block L-1)."
-        )
-    vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)
-    if float(vector[layer].norm()) == 0.0:
-        raise ValueError(
-            f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
-        )
-    return vector[layer]
 
 
 def check_labels(path: Path, records: list[dict], field: str) -> np.ndarray:

@@ -13,8 +13,6 @@ import pandas as pd
 
 from persona.chat import has_chat_template, render_chat, user_turn
 
-RESPONSE_CSV_COLUMNS = ("question", "prompt", "answer", "question_id")
-
 
 @dataclass(frozen=True)
 class Example:

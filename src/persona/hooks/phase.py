@@ -65,15 +65,6 @@ def find_cache(args: Iterable[Any], kwargs: Mapping[str, Any]) -> Any | None:
     return None
 
 
-def cache_length(cache: Any | None) -> int:
-    """Tokens already held by ``cache`` (0 for no cache); reads a static cache's counter off the device."""
-    if cache is None:
-        return 0
-    if _is_legacy_cache(cache):
-        return int(cache[0][0].shape[-2])
-    return int(cache.get_seq_length())
-
-
 def cached_tokens(cache: Any | None) -> int | bool | None:
     """How much ``cache`` holds, as far as it is known without a device read: None (no cache), a count, or True.
 

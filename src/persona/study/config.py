@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from persona.constants import MIN_MASS
 from persona.errors import PersonaError
@@ -170,6 +169,3 @@ def trait_pairs_path(trait: StudyTrait) -> Path | None:
 def trait_key(trait: StudyTrait) -> str:
     """The trait's name in run directories and tables (a file path becomes its stem)."""
     return Path(trait.name).stem if Path(trait.name).suffix in (".json", ".jsonl") else trait.name
-
-
-StudyPhase = Literal["layers", "sweep", "judged_sweep", "generated", "generations", "finetune", "export"]
