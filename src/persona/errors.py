@@ -14,6 +14,10 @@ class PersonaError(ValueError):
     """A bad input, setting or state the user can fix; the message says where and how."""
 
 
+class NoPairsLeft(PersonaError):
+    """The score filter kept no pair of responses (a weak judge, or a high threshold)."""
+
+
 # Expected failures with messages written for users (ours, or the standard library's naming the path).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, json.JSONDecodeError)
 

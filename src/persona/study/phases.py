@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona.errors import NoPairsLeft
 from persona.store import (
     write_csv,  # noqa: E402
     write_figure,
@@ -153,7 +154,7 @@ def generated_phase(phase_dir: Path, *, model: str, trait: str, sizes, judge, **
     try:
         vectors = extract(threshold=50, **common)
         summary["filter"] = "threshold 50, coherence >= 50 (the seed's)"
-    except ValueError as error:  # a weak judge may leave no pair standing: say so, then use every pair
+    except NoPairsLeft as error:  # a weak judge may leave no pair standing: say so, then use every pair
         summary["filter"] = f"none — the seed's filter kept no pair ({error})"
         vectors = extract(no_filter=True, **common)
     summary["vectors"] = vectors
