@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from persona.chat import has_chat_template, render_chat, user_turn
+from persona.errors import NoPairsLeft
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def scored_csv_examples(
                 f"{name}: fails for {int((~cond.fillna(False)).sum())} rows"
                 for name, cond in conditions.items()
             )
-            raise ValueError(
+            raise NoPairsLeft(
                 f"No effective pairs in {pos_path} / {neg_path} for trait {trait!r} at threshold {threshold} "
                 f"(of {len(pos)} pairs — {dropped}). Fix: lower --threshold, generate more samples, or --no_filter."
             )
