@@ -38,10 +38,9 @@ class StudyContext:
         }
 
     def lm_and_tokenizer(self):
-        from persona.models import load_model, load_tokenizer
+        from persona.models import load_model_and_tokenizer
 
-        model = load_model(self.model, dtype=self.hardware.dtype, device=self.device())
-        return model, load_tokenizer(self.model)
+        return load_model_and_tokenizer(self.model, dtype=self.hardware.dtype, device=self.device())
 
     def matmul_rate(self) -> float:
         """GFLOP/s of a 1024^2 float32 matmul on the study's device, to read its times against."""
