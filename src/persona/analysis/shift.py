@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from persona.chat import user_turn
 from persona.checks import is_adapter
 from persona.data.examples import Example
 from persona.hardware import release_memory, resolve_device
@@ -128,7 +129,7 @@ def judge_trait_score(
 ) -> float:
     """Mean judge score for the trait over responses to the eval questions (greedy for one sample per
     question, else sampled at temperature 1, as `persona generate` does); unscorable answers are left out."""
-    prompts = [[{"role": "user", "content": q}] for q in trait.questions for _ in range(samples)]
+    prompts = [user_turn(q) for q in trait.questions for _ in range(samples)]
     answers = generate_steered(
         model,
         tokenizer,

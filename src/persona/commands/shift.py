@@ -131,7 +131,7 @@ def shift_inputs(base_model, trait_file, trait_name, out, *, score, pairs_path, 
     from persona.analysis.likelihood import pair_preference
     from persona.analysis.screening import cached_greedy_responses
     from persona.analysis.shift import judge_trait_score, make_trait_judge
-    from persona.chat import has_chat_template
+    from persona.chat import has_chat_template, user_turn
     from persona.data.build import default_pairs_path
     from persona.data.examples import Example, contrastive_pair_examples, format_prompt
     from persona.hardware import resolve_device
@@ -156,7 +156,7 @@ def shift_inputs(base_model, trait_file, trait_name, out, *, score, pairs_path, 
         torch.manual_seed(seed)
         return judge_trait_score(net, tokenizer, judge, trait_file, judge_samples, max_new_tokens, batch_size)
 
-    prompts = [[{"role": "user", "content": question}] for question in trait_file.questions]
+    prompts = [user_turn(question) for question in trait_file.questions]
     device = resolve_device(accelerator)
     base = load_model(
         base_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code

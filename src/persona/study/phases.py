@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona.chat import user_turn
 from persona.errors import NoPairsLeft
 from persona.store import (
     write_csv,  # noqa: E402
@@ -218,7 +219,7 @@ def generations_phase(
         answers = generate_steered(
             lm,
             tokenizer,
-            [[{"role": "user", "content": p}] for p in STEER_PROMPTS],
+            [user_turn(p) for p in STEER_PROMPTS],
             [spec],
             max_new_tokens=max_new_tokens,
             temperature=0,
