@@ -149,3 +149,7 @@ def test_an_unlisted_block_path_is_found_by_walking():
     model = Model()
     layout = locate_blocks(model)
     assert layout.path == "backbone.stages" and layout.stack is model.backbone
+
+    model.config = type("Config", (), {})()  # no depth to check a list against: refuse rather than guess
+    with pytest.raises(TypeError, match="Cannot find the decoder blocks of Model"):
+        locate_blocks(model)

@@ -93,10 +93,12 @@ def _configured_depth(model: nn.Module) -> int | None:
 def _walk_for_blocks(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The outermost list of same-class modules whose length is the configured depth (any attribute path)."""
     depth = _configured_depth(base)
+    if depth is None:  # without it, the first list of identical modules could be vision blocks or experts
+        return None
     for name, module in base.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, nn.ModuleList) or len(module) != depth:
             continue
-        if len({type(child) for child in module}) == 1 and (depth is None or len(module) == depth):
+        if len({type(child) for child in module}) == 1:
             return name, module
     return None
 
