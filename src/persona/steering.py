@@ -305,6 +305,10 @@ def generate_steered(
         raise ValueError("The tokenizer has neither a pad nor an EOS token. Fix: set tokenizer.pad_token.")
     from persona.fast_generation import FastGenerator, fast_mode
 
+    if isinstance(fast, FastGenerator) and fast.model is not model:
+        raise ValueError(
+            "fast= is a session opened on another model. Fix: open FastGenerator(model) on this one."
+        )
     device = input_device(model)
     mode = fast_mode(fast, device)
     encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]

@@ -135,6 +135,15 @@ def test_a_one_shot_generate_steered_never_compiles_by_default(tiny_llama, token
     assert len(generate_steered(tiny_llama, tokenizer, chats, (), 4, temperature=0)) == 1
 
 
+def test_a_session_serves_only_the_model_it_was_opened_on(tiny_llama, tokenizer, tiny_model_dirs):
+    from persona.fast_generation import FastGenerator
+    from persona.models import load_model
+
+    other = load_model(tiny_model_dirs["llama"])
+    with FastGenerator(other, "static") as session, pytest.raises(ValueError, match="another model"):
+        generate_steered(tiny_llama, tokenizer, [[{"role": "user", "content": "Hi"}]], (), 2, fast=session)
+
+
 def test_a_new_coefficient_reuses_the_compiled_step_a_new_layer_recompiles(tiny_llama, tokenizer):
     input_ids, attention_mask = left_padded(tokenizer)
     with FastGenerator(tiny_llama, eager_compile()) as generator:
