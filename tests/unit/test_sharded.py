@@ -415,3 +415,18 @@ def test_multi_node_launches_tell_lightning_the_node_count(environ, nodes):
     from persona.hardware import launcher_num_nodes
 
     assert launcher_num_nodes(environ) == nodes
+
+
+def test_layer_zero_lives_where_the_embeddings_run_not_block_zero(tiny_llama):
+    """The layer-0 pre-hook runs before accelerate moves block 0's input: a split placing the embeddings on
+    another device than block 0 must place layer-0 directions with the embeddings."""
+    import types
+
+    layout = locate_blocks(tiny_llama)
+    embeddings = tiny_llama.get_input_embeddings()
+    embeddings._hf_hook = types.SimpleNamespace(execution_device=torch.device("meta"))
+    try:
+        assert layout.layer_device(0) == torch.device("meta")
+        assert layout.layer_device(1) == torch.device("cpu")  # block 0's output: block 0's device
+    finally:
+        del embeddings._hf_hook

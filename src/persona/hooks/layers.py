@@ -39,11 +39,15 @@ class DecoderLayout:
         A block that accelerate offloads (``device_map`` with ``cpu``/``disk`` entries) keeps its weights on the
         meta device between calls and runs on its hook's ``execution_device``: that is where the stream is.
         """
-        block = self.blocks[max(layer - 1, 0)]
-        execution = _execution_device(block)
+        module = self.blocks[max(layer - 1, 0)]
+        if layer == 0 and hasattr(self.model, "get_input_embeddings"):
+            # Layer 0 is read by a pre-hook on block 0, before accelerate moves the block's input: it is still
+            # where the embeddings put it.
+            module = self.model.get_input_embeddings() or module
+        execution = _execution_device(module)
         if execution is not None:
             return torch.device(execution)
-        return next(block.parameters()).device
+        return next(module.parameters()).device
 
 
 def _execution_device(block: nn.Module):
