@@ -170,18 +170,15 @@ def build_judge(
     concurrency: int | None = None,
 ):
     """The judge of a command's --judge_* flags, caching its scores under the persona cache directory."""
-    from persona.judges import make_judge
+    from persona.judges import check_min_mass, make_judge
     from persona.models import cache_root
 
+    check_min_mass(spec, min_mass)
     kwargs: dict = {"cache_dir": str(cache_root() / "judge")}
     if spec.startswith("local"):
         if min_mass is not None:
             kwargs["min_mass"] = min_mass
     else:
-        if min_mass is not None:
-            raise PersonaError(
-                "--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local."
-            )
         kwargs.update(
             {k: v for k, v in (("timeout", timeout), ("max_concurrency", concurrency)) if v is not None}
         )

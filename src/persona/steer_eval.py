@@ -148,6 +148,7 @@ def steer_eval(
     """
     from persona.commands.generate import generate
     from persona.constants import POSITIONS
+    from persona.judges import check_min_mass
     from persona.models import model_dimensions
     from persona.steering import SteeringSpec
     from persona.traits import load_trait
@@ -157,10 +158,7 @@ def steer_eval(
     coef_list = parse_coefs(coefs)
     if steering_type not in POSITIONS:
         raise ValueError(f"--steering_type {steering_type!r}. Fix: use one of {', '.join(POSITIONS)}.")
-    if judge_min_mass is not None and not judge_model.startswith("local"):
-        raise ValueError(
-            "--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local."
-        )
+    check_min_mass(judge_model, judge_min_mass)
     loaded = load_trait(trait, "eval")
     hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
     vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)

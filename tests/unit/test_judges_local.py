@@ -7,11 +7,15 @@ P(digit token | prompt, earlier digits) times P(no digit continues | prompt, all
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from persona.judges import DIGIT_CHAIN, REFUSAL, LocalJudge, make_judge
+from persona.errors import PersonaError
+from persona.judges import DIGIT_CHAIN, REFUSAL, LocalJudge, check_min_mass, judge_name, make_judge
 from persona.judges.aggregation import aggregate
 from persona.judges.local_judge import answer_candidates
 
@@ -148,3 +152,31 @@ def test_make_judge_loads_a_local_path_and_the_cache_skips_the_model(tiny_model_
     again = make_judge(f"local:{tiny_model_dirs['llama']}", cache_dir=str(tmp_path))
     again.model.register_forward_hook(lambda *args: calls.append(1))
     assert again.score(PROMPTS) == first and calls == []
+
+
+def test_local_judge_names_are_judge_names_with_min_mass_when_not_the_default(tiny_llama, tokenizer):
+    label = tiny_llama.config.name_or_path or "custom"
+    assert LocalJudge((tiny_llama, tokenizer)).name == f"local:{label}"
+    assert LocalJudge((tiny_llama, tokenizer), min_mass=0.0).name == f"local:{label}@min_mass=0"
+    assert LocalJudge((tiny_llama, tokenizer), min_mass=0.0, name="mine").name == "mine"
+    assert judge_name("local") == judge_name("local", min_mass=0.25) == "local:smollm2-135m"
+    assert judge_name("local:x", min_mass=0.125) == "local:x@min_mass=0.125"
+    assert judge_name("gpt-4.1-mini", min_mass=0.0) == "openai:gpt-4.1-mini"
+
+
+def test_min_mass_is_refused_for_served_judges_in_the_callers_words():
+    check_min_mass("local", 0.0)
+    check_min_mass("local:x", 0.0)
+    check_min_mass("gpt-4.1-mini", None)
+    flag = "--judge_min_mass applies to local judges only. Fix: drop it or use --judge_model local."
+    with pytest.raises(PersonaError, match=f"^{re.escape(flag)}$"):
+        check_min_mass("gpt-4.1-mini", 0.0)
+    field = "judge.min_mass applies to local judges only. Fix: drop it or use judge.model: local."
+    with pytest.raises(PersonaError, match=f"^{re.escape(field)}$"):
+        check_min_mass("openai:gpt-4.1-mini", 0.0, flag="judge.min_mass", local="judge.model: local")
+
+
+def test_the_judges_package_and_the_study_config_load_neither_torch_nor_openai():
+    code = "import sys, persona.judges, persona.study.config; print([m for m in ('torch', 'openai') if m in sys.modules])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout == "[]\n"

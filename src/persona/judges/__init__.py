@@ -6,7 +6,10 @@ judge = make_judge("local")  # the embedded SmolLM2, in process, offline
 scores = judge.score(prompts)  # [JudgeScore(score, method, error)], same order
 """
 
+from typing import TYPE_CHECKING
+
 from persona.constants import MIN_MASS
+from persona.errors import PersonaError
 from persona.judges.aggregation import AGGREGATIONS, aggregate
 from persona.judges.base import (
     DIGIT_CHAIN,
@@ -19,10 +22,26 @@ from persona.judges.base import (
     JudgeScore,
 )
 from persona.judges.cache import JudgeCache
-from persona.judges.local_judge import LocalJudge
-from persona.judges.openai_judge import OpenAIJudge
+
+if TYPE_CHECKING:
+    from persona.judges.local_judge import LocalJudge
+    from persona.judges.openai_judge import OpenAIJudge
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m"
+
+
+def __getattr__(name: str):
+    # The judges import torch (local) and openai (served) on first use, so the config checks that import
+    # this package stay fast and torch-free.
+    if name == "LocalJudge":
+        from persona.judges.local_judge import LocalJudge
+
+        return LocalJudge
+    if name == "OpenAIJudge":
+        from persona.judges.openai_judge import OpenAIJudge
+
+        return OpenAIJudge
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def judge_name(spec: str = "local", *, min_mass: float | None = None) -> str:
@@ -31,6 +50,21 @@ def judge_name(spec: str = "local", *, min_mass: float | None = None) -> str:
         name = f"local:{spec.partition(':')[2] or DEFAULT_LOCAL_MODEL}"
         return name if min_mass is None or min_mass == MIN_MASS else f"{name}@min_mass={min_mass:g}"
     return f"openai:{spec.removeprefix('openai:')}"
+
+
+def check_min_mass(
+    judge_model: str,
+    min_mass: float | None,
+    *,
+    flag: str = "--judge_min_mass",
+    local: str = "--judge_model local",
+) -> None:
+    """Refuse a min_mass for a served judge: only local judges read probabilities that way.
+
+    ``flag`` and ``local`` name the setting and the local choice as the caller's user writes them.
+    """
+    if min_mass is not None and not judge_model.startswith("local"):
+        raise PersonaError(f"{flag} applies to local judges only. Fix: drop it or use {local}.")
 
 
 def make_judge(
@@ -57,9 +91,13 @@ def make_judge(
                 f"make_judge({spec!r}, base_url={base_url!r}): a local judge runs in process and takes no base_url. "
                 "Fix: drop base_url, or name the served model instead, e.g. make_judge('openai:<model>', base_url=...)."
             )
+        from persona.judges.local_judge import LocalJudge
+
         model = spec.partition(":")[2] or DEFAULT_LOCAL_MODEL
         kwargs.setdefault("name", judge_name(spec, min_mass=kwargs.get("min_mass")))
         return LocalJudge(model, aggregation=aggregation, cache_dir=cache_dir, **kwargs)
+    from persona.judges.openai_judge import OpenAIJudge
+
     model = spec.removeprefix("openai:")
     if not model:
         raise ValueError(f"make_judge({spec!r}): no model name. Fix: e.g. 'openai:gpt-4.1-mini'.")
@@ -80,6 +118,7 @@ __all__ = [
     "LocalJudge",
     "OpenAIJudge",
     "aggregate",
+    "check_min_mass",
     "judge_name",
     "make_judge",
 ]

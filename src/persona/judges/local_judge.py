@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from persona.chat import encode_chat, user_turn
+from persona.judges import judge_name
 from persona.judges.aggregation import (
     MIN_MASS,
     REFUSAL_WORD,
@@ -131,17 +132,16 @@ class LocalJudge:
             self.model, self.tokenizer = load_model_and_tokenizer(
                 model, dtype="auto", device=resolve_device("auto")
             )
-            default_name = f"local:{model}"
+            label = model
         else:
             self.model, self.tokenizer = model
-            default_name = f"local:{getattr(self.model.config, 'name_or_path', '') or 'custom'}"
+            label = getattr(self.model.config, "name_or_path", "") or "custom"
         self.model.eval()
-        self.name = name or default_name
+        # judge_name's: local:<model>, with @min_mass=<m> when not the default (distinct cache entries)
+        self.name = name or judge_name(f"local:{label}", min_mass=min_mass)
         self.aggregation = check_aggregation(aggregation)
         self.batch_size = batch_size
         self.min_mass = min_mass
-        if min_mass != MIN_MASS and name is None:
-            self.name = f"{self.name}@min_mass={min_mass:g}"  # distinct cache entries
         self.tree = CandidateTree(answer_candidates(self.tokenizer, aggregation))
         vocab = self.model.get_output_embeddings().weight.shape[0]
         strings = _token_strings(self.tokenizer, vocab)

@@ -109,6 +109,7 @@ def check_config(
 ) -> None:
     """Every field that can be wrong, checked before any model loads (one line each, naming the field)."""
     from persona import checks
+    from persona.judges import check_min_mass
 
     checks.model_source(model)
     if not traits:
@@ -127,10 +128,7 @@ def check_config(
     checks.at_least(sizes.finetune_epochs, 1, "sizes.finetune_epochs")
     if not sizes.coefs or not all(math.isfinite(c) for c in sizes.coefs):
         raise PersonaError(f"sizes.coefs={sizes.coefs}: give finite coefficients, e.g. [-2, -1, 0, 1, 2].")
-    if judge.min_mass is not None and not judge.model.startswith("local"):
-        raise PersonaError(
-            "judge.min_mass applies to local judges only. Fix: drop it or use judge.model: local."
-        )
+    check_min_mass(judge.model, judge.min_mass, flag="judge.min_mass", local="judge.model: local")
     if judge.base_url is not None and judge.model.startswith("local"):
         raise PersonaError(
             "judge.base_url is for a served judge; judge.model local runs in process. Fix: drop one."
