@@ -220,7 +220,7 @@ def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path
 
     with monkeypatch.context() as patch:  # everything present: nothing computed, no model loaded
         _refuse_model_loading(patch)
-        patch.setattr("persona.commands.project.model_dimensions", lambda *a, **k: pytest.fail("config read"))
+        patch.setattr("persona.models.model_dimensions", lambda *a, **k: pytest.fail("config read"))
         assert project(file_path=str(path), vector_path=vector_path, layer=[1, 2], model=model_dir) == []
     pd.testing.assert_frame_equal(pd.read_csv(path), marked)
 

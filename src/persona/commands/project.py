@@ -15,8 +15,7 @@ from persona.data.scored_files import (
     scored_file_examples,
     write_scores,
 )
-from persona.models import DEFAULT_MODEL, model_dimensions
-from persona.vectors import read_vector_file
+from persona.models import DEFAULT_MODEL
 
 ProjectionType = Literal["proj", "prompt_last_proj", "cos_sim"]
 # projection_type -> (activation kind read per example, cosine similarity instead of projection)
@@ -158,19 +157,11 @@ def target_directions(
     model: str, targets: dict[str, tuple[str, int]], *, trust_remote_code: bool
 ) -> np.ndarray:
     """``[n_targets, hidden]``: each target's row of its vector file, checked against the model's dimensions."""
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    vectors = {
-        vector: read_vector_file(vector, hidden_size=hidden_size, num_layers=num_layers)
-        for vector in dict.fromkeys(vector for vector, _ in targets.values())
-    }
+    layers_of: dict[str, list[int]] = {}
     for vector, value in targets.values():
-        if value > num_layers:
-            raise ValueError(
-                f"--layer {value} is out of range for {model} with {num_layers} blocks. "
-                f"Fix: choose 0..{num_layers} (0 = embeddings, L = output of block L-1)."
-            )
-        if not np.any(vectors[vector][value]):
-            raise ValueError(
-                f"{vector}: row {value} is all zeros (no direction to project on). Fix: choose another --layer."
-            )
+        layers_of.setdefault(vector, []).append(value)
+    vectors = {
+        vector: checks.vector_for_model(model, vector, layers=layers, trust_remote_code=trust_remote_code)
+        for vector, layers in layers_of.items()
+    }
     return np.stack([vectors[vector][value] for vector, value in targets.values()])
