@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +136,20 @@ def model_dimensions(model: str, *, trust_remote_code: bool = False) -> tuple[in
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     text = config.get_text_config()
     return int(text.hidden_size), int(text.num_hidden_layers)
+
+
+def text_config_value(config, names: Sequence[str]) -> int | None:
+    """The first positive int among ``names`` on ``config``, then on its ``text_config`` (multimodal models).
+
+    None when neither has one. Not ``config.get_text_config()``: that skips the top level when a sub-config
+    exists, also looks under ``decoder``/``generator``/``text_encoder`` and raises when several are set.
+    """
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in names:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
 
 
 def _config_json_dimensions(path: Path) -> tuple[int, int] | None:

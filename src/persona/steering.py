@@ -21,6 +21,7 @@ from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
+from persona.models import text_config_value
 
 
 @dataclass
@@ -88,12 +89,8 @@ class SteeringSpec:
 
 def hidden_size(layout: DecoderLayout) -> int:
     """Width of the residual stream of the model behind ``layout``."""
-    config = getattr(layout.model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        size = getattr(cfg, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    return layout.model.get_input_embeddings().embedding_dim
+    size = text_config_value(getattr(layout.model, "config", None), ("hidden_size",))
+    return size if size is not None else layout.model.get_input_embeddings().embedding_dim
 
 
 def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from persona.hooks import block_hooks
-from persona.steering import SteeringSpec, generate_steered, mean_residual_norm, steer
+from persona.hooks import block_hooks, locate_blocks
+from persona.models import text_config_value
+from persona.serve.service import model_context_length
+from persona.steering import SteeringSpec, generate_steered, hidden_size, mean_residual_norm, steer
 
 HIDDEN = 32  # every tiny model in conftest
 NUM_LAYERS = 3
@@ -317,3 +321,21 @@ def test_hooks_removed_on_exception(tiny_llama):
     with pytest.raises(RuntimeError, match="boom"), steer(tiny_llama, [SteeringSpec(1, direction(), 1.0)]):
         raise RuntimeError("boom")
     assert hook_count(tiny_llama) == hooks_before
+
+
+def test_config_values_come_from_the_config_then_its_text_config_first_positive_int_wins():
+    text = SimpleNamespace(hidden_size=48, n_positions=512, max_position_embeddings=1024)
+    composite = SimpleNamespace(hidden_size=None, max_position_embeddings=0, text_config=text)
+    assert text_config_value(composite, ("hidden_size",)) == 48
+    assert text_config_value(composite, ("max_position_embeddings", "n_positions")) == 1024
+    assert text_config_value(SimpleNamespace(hidden_size=16, text_config=text), ("hidden_size",)) == 16
+    assert (
+        text_config_value(SimpleNamespace(n_positions=-1, seq_length=64), ("n_positions", "seq_length")) == 64
+    )
+    assert text_config_value(SimpleNamespace(hidden_size="32"), ("hidden_size",)) is None
+    assert text_config_value(None, ("hidden_size",)) is None
+
+
+def test_hidden_size_and_context_length_read_the_config(tiny_llama, tokenizer):
+    assert hidden_size(locate_blocks(tiny_llama)) == tiny_llama.config.hidden_size
+    assert model_context_length(tiny_llama, tokenizer) == tiny_llama.config.max_position_embeddings

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from persona.chat import encode_chat, user_turn
 from persona.data.batches import context_length
 from persona.hooks import locate_blocks
+from persona.models import text_config_value
 from persona.serve.batcher import DynamicBatcher, QueueFull
 from persona.serve.engine import Engine, GenerationJob
 from persona.serve.metrics import ServerMetrics
@@ -53,12 +54,10 @@ class ServeSettings:
 
 def model_context_length(model, tokenizer) -> int:
     """Positions the model can attend over: its config's, else the tokenizer's declared maximum."""
-    config = model.config
-    for cfg in (config, getattr(config, "text_config", None)):
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(cfg, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
+    names = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    value = text_config_value(model.config, names)
+    if value is not None:
+        return value
     declared = context_length(tokenizer)
     if declared is not None:
         return declared
