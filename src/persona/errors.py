@@ -34,10 +34,19 @@ def user_facing(error: BaseException) -> BaseException:
     return error
 
 
+def union_member_error(message: str) -> str | None:
+    """The one error of a union wrapper's ``Errors:`` list that is not "it is not None" (jsonargparse lists the
+    real one there; older releases chain the None member's error as the cause, not the real one)."""
+    if not message.startswith(WRAPPER_PREFIXES):
+        return None
+    listed = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    real = [item for item in listed if not item.startswith("Expected a <class 'NoneType'>")]
+    return real[0] if len(real) == 1 else None
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (library messages sometimes span several)."""
-    error = user_facing(error)
-    text = " ".join(str(error).split())
+    text = " ".join((union_member_error(str(error)) or str(user_facing(error))).split())
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return text or type(error).__name__

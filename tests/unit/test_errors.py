@@ -302,3 +302,21 @@ def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):
         for existing in installed:
             logger.addFilter(existing)
     assert "💡" not in caplog.text and "GPU available" in caplog.text  # other messages still pass
+
+
+def test_the_real_error_is_read_out_of_jsonargparse_union_wrappers_old_and_new():
+    """jsonargparse 4.36 chains the None member's error as the cause; newer releases chain ours. Both list it."""
+    from persona.errors import one_line
+
+    listed = (
+        "Does not validate against any of the Union subtypes\nSubtypes: [<class 'NoneType'>, <class 'X'>]\n"
+        "Errors:\n  - Expected a <class 'NoneType'>\n  - data.batch_size=0: must be at least 1. Fix: e.g. 4.\n"
+        "Given value type: <class 'jsonargparse._namespace.Namespace'>\nGiven value: Namespace(batch_size=0)"
+    )
+    old = ValueError(listed)
+    old.__cause__ = ValueError("Expected a <class 'NoneType'>. Got value: Namespace(batch_size=0)")
+    assert one_line(old) == "data.batch_size=0: must be at least 1. Fix: e.g. 4."
+    new = ValueError("Problem with given class_path 'X':\n  Namespace(batch_size=0)")
+    new.__cause__ = ValueError("data.batch_size=0: must be at least 1.")
+    assert one_line(new) == "data.batch_size=0: must be at least 1."
+    assert one_line(ValueError("plain\n message")) == "plain message"
