@@ -242,10 +242,8 @@ def test_project_keeps_the_mode_of_the_file_it_rewrites(work, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, message",
-    [("--data.batch_size=0", r"data\.batch_size=0: must be at least 1\. Fix:"),
-     ("--data.max_length=1", r"data\.max_length=1: must be at least 2 tokens\. Fix:")],
-)  # fmt: skip
+    "override, message", [("--data.batch_size=0", r"data\.batch_size=0: must be at least 1\. Fix:")]
+)
 def test_fit_names_the_bad_config_field_not_jsonargparse_dump(work, tmp_path, override, message):
     """LightningCLI's parser wraps the data module's error in a dump of the namespace; the user sees ours."""
     import re
@@ -320,3 +318,13 @@ def test_the_real_error_is_read_out_of_jsonargparse_union_wrappers_old_and_new()
     new.__cause__ = ValueError("data.batch_size=0: must be at least 1.")
     assert one_line(new) == "data.batch_size=0: must be at least 1."
     assert one_line(ValueError("plain\n message")) == "plain message"
+
+
+def test_chat_data_names_its_bad_fields(tmp_path):
+    """The messages the fit test above reads through LightningCLI's wrapper (in-process: no Lightning start-up)."""
+    from persona.training import ChatDataModule
+
+    with pytest.raises(ValueError, match=r"data\.max_length=1: must be at least 2 tokens\. Fix:"):
+        ChatDataModule(train_files=["chat.jsonl"], max_length=1)
+    with pytest.raises(ValueError, match=r"data\.batch_size=0: must be at least 1\. Fix:"):
+        ChatDataModule(train_files=["chat.jsonl"], batch_size=0)
