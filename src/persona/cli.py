@@ -255,6 +255,19 @@ def normalise_argv(function, argv: list[str]) -> list[str]:
     return attach_negative_values(lists_as_lists(function, bare_bool_flags_as_true(function, argv)))
 
 
+def config_short_flag_parser():
+    """jsonargparse's parser with ``-c`` beside ``--config``, as LightningCLI has it for fit and predict."""
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def add_argument(self, *names, **kwargs):
+            if names == ("--config",):
+                names = ("-c", "--config")
+            return super().add_argument(*names, **kwargs)
+
+    return Parser
+
+
 def run_function(name: str, target: str, argv: list[str]):
     from jsonargparse import auto_cli
 
@@ -263,7 +276,13 @@ def run_function(name: str, target: str, argv: list[str]):
     argv = normalise_argv(function, argv)
     if argv and not argv[0].startswith("-") and "action" in inspect.signature(function).parameters:
         argv = ["--action", *argv]  # `persona dataset build ...` == `persona dataset --action build ...`
-    return auto_cli(function, args=argv, as_positional=False, prog=f"persona {name}")
+    return auto_cli(
+        function,
+        args=argv,
+        as_positional=False,
+        prog=f"persona {name}",
+        parser_class=config_short_flag_parser(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
         lightning_log.addFilter(DropLightningTips())
     try:
+        check_config_files(rest)
         if name in LIGHTNING_SUBCOMMANDS:
-            check_config_files(rest)
             run_lightning_cli(argv)
         else:
             run_function(name, sub.target, rest)

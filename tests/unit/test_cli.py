@@ -1,6 +1,7 @@
 import pytest
 
 from persona import cli
+from persona.cli import SUBCOMMANDS, main
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -126,3 +127,18 @@ def test_a_list_of_negative_values_separated_by_spaces_is_one_list():
     assert cli.normalise_argv(command, ["--coefs", "-2,-1,0", "--out", "x.csv"]) == [
         "--coefs", "[-2,-1,0]", "--output_path", "x.csv",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [name for name, sub in SUBCOMMANDS.items() if sub.target != "lightning"])
+def test_every_command_reads_back_its_printed_config_with_short_c(command, tmp_path, capsys):
+    """``-c`` wherever ``--config`` is read (as LightningCLI has it): a printed config reads back unchanged."""
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = capsys.readouterr().out
+    config = tmp_path / "config.yaml"
+    config.write_text(printed, encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        main([command, "-c", str(config), "--print_config"])
+    assert stop.value.code in (0, None), capsys.readouterr().err
+    assert capsys.readouterr().out == printed
