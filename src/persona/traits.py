@@ -2,6 +2,7 @@
 
 A trait file (``datasets/traits/{extract,eval}/<trait>.json``, the seed's format) holds
 ``{"instruction": [{"pos", "neg"} x 5], "questions": [...], "eval_prompt": "...{question}...{answer}...",
+"eval_questions"?: [...] (a user file's eval set; else questions serve both),
 "antonym"?: "..."}``. Everything is checked before any model loads, and every error names the file,
 the field and the fix.
 """
@@ -249,12 +250,13 @@ def validate_trait_data(data: dict, path: Path, *, strict: bool = True) -> list[
         if strict:
             raise TraitError(message + f" Fix: give exactly {N_INSTRUCTION_PAIRS} {{pos, neg}} pairs.")
         warnings.append(message)
-    questions = data["questions"]
-    if not isinstance(questions, list) or not questions:
-        raise TraitError(f"{path}: 'questions' must be a non-empty list of strings.")
-    for index, question in enumerate(questions):
-        if not isinstance(question, str) or not question.strip():
-            raise TraitError(f"{path}: questions[{index}] = {question!r} is not a non-empty string.")
+    for key in ("questions", "eval_questions"):
+        questions = data.get(key, ["(absent)"])
+        if not isinstance(questions, list) or not questions:
+            raise TraitError(f"{path}: {key!r} must be a non-empty list of strings.")
+        for index, question in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                raise TraitError(f"{path}: {key}[{index}] = {question!r} is not a non-empty string.")
     prompt = data["eval_prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise TraitError(f"{path}: 'eval_prompt' must be a non-empty string.")
@@ -271,9 +273,20 @@ def validate_trait_data(data: dict, path: Path, *, strict: bool = True) -> list[
     return warnings
 
 
-def load_trait(name_or_path: str | Path, version: str = "extract") -> Trait:
-    """Load and validate a trait by name (``datasets/traits/<version>/<name>.json``) or by file/folder path."""
+def load_trait(name_or_path: str | Path, version: str = "extract", *, field: str = "--trait") -> Trait:
+    """Load and validate a trait by name (``datasets/traits/<version>/<name>.json``) or by file/folder path.
+
+    A user's single file may carry both question sets: ``questions`` (extract) and ``eval_questions`` (eval).
+    """
     name, path, user_file = resolve_trait_path(name_or_path, version)
+    if user_file:
+        from persona.data import trait_files
+
+        trait_files.require(
+            path, field, ("artifact",),
+            fix=f"contrastive data makes vectors directly: persona extract --pairs_path {path} (or a study's "
+            f"traits[].pairs); --trait takes a trait artifact or name.",
+        )  # fmt: skip
     data = read_trait_json(path)
     for warning in validate_trait_data(data, path, strict=not user_file):
         log.warning(warning)
@@ -286,7 +299,9 @@ def load_trait(name_or_path: str | Path, version: str = "extract") -> Trait:
         name=name,
         path=path,
         instructions=tuple(InstructionPair(p["pos"], p["neg"]) for p in data["instruction"]),
-        questions=tuple(data["questions"]),
+        questions=tuple(
+            data["eval_questions"] if version == "eval" and "eval_questions" in data else data["questions"]
+        ),
         eval_prompt=data["eval_prompt"],
         antonym=data.get("antonym"),
     )

@@ -66,7 +66,7 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
     path = write(
         tmp_path / "broken.json", '{\n  "instruction": [],\n  "questions": ["a"]\n  "eval_prompt": "x"\n}'
     )
-    with pytest.raises(TraitError, match=rf"{path}: invalid JSON at line 4, column 3"):
+    with pytest.raises(ValueError, match=rf"{path}: invalid JSON at line 4, column 3"):
         load_trait(path)
 
 

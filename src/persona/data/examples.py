@@ -171,21 +171,24 @@ def format_prompt(tokenizer, record: dict, *, where: str) -> str:
     return render_chat(tokenizer, messages)
 
 
-def read_pair_records(path: str | Path) -> list[dict]:
-    """Contrastive pair records from a pairs JSONL, a TRAIT item file or an Anthropic persona JSONL."""
-    from persona.data.personality import (
-        is_trait_item_file,
-        persona_statements_as_pairs,
-        read_trait_items,
-        trait_items_as_pairs,
-    )
+def read_pair_records(path: str | Path, field: str = "--pairs_path") -> list[dict]:
+    """Contrastive pair records from a pairs JSONL, a TRAIT item file or an Anthropic persona JSONL (told apart
+    by content); a trait artifact or any other file is refused naming ``field``."""
+    from persona.data import trait_files
+    from persona.data.personality import persona_statements_as_pairs, read_trait_items, trait_items_as_pairs
 
-    if is_trait_item_file(path):
+    kind = trait_files.require(
+        path,
+        field,
+        trait_files.PAIR_KINDS,
+        fix=f"its questions make vectors by the generation route: persona generate --trait {path} "
+        f"(pos and neg), then persona extract --pos_path/--neg_path; or a study with traits: [{path}].",
+    )
+    if kind == "trait_items":
         return trait_items_as_pairs(read_trait_items(path))
-    records = read_jsonl(path)
-    if "statement" in records[0] and "positive" not in records[0]:
+    if kind == "persona_statements":
         return persona_statements_as_pairs(path)
-    return records
+    return read_jsonl(path)
 
 
 def check_example_files(

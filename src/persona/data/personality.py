@@ -42,14 +42,6 @@ def read_trait_items(path: str | Path) -> list[dict]:
     return items
 
 
-def is_trait_item_file(path: str | Path) -> bool:
-    path = Path(path)
-    if path.suffix not in (".json", ".jsonl"):
-        return False
-    head = path.read_text(encoding="utf-8")[:4000]
-    return "response_high1" in head
-
-
 def trait_items_as_pairs(items: list[dict]) -> list[dict]:
     """Each item gives two pairs: (high1, low1) and (high2, low2), prompt = situation + query."""
     pairs = []
