@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PERSONA_DEBUG") or not isinstance(error, USER_ERRORS):
             raise
         print(f"persona {name}: error: {one_line(error)}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_code", 1)
     return 0
 
 

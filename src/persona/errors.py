@@ -14,8 +14,19 @@ class PersonaError(ValueError):
     """A bad input, setting or state the user can fix; the message says where and how."""
 
 
-class NoPairsLeft(PersonaError):
+class MissedResult(PersonaError):
+    """A step ran on valid input but its science gave no result (no pair kept, no score, no held-out data):
+    a study records the phase as missed and goes on; a single command reports it like any error."""
+
+
+class NoPairsLeft(MissedResult):
     """The score filter kept no pair of responses (a weak judge, or a high threshold)."""
+
+
+class StudyIncomplete(PersonaError):
+    """The study finished and wrote its report, but some results it was asked for were missed."""
+
+    exit_code = 4
 
 
 # Expected failures with messages written for users (ours, or the standard library's naming the path).

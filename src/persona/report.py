@@ -25,7 +25,11 @@ def inputs_key(inputs: dict) -> str:
 
 @dataclass
 class PhaseRunner:
-    """Runs named phases in order, each at most once per set of inputs; prints progress with timings."""
+    """Runs named phases in order, each at most once per set of inputs; prints progress with timings.
+
+    A phase whose science gives no result (:class:`~persona.errors.MissedResult`: no pair kept, no score) is
+    recorded as missed with its reason, cached like a result, and the run goes on; ``missed`` lists them.
+    """
 
     run_dir: Path
     total: int
@@ -33,8 +37,12 @@ class PhaseRunner:
     done: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    missed: dict[str, str] = field(default_factory=dict)
 
-    def run(self, name: str, inputs: dict, compute: Callable[[Path], dict]) -> dict:
+    def run(self, name: str, inputs: dict, compute: Callable[[Path], dict]) -> dict | None:
+        """The phase's results (None when it missed)."""
+        from persona.errors import MissedResult
+
         self.done += 1
         phase_dir = self.run_dir / name
         record_path = phase_dir / "phase.json"
@@ -44,21 +52,36 @@ class PhaseRunner:
             if record.get("key") == key:
                 print(
                     f"[{self.done}/{self.total}] {name}: reused (finished earlier in {record['seconds']:.1f} s)"
+                    + (f"; missed: {record['missed']}" if record.get("missed") else "")
                 )
                 self.timings[f"{name} (reused)"] = record["seconds"]
                 self.devices[f"{name} (reused)"] = record.get("device") or ""
+                if record.get("missed"):
+                    self.missed[name] = record["missed"]
                 return record["results"]
         print(f"[{self.done}/{self.total}] {name} ...", flush=True)
         phase_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        results = compute(phase_dir)
+        try:
+            results, missed = compute(phase_dir), None
+        except MissedResult as error:
+            results, missed = None, " ".join(str(error).split())
         seconds = time.perf_counter() - start
         record = {"key": key, "inputs": inputs, "seconds": seconds, "device": self.device, "results": results}
+        if missed:
+            record["missed"] = self.missed[name] = missed
         write_json(record_path, record)
         self.timings[name] = seconds
         self.devices[name] = self.device or ""
-        print(f"[{self.done}/{self.total}] {name}: done in {seconds:.1f} s", flush=True)
+        outcome = f"missed: {missed}" if missed else "done"
+        print(f"[{self.done}/{self.total}] {name}: {outcome} in {seconds:.1f} s", flush=True)
         return results
+
+    def skip(self, name: str, reason: str) -> None:
+        """A phase that can't run because what it needs was missed earlier: counted and recorded, not run."""
+        self.done += 1
+        self.missed[name] = reason
+        print(f"[{self.done}/{self.total}] {name}: missed: {reason}", flush=True)
 
 
 def relative(path: str | Path, run_dir: Path) -> str:

@@ -148,7 +148,7 @@ def steer_eval(
     """
     from persona.commands.generate import generate
     from persona.constants import POSITIONS
-    from persona.judges import check_min_mass
+    from persona.judges import check_min_mass, check_served_judge
     from persona.models import model_dimensions
     from persona.steering import SteeringSpec
     from persona.traits import load_trait
@@ -160,6 +160,7 @@ def steer_eval(
         raise ValueError(f"--steering_type {steering_type!r}. Fix: use one of {', '.join(POSITIONS)}.")
     check_min_mass(judge_model, judge_min_mass)
     loaded = load_trait(trait, "eval")
+    check_served_judge(judge_model, judge_base_url)
     hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
     vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)
     SteeringSpec(layer, vector, 1.0, positions=steering_type)  # layer in range

@@ -133,6 +133,7 @@ def small_study(model_dir: str, run_dir: Path, base_url: str, **phases) -> dict:
             coefs=[-1.0, 0.0, 1.0],
             max_new_tokens=4,
             questions=2,
+            n_per_question=2,  # sampled: the tiny model's greedy answers are alike under both instructions
             judged_questions=2,
             finetune_samples=8,
             finetune_epochs=1,
@@ -150,6 +151,11 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     monkeypatch.setenv("PERSONA_DATASETS", str(write_datasets(tmp_path / "datasets")))
     monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
+    pos_judged = run / "generated_wicked" / "wicked_pos.csv"
+    # Coherent answers; those of the pos side (judged first) show the trait: the seed's filter keeps pairs.
+    served_judge.scorer = lambda p: (
+        {"90": 1.0} if "coherence" in p or not pos_judged.exists() else {"10": 1.0}
+    )
     report = Path(study(**small_study(tiny_model_dirs["llama"], run, served_judge.base_url)))
     results = json.loads((run / "results.json").read_text())
     assert set(results["traits"]) == {"wicked", "kindness"}
@@ -157,6 +163,7 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     assert list(traits["trait"]) == ["wicked", "kindness"]
     wicked = results["traits"]["wicked"]
     assert wicked["generated"]["judge"] == "judge-model" and served_judge.calls > 0
+    assert wicked["generated"]["filtered"] and results["missed"] == {}
     generated = pd.read_csv(wicked["generated"]["pos_csv"])
     assert generated["judge"].eq("openai:judge-model").all() and generated["wicked"].notna().all()
     assert wicked["judged_sweep"]["effect"] is not None
@@ -216,11 +223,15 @@ def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
     script = tmp_path / "run_study.py"
     script.write_text(
         "import sys\nfrom persona.commands.study import study\nfrom persona.study.config import *\n"
-        "study(model=sys.argv[1], traits=[StudyTrait('wicked', generate=True)],\n"
+        "from persona.errors import StudyIncomplete\n"
+        "try:\n"
+        "  study(model=sys.argv[1], traits=[StudyTrait('wicked', generate=True)],\n"
         "      judge=JudgeSettings(model='judge-model', base_url=sys.argv[3], timeout=5),\n"
         "      phases=Phases(layers=True, sweep=False, generations=False, finetune=False, export=False),\n"
         "      hardware=Hardware(accelerator='cpu'), sizes=Sizes(batch_size=1, max_new_tokens=16, questions=5),\n"
         "      run_dir=sys.argv[2])\n"
+        "except StudyIncomplete:  # the length-scoring judge leaves the seed's filter no pair: labelled, not fatal\n"
+        "  pass\n"
     )
 
     def run(run_dir: Path, kill_when=None) -> None:

@@ -102,6 +102,9 @@ def generate(
     if judge_concurrency is not None:
         checks.at_least(judge_concurrency, 1, "--judge_concurrency")
     loaded = load_trait(trait, version)
+    from persona.judges import check_served_judge
+
+    check_served_judge(judge_model, judge_base_url)
     if instruction_type is None and assistant_name is not None:
         log.warning("--assistant_name is ignored without --persona_instruction_type pos|neg")
     path = checks.output_file(

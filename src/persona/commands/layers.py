@@ -10,7 +10,7 @@ import numpy as np
 from persona import checks
 from persona.analysis.layers import layer_metrics, plot_layer_metrics, recommend_layer
 from persona.data.examples import check_example_files
-from persona.errors import PersonaError
+from persona.errors import MissedResult
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
 from persona.vectors import layers_dir, load_metadata
@@ -106,7 +106,7 @@ def layers(
     examples = datamodule.load_examples()  # bad rows fail here, before the model loads
     labels = np.array([example.label for example in examples])
     if labels.min() == labels.max():
-        raise PersonaError(
+        raise MissedResult(
             f"{', '.join(datamodule.sources())}: only {'positive' if labels[0] else 'negative'} "
             "examples. Fix: give both kinds."
         )

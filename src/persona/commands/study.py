@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from persona import checks
+from persona.errors import PersonaError
 from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait, check_config
 
 
 def study(
     model: str,
-    traits: list[StudyTrait],
+    traits: list[StudyTrait | str],
     judge: JudgeSettings = JudgeSettings(),
     phases: Phases = Phases(),
     hardware: Hardware = Hardware(),
@@ -24,8 +25,9 @@ def study(
 
     Args:
         model: Model alias (smollm2-135m, embedded), hub id or local path.
-        traits: Traits to study, e.g. [{name: evil, generate: true}, {name: psychopathy}]; the first one gets the
-            steered generations, the fine-tuning study and the export.
+        traits: Traits to study: shipped names or paths of your own trait files, bare or as entries, e.g.
+            [my_traits/pessimistic.json, {name: evil, generate: true}, psychopathy]. The first trait with
+            contrastive pairs and a layer gets the steered generations, the fine-tuning study and the export.
         judge: The judge of generated answers: local, local:<model>, or a served model (base_url; key from OPENAI_API_KEY).
         phases: Which phases run.
         hardware: accelerator, devices, strategy, dtype (auto: the GPU in bfloat16 when there is one).
@@ -34,7 +36,13 @@ def study(
         layer: Steer (sweeps, generations, fine-tuning) at this layer; default each trait's recommended layer.
         title: The report's title.
     """
-    check_config(model, traits, judge, phases, hardware, sizes)
+    plans = check_config(model, traits, judge, phases, hardware, sizes)
+    steers = phases.sweep or phases.judged_sweep or phases.generations or phases.finetune or phases.export
+    if layer is None and not phases.layers and steers:
+        raise PersonaError(
+            "phases.layers is off and no layer is set, but the later phases steer at a layer. Fix: turn "
+            "phases.layers on (the recommended layer) or give --layer."
+        )
     if layer is not None:
         from persona.models import model_dimensions
 
@@ -43,7 +51,7 @@ def study(
     from persona.study.run import run_study
 
     return run_study(
-        model=model, traits=list(traits), judge=judge, phases=phases, hardware=hardware, sizes=sizes,
+        model=model, traits=list(traits), plans=plans, judge=judge, phases=phases, hardware=hardware, sizes=sizes,
         run_dir=run_dir, layer=layer, title=title,
     )  # fmt: skip
 

@@ -191,12 +191,32 @@ def read_pair_records(path: str | Path, field: str = "--pairs_path") -> list[dic
     return read_jsonl(path)
 
 
+def check_pair_record(record: object, where: str) -> dict:
+    """One contrastive pair's shape (torch-free): a prompt or messages, and two non-empty answers."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a pair is a JSON object, got {type(record).__name__}.")
+    if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
+        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
+    for field in ("positive", "negative"):
+        if not isinstance(record.get(field), str) or not record[field]:
+            raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
+    return record
+
+
+def read_checked_pairs(path: str | Path, field: str = "--pairs_path") -> list[dict]:
+    """Every pair of a pairs/TRAIT/persona-statements file, each checked; errors name ``field`` and file:line."""
+    return [
+        check_pair_record(record, f"{field}: {path}:{number}")
+        for number, record in enumerate(read_pair_records(path, field), start=1)
+    ]
+
+
 def check_example_files(
     pos_path: str | None, neg_path: str | None, pairs_path: str | None, trait: str | None, no_filter: bool
 ) -> None:
     """Read the example files' rows and columns (no tokenizer, no torch): bad input fails in well under a second."""
     if pairs_path is not None:
-        read_pair_records(pairs_path)
+        read_checked_pairs(pairs_path)
         return
     required = ("prompt", "answer") if no_filter else ("prompt", "answer", trait or "", "coherence")
     numeric = () if no_filter else (trait or "", "coherence")
@@ -209,11 +229,9 @@ def contrastive_pair_examples(path: str | Path, tokenizer, *, split: str | None 
     examples = []
     for line_number, record in enumerate(read_pair_records(path), start=1):
         where = f"{path}:{line_number}"
+        check_pair_record(record, where)
         if split is not None and record.get("split", split) != split:
             continue
-        for field in ("positive", "negative"):
-            if not isinstance(record.get(field), str) or not record[field]:
-                raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
         prompt = format_prompt(tokenizer, record, where=where)
         examples.append(Example(prompt, record["positive"], 1, f"{Path(path).name}:{line_number}:pos"))
         examples.append(Example(prompt, record["negative"], 0, f"{Path(path).name}:{line_number}:neg"))

@@ -67,6 +67,48 @@ def check_min_mass(
         raise PersonaError(f"{flag} applies to local judges only. Fix: drop it or use {local}.")
 
 
+def check_served_judge(
+    judge_model: str,
+    base_url: str | None,
+    *,
+    model_field: str = "--judge_model",
+    url_field: str = "--judge_base_url",
+    timeout: float = 5.0,
+) -> None:
+    """A served judge can be reached, asked once before any model loads: a server that isn't there is named
+    now, in the caller's own field names, not after minutes of generation and six retries per answer."""
+    import os
+
+    if judge_model.startswith("local"):
+        return
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+    if base_url is None:
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise PersonaError(
+                f"{model_field}={judge_model!r} is served by OpenAI's API, which needs OPENAI_API_KEY. Fix: export "
+                f"OPENAI_API_KEY=..., set {url_field} to your own server, or use {model_field} local."
+            )
+        return  # OpenAI's own API: a key is all that can be checked without spending a call
+    import openai
+
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+        timeout=timeout,
+        max_retries=0,
+    )
+    try:
+        client.models.list()
+    except openai.APIStatusError:
+        return  # it answered (some servers have no /models): reachable
+    except openai.APIConnectionError as error:
+        cause = error.__cause__ or error
+        raise PersonaError(
+            f"{url_field}={base_url}: no judge answers there ({type(cause).__name__}: {cause}). Fix: start the "
+            f"judge's server (vLLM, llama.cpp server, Ollama) or correct {url_field}."
+        ) from None
+
+
 def make_judge(
     spec: str = "local",
     *,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from persona.constants import MIN_MASS
 from persona.errors import PersonaError
@@ -21,13 +20,15 @@ class StudyTrait:
     """One trait of the study."""
 
     name: str
-    """A trait name (datasets/pairs/<name>.jsonl, or datasets/personality/<name>.json for TRAIT items) or a
-    path to a pairs JSONL / TRAIT-format file."""
+    """A shipped trait (datasets/pairs/<name>.jsonl, datasets/personality/<name>.json, datasets/traits/) or the
+    path of your own trait file, told by its content: a seed trait artifact (instruction, questions,
+    eval_prompt; the generation route), contrastive pairs JSONL, TRAIT items or Anthropic persona statements."""
     pairs: str | None = None
-    """Contrastive pairs (JSONL or TRAIT items) for vectors and held-out metrics; default found from ``name``."""
+    """Contrastive pairs (pairs JSONL, TRAIT items, persona statements) for vectors and held-out metrics;
+    default found from ``name``."""
     generate: bool = False
     """Also the paper's route: persona-prompted answers judged by the study's judge, filtered, extracted
-    (needs trait artifacts datasets/traits/{extract,eval}/<name>.json)."""
+    (a shipped trait's artifacts datasets/traits/{extract,eval}/<name>.json; always on for an artifact file)."""
 
 
 @dataclass
@@ -101,22 +102,19 @@ class Sizes:
 
 def check_config(
     model: str,
-    traits: list[StudyTrait],
+    traits: list[StudyTrait | str],
     judge: JudgeSettings,
     phases: Phases,
     hardware: Hardware,
     sizes: Sizes,
-) -> None:
-    """Every field that can be wrong, checked before any model loads (one line each, naming the field)."""
+) -> list:
+    """Every field that can be wrong, checked before any model loads (one line each, naming the field); returns
+    the traits' plans (:class:`persona.study.traits.TraitPlan`)."""
     from persona import checks
-    from persona.judges import check_min_mass
+    from persona.judges import check_min_mass, check_served_judge
+    from persona.study.traits import plan_traits
 
     checks.model_source(model)
-    if not traits:
-        raise PersonaError("traits: the study needs at least one trait. Fix: e.g. traits: [{name: evil}].")
-    names = [t.name for t in traits]
-    if len(set(names)) != len(names):
-        raise PersonaError(f"traits: {names} names a trait twice. Fix: list each once.")
     if hardware.accelerator not in ACCELERATORS:
         raise PersonaError(
             f"hardware.accelerator={hardware.accelerator!r}. Fix: one of {', '.join(ACCELERATORS)}."
@@ -135,35 +133,10 @@ def check_config(
         )
     if not 0.0 <= (judge.min_mass if judge.min_mass is not None else MIN_MASS) <= 1.0:
         raise PersonaError(f"judge.min_mass={judge.min_mass}: a probability in [0, 1].")
-    for trait in traits:
-        trait_pairs_path(trait)  # exists, or a clear error naming the trait
-        if trait.generate:
-            from persona.traits import load_trait
-
-            load_trait(trait.name, "extract")
-            load_trait(trait.name, "eval")
-
-
-def trait_pairs_path(trait: StudyTrait) -> Path | None:
-    """The trait's contrastive pairs; None for a trait with none that takes the generation route instead."""
-    from persona import checks
-    from persona.data.build import default_pairs_path
-
-    if trait.pairs is not None:
-        return checks.input_file(trait.pairs, f"traits[{trait.name}].pairs")
-    if Path(trait.name).suffix in (".json", ".jsonl"):
-        return checks.input_file(trait.name, "traits.name")
-    try:
-        return default_pairs_path(trait.name)
-    except (FileNotFoundError, ValueError) as error:
-        if trait.generate:
-            return None
-        raise PersonaError(
-            f"traits: {trait.name!r} has no contrastive pairs ({error}). Fix: give traits[].pairs, or set "
-            "generate: true to make its vectors by the paper's route (judged persona-prompted answers)."
-        ) from None
-
-
-def trait_key(trait: StudyTrait) -> str:
-    """The trait's name in run directories and tables (a file path becomes its stem)."""
-    return Path(trait.name).stem if Path(trait.name).suffix in (".json", ".jsonl") else trait.name
+    plans = plan_traits(traits)
+    judged = any(p.generate and (phases.generated or p.pairs is None) for p in plans) or (
+        phases.judged_sweep and any(p.artifact for p in plans)
+    )
+    if judged:
+        check_served_judge(judge.model, judge.base_url, model_field="judge.model", url_field="judge.base_url")
+    return plans

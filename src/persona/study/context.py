@@ -84,42 +84,38 @@ class StudyContext:
             phase_dir, model=self.model, trait=trait, source=source, **self.lightning()
         )
 
-    def layers(self, phase_dir: Path, vector_path: str, pairs: Path | None = None, csvs=None) -> dict:
-        """Layer metrics on held-out ``pairs`` (test split), or in-sample on the generation route's ``csvs``."""
+    def layers(self, phase_dir: Path, vector_path: str, inputs: dict) -> dict:
+        """Layer metrics on ``inputs``: pairs (``pairs_path``, ``split``) or judged CSVs (``pos_path``, ...)."""
         from persona.study import phases
 
-        inputs = (
-            {"pairs_path": str(pairs), "split": "test"}
-            if pairs
-            else {"pos_path": csvs[0], "neg_path": csvs[1]}
-        )
         return phases.layers_phase(
             phase_dir, model=self.model, vector_path=vector_path, **inputs, **self.lightning()
         )
 
-    def sweep(self, phase_dir: Path, trait: str, vector_path: str, source: Path, layer: int) -> dict:
+    def sweep(self, phase_dir: Path, trait: str, vector_path: str, source: Path, layer: int, split) -> dict:
         from persona.study import phases
 
         lm, tokenizer = self.lm_and_tokenizer()
         return phases.sweep_phase(
             phase_dir, lm, tokenizer, trait=trait, vector_path=vector_path, source=source, layer=layer,
-            coefs=self.sizes.coefs, batch_size=self.sizes.batch_size,
+            coefs=self.sizes.coefs, batch_size=self.sizes.batch_size, split=split,
         )  # fmt: skip
 
-    def judged_sweep(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
+    def judged_sweep(self, phase_dir: Path, artifact: str, vector_path: str, layer: int) -> dict:
         from persona.study import phases
 
         return phases.judged_sweep_phase(
-            phase_dir, model=self.model, trait=trait, vector_path=vector_path, layer=layer, sizes=self.sizes,
+            phase_dir, model=self.model, trait=artifact, vector_path=vector_path, layer=layer, sizes=self.sizes,
             judge=self.judge, **self.lightning(),
         )  # fmt: skip
 
-    def generated(self, phase_dir: Path, trait: str) -> dict:
+    def generated(self, phase_dir: Path, trait: str, artifact: str) -> dict:
         from persona.study import phases
 
         return phases.generated_phase(
-            phase_dir, model=self.model, trait=trait, sizes=self.sizes, judge=self.judge, **self.lightning()
-        )
+            phase_dir, model=self.model, trait=trait, artifact=artifact, sizes=self.sizes, judge=self.judge,
+            **self.lightning(),
+        )  # fmt: skip
 
     def generations(self, phase_dir: Path, vector_path: str, layer: int) -> dict:
         from persona.study import phases
@@ -130,12 +126,12 @@ class StudyContext:
             max_new_tokens=self.sizes.max_new_tokens,
         )  # fmt: skip
 
-    def finetune(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
+    def finetune(self, phase_dir: Path, plan, vector_path: str, layer: int) -> dict:
         from persona.study.finetune import finetune_study
 
         return finetune_study(
-            phase_dir, model=self.model, trait=trait, vector_path=vector_path, layer=layer, sizes=self.sizes,
-            hardware=self.hardware,
+            phase_dir, model=self.model, trait=plan.key, pairs_path=plan.pairs, artifact=plan.artifact,
+            vector_path=vector_path, layer=layer, sizes=self.sizes, hardware=self.hardware,
         )  # fmt: skip
 
     def export(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:

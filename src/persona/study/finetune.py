@@ -81,19 +81,24 @@ def finetune_study(
     *,
     model: str,
     trait: str,
+    pairs_path: Path,
+    artifact: str,
     vector_path: str,
     layer: int,
     sizes,
     hardware,
 ) -> dict:
+    """``trait`` names the data; ``pairs_path`` gives the mixtures' answers and the held-out scores, ``artifact``
+    (a trait name or artifact folder) the eval questions the monitor and the shift read."""
     from persona.data.build import dataset
     from persona.hardware import release_memory
-    from persona.traits import traits_dir
+    from persona.traits import load_trait
 
     mixtures = tuple(sizes.finetune_mixtures)
     data_dir = phase_dir / "data"
     dataset(
         trait=trait,
+        pairs_path=str(pairs_path),
         output_dir=str(data_dir),
         mix=list(mixtures),
         n=sizes.finetune_samples,
@@ -104,7 +109,7 @@ def finetune_study(
         model=model,
         vector_path=vector_path,
         layer=layer,
-        eval_file=traits_dir() / "eval" / f"{trait}.json",
+        eval_file=load_trait(artifact, "eval").path,
         epochs=sizes.finetune_epochs,
         hardware=hardware,
     )
@@ -125,7 +130,8 @@ def finetune_study(
         phase_dir,
         runs,
         model=model,
-        trait=trait,
+        trait=artifact,
+        pairs_path=pairs_path,
         vector_path=vector_path,
         layer=layer,
         answer_tokens=answer_tokens,
@@ -175,6 +181,7 @@ def shift_study(
     *,
     model: str,
     trait: str,
+    pairs_path: Path,
     vector_path: str,
     layer: int,
     answer_tokens: int,
@@ -182,7 +189,6 @@ def shift_study(
 ) -> tuple[dict, dict]:
     """Finetuning shift of every run against its trait-score change; Pearson r over the mixture runs (CSV + PNG)."""
     from persona.commands.shift import shift
-    from persona.data.build import default_pairs_path
 
     result = shift(
         base_model=model,
@@ -192,7 +198,7 @@ def shift_study(
         trait=trait,
         output_dir=str(phase_dir / "shift"),
         overwrite=True,  # the caller decides when to recompute
-        pairs_path=str(default_pairs_path(trait)),
+        pairs_path=str(pairs_path),
         split="test",
         max_new_tokens=answer_tokens,
         accelerator=hardware.accelerator,

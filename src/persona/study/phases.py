@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from persona.chat import user_turn
-from persona.errors import NoPairsLeft
+from persona.errors import MissedResult, NoPairsLeft
 from persona.store import (
     write_csv,  # noqa: E402
     write_figure,
@@ -79,15 +79,17 @@ def sweep_phase(
     layer: int,
     coefs: list[float],
     batch_size: int = 8,
+    split: str | None = "test",
 ) -> dict:
-    """Judge-free trait score over the coefficient grid: log p(positive) − log p(negative) per token."""
+    """Judge-free trait score over the coefficient grid: log p(positive) − log p(negative) per token, on the
+    ``split`` pairs (None: every pair, in-sample)."""
     from persona.analysis.likelihood import pair_preference
     from persona.data.examples import contrastive_pair_examples
     from persona.steering import SteeringSpec, steer
     from persona.vectors import load_vector
 
     vector = load_vector(vector_path)
-    examples = contrastive_pair_examples(source, tokenizer, split="test")
+    examples = contrastive_pair_examples(source, tokenizer, split=split)
     rows = []
     for coef in coefs:
         with steer(lm, [SteeringSpec(layer=layer, vector=vector, coef=coef, positions="all")]):
@@ -107,12 +109,13 @@ def sweep_phase(
     axis.errorbar(frame["coef"], frame["preference_mean"], yerr=frame["preference_sem"], marker="o")
     axis.set_xlabel(f"steering coefficient (layer {layer}, all positions)")
     axis.set_ylabel("log p(trait) − log p(opposite)\nper response token")
-    axis.set_title(f"{trait}: held-out pairs")
+    axis.set_title(f"{trait}: {'held-out' if split else 'all (in-sample)'} pairs")
     axis.axhline(0, color="grey", lw=0.5)
     save_figure(figure, phase_dir / "likelihood_sweep.png")
     means = frame["preference_mean"].tolist()
     return {
         "layer": layer,
+        "pairs": "held-out" if split else "in-sample (no held-out pairs)",
         "monotone": all(a < b for a, b in zip(means, means[1:], strict=False)),
         "effect": means[-1] - means[0],
         "csv": str(phase_dir / "likelihood_sweep.csv"),
@@ -121,8 +124,11 @@ def sweep_phase(
     }
 
 
-def generated_phase(phase_dir: Path, *, model: str, trait: str, sizes, judge, **lightning) -> dict:
-    """The paper's route: persona-prompted answers, judged, filtered as the seed does, extracted."""
+def generated_phase(
+    phase_dir: Path, *, model: str, trait: str, artifact: str, sizes, judge, **lightning
+) -> dict:
+    """The paper's route: persona-prompted answers to ``artifact``'s questions, judged, filtered as the seed
+    does, extracted. Without a pair left by the filter, every pair is used, and the result says so."""
     from persona.commands.extract import extract
     from persona.commands.generate import generate
 
@@ -130,7 +136,7 @@ def generated_phase(phase_dir: Path, *, model: str, trait: str, sizes, judge, **
     for side in ("pos", "neg"):
         paths[side] = phase_dir / f"{trait}_{side}.csv"
         generate(
-            trait=trait,
+            trait=artifact,
             output_path=str(paths[side]),
             model=model,
             persona_instruction_type=side,
@@ -155,8 +161,10 @@ def generated_phase(phase_dir: Path, *, model: str, trait: str, sizes, judge, **
     try:
         vectors = extract(threshold=50, **common)
         summary["filter"] = "threshold 50, coherence >= 50 (the seed's)"
+        summary["filtered"] = True
     except NoPairsLeft as error:  # a weak judge may leave no pair standing: say so, then use every pair
         summary["filter"] = f"none — the seed's filter kept no pair ({error})"
+        summary["filtered"] = False
         vectors = extract(no_filter=True, **common)
     summary["vectors"] = vectors
     summary["pos_csv"], summary["neg_csv"] = str(paths["pos"]), str(paths["neg"])
@@ -196,6 +204,11 @@ def judged_sweep_phase(
         **lightning,
     )
     frame = pd.read_csv(csv_path)
+    if frame["trait_mean"].isna().all():
+        raise MissedResult(
+            f"the judge scored none of the steered answers ({csv_path}). Fix: a stronger judge, or "
+            "judge.min_mass 0 for a small local one."
+        )
     means = frame.sort_values("coef")["trait_mean"].tolist()
     return {
         "layer": layer,

@@ -27,34 +27,61 @@ def reached(ok: bool) -> str:
 def vector_sections(results: dict, run: Path) -> list[str]:
     lines = []
     for name, result in results["traits"].items():
-        if "layers" not in result or "sweep" not in result:
-            lines += [f"## {name}", "", f"Vectors: {link(result['vectors']['response_avg'], run)}.", ""]
-            continue
-        layer_info, sweep = result["layers"], result["sweep"]
-        met = reached(layer_info["auc"] >= TARGET_AUC)
-        lines += [
-            f"## {name}: vectors from contrastive pairs",
-            "",
-            f"**Layer analysis.** Recommended layer **{layer_info['recommended']}**: held-out AUC "
-            f"**{layer_info['auc']:.3f}** (target ≥ {TARGET_AUC}: {met}), normalised separation "
-            f"{layer_info['separation']:.2f}. Per layer: {link(layer_info['csv'], run)}.",
-            "",
-            f"![layer metrics]({relative(layer_info['png'], run)})",
-            "",
-            f"**Judge-free steering sweep** at layer {sweep['layer']} (all positions): mean per-token "
-            "log-likelihood of the trait-positive response minus the negative one, on held-out pairs. "
-            f"Monotone over the grid: **{'yes' if sweep['monotone'] else 'NO'}**. Numbers: {link(sweep['csv'], run)}.",
-            "",
-            markdown_table(pd.DataFrame(sweep["table"])),
-            "",
-            f"![likelihood sweep]({relative(sweep['png'], run)})",
-            "",
-        ]
+        lines += [f"## {name}", ""]
+        for what, note in result.get("inputs", {}).items():
+            lines += [f"*{'Questions' if what == 'questions' else 'Held-out pairs'}:* {note}.", ""]
+        if "vectors" in result:
+            lines += [f"Vectors: {link(result['vectors']['response_avg'], run)}.", ""]
+        if result.get("layers"):
+            lines += layers_section(result["layers"], run)
+        if result.get("sweep"):
+            lines += sweep_section(result["sweep"], run)
         if result.get("judged_sweep"):
             lines += judged_sweep_section(result["judged_sweep"], name, results, run)
         if result.get("generated"):
             lines += generated_section(result["generated"], name, run)
     return lines
+
+
+def layers_section(layer_info: dict, run: Path) -> list[str]:
+    examples = layer_info.get("examples", "held-out pairs")
+    met = reached(layer_info["auc"] >= TARGET_AUC)
+    return [
+        f"**Layer analysis** on {examples}. Recommended layer **{layer_info['recommended']}**: AUC "
+        f"**{layer_info['auc']:.3f}** (target ≥ {TARGET_AUC}: {met}), normalised separation "
+        f"{layer_info['separation']:.2f}. Per layer: {link(layer_info['csv'], run)}.",
+        "",
+        f"![layer metrics]({relative(layer_info['png'], run)})",
+        "",
+    ]
+
+
+def sweep_section(sweep: dict, run: Path) -> list[str]:
+    return [
+        f"**Judge-free steering sweep** at layer {sweep['layer']} (all positions): mean per-token "
+        "log-likelihood of the trait-positive response minus the negative one, on "
+        f"{sweep.get('pairs', 'held-out')} pairs. Monotone over the grid: **{'yes' if sweep['monotone'] else 'NO'}**. "
+        f"Numbers: {link(sweep['csv'], run)}.",
+        "",
+        markdown_table(pd.DataFrame(sweep["table"])),
+        "",
+        f"![likelihood sweep]({relative(sweep['png'], run)})",
+        "",
+    ]
+
+
+def missed_section(results: dict) -> list[str]:
+    missed = results.get("missed") or {}
+    if not missed:
+        return []
+    return [
+        "## Missed",
+        "",
+        "These phases gave no result; every other phase ran. `persona study` exits with status 4 when any did.",
+        "",
+        *[f"- `{name}`: {reason}" for name, reason in missed.items()],
+        "",
+    ]
 
 
 def judged_sweep_section(judged: dict, trait: str, results: dict, run: Path) -> list[str]:
@@ -100,10 +127,14 @@ def generated_section(generated: dict, trait: str, run: Path) -> list[str]:
             )
         ),
         "",
-        f"Filter used for extraction: {generated['filter']}. Cosine similarity of the resulting "
-        f"response-average vector with the pairs vector at the recommended layer: "
-        f"**{generated['cosine_with_pairs_vector']:.3f}**. CSVs: {link(generated['pos_csv'], run)}, "
-        f"{link(generated['neg_csv'], run)}.",
+        f"Filter used for extraction: {generated['filter']}."
+        + (
+            " Cosine similarity of the resulting response-average vector with the pairs vector at the "
+            f"recommended layer: **{generated['cosine_with_pairs_vector']:.3f}**."
+            if "cosine_with_pairs_vector" in generated
+            else ""
+        )
+        + f" CSVs: {link(generated['pos_csv'], run)}, {link(generated['neg_csv'], run)}.",
         "",
     ]
 
@@ -164,8 +195,9 @@ def write_report(run: Path) -> Path:
         f"{info.get('device', 'cpu')}. Sanity check — *What is the capital of France?* → “{info['answer']}”",
         "",
         "Vectors are response-average mean differences from the **train** split; every separation and "
-        "steering number is measured on the held-out **test** split.",
+        "steering number is measured on the held-out **test** split unless its section says otherwise.",
         "",
+        *([f"*{results['main_trait_note']}.*", ""] if results.get("main_trait_note") else []),
         "## Summary",
         "",
         markdown_table(trait_summary(results)),
@@ -179,6 +211,7 @@ def write_report(run: Path) -> Path:
     if results.get("export"):
         lines += export_section(results["export"], run)
     lines += timings_section(results)
+    lines += missed_section(results)
     lines += ["## Targets", "", markdown_table(summary_table(results)), ""]
     if results.get("not_run"):
         lines += ["## Not run", "", *[f"- {item}" for item in results["not_run"]], ""]
@@ -272,12 +305,17 @@ def trait_summary(results: dict) -> pd.DataFrame:
 def summary_table(results: dict) -> pd.DataFrame:
     rows = [
         {
-            "measure": f"{name}: held-out AUC at layer {r['layers']['recommended']}",
+            "measure": f"{name}: AUC ({r['layers'].get('examples', 'held-out pairs')}) at layer "
+            f"{r['layers']['recommended']}",
             "value": r["layers"]["auc"],
             "target": f">= {TARGET_AUC}",
         }
         for name, r in results["traits"].items()
         if r.get("layers")
+    ]
+    rows += [
+        {"measure": f"{name}: {reason}", "value": "missed", "target": "a result"}
+        for name, reason in (results.get("missed") or {}).items()
     ]
     rows += [
         {

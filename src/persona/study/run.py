@@ -15,25 +15,22 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from persona.errors import StudyIncomplete
 from persona.report import PhaseRunner
 from persona.store import write_json
-from persona.study.config import (
-    Hardware,
-    JudgeSettings,
-    Phases,
-    Sizes,
-    StudyTrait,
-    trait_key,
-    trait_pairs_path,
-)
+from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait
 from persona.study.context import StudyContext
 from persona.study.report import summary_table, write_report
+from persona.study.traits import TraitPlan, prepare_inputs
+
+LATER_PHASES = ("generations", "finetune", "export_gguf")
 
 
 def run_study(
     *,
     model: str,
-    traits: list[StudyTrait],
+    traits: list[StudyTrait | str],
+    plans: list[TraitPlan],
     judge: JudgeSettings,
     phases: Phases,
     hardware: Hardware,
@@ -42,52 +39,39 @@ def run_study(
     layer: int | None = None,
     title: str = "persona study",
 ) -> str:
-    """Run (or resume) the study in ``run_dir``; returns the report's path. Inputs are checked by the caller."""
+    """Run (or resume) the study in ``run_dir``; returns the report's path. Inputs are checked by the caller
+    (``plans`` from :func:`persona.study.config.check_config`). One trait's missed phase never stops the
+    others: the report lists what was missed and why, and :class:`StudyIncomplete` is raised after it."""
     from persona.models import shared_models
 
     start = time.perf_counter()
     run = Path(run_dir)
-    keys = [trait_key(t) for t in traits]
-    steps = 1 + len(traits) * (1 + phases.layers + phases.sweep + phases.judged_sweep)
-    steps += (
-        sum(t.generate for t in traits) * phases.generated
-        + phases.generations
-        + phases.finetune
-        + phases.export
-    )
+    prepared = [prepare_inputs(plan, run / "inputs") for plan in plans]
+    plans, notes = [plan for plan, _ in prepared], {plan.key: note for plan, note in prepared}
+    on = {"generations": phases.generations, "finetune": phases.finetune, "export_gguf": phases.export}
+    steps = 1 + sum(1 + phases.layers + phases.sweep + phases.judged_sweep for _ in plans)
+    steps += sum(p.generate and (phases.generated or p.pairs is None) for p in plans) + sum(on.values())
     context = StudyContext(model=model, judge=judge, hardware=hardware, sizes=sizes)
     runner = PhaseRunner(run, total=steps, device=context.device())
     results: dict = {
         "title": title,
-        "trait": keys[0],
+        "trait": plans[0].key,
         "traits": {},
         "config": study_record(model, traits, judge, phases, hardware, sizes),
     }
     with shared_models():
         results["model"] = runner.run("model", {"model": model, "dtype": hardware.dtype}, context.hello)
-        for trait, key in zip(traits, keys, strict=True):
-            results["traits"][key] = trait_phases(runner, context, trait, key, phases, layer)
-        main = results["traits"][keys[0]]
-        if "layers" not in main:
-            raise ValueError(
-                "phases.layers is off, but the later phases steer at the recommended layer. Fix: turn it on."
-            )
-        vector_path, layer = main["vectors"]["response_avg"], main["layers"]["recommended"]
-        stamp = {"vectors": vector_path, "layer": layer, **context.stamp()}
-        if phases.generations:
-            results["generations"] = runner.run(
-                "generations", stamp, lambda d: context.generations(d, vector_path, layer)
-            )
-        if phases.finetune:
-            results["finetune"] = runner.run(
-                "finetune",
-                {**stamp, "trait": keys[0]},
-                lambda d: context.finetune(d, keys[0], vector_path, layer),
-            )
-        if phases.export:
-            results["export"] = runner.run(
-                "export_gguf", stamp, lambda d: context.export(d, keys[0], vector_path, layer)
-            )
+        for plan in plans:
+            results["traits"][plan.key] = trait_phases(runner, context, plan, notes[plan.key], phases, layer)
+        main, why_not = main_trait(plans, results["traits"], layer, needs_artifact=phases.finetune)
+        if main is not None:
+            results["trait"] = main.key
+            if main.key != plans[0].key:
+                results["main_trait_note"] = (
+                    f"{main.field} ({main.key}) took the first trait's role: {why_not}"
+                )
+        later_phases(runner, context, results, main, why_not, on, layer)
+    results["missed"] = runner.missed
     results["timings"] = {**runner.timings, "total (this invocation)": time.perf_counter() - start}
     results["devices"] = runner.devices
     results["matmul_gflops"] = context.matmul_rate()
@@ -100,52 +84,143 @@ def run_study(
     for row in summary_table(results).itertuples(index=False):
         print(f"  {row.measure}: {row.value} (target {row.target})")
     print(f"Report: {report_path}")
+    if runner.missed:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in runner.missed.items())
+        raise StudyIncomplete(
+            f"the study finished with {len(runner.missed)} missed phase(s) (report: {report_path}): {listed}"
+        )
     return str(report_path)
 
 
+def main_trait(
+    plans: list[TraitPlan], traits: dict, layer: int | None, *, needs_artifact: bool
+) -> tuple[TraitPlan | None, str]:
+    """The trait that gets the steered generations, the fine-tuning study and the export: the first one with a
+    vector, a layer and contrastive pairs (and, for fine-tuning, eval questions); with why the earlier ones can't."""
+    reasons = []
+    for plan in plans:
+        out = traits[plan.key]
+        lacks = [
+            what
+            for what, ok in (
+                ("vector", "vectors" in out),
+                ("layer", layer is not None or "layers" in out),
+                ("contrastive pairs", plan.pairs is not None),
+                ("eval questions (trait artifacts)", plan.artifact is not None or not needs_artifact),
+            )
+            if not ok
+        ]
+        if not lacks:
+            return plan, "; ".join(reasons)
+        reasons.append(f"{plan.field} ({plan.key}) has no {' or '.join(lacks)}")
+    return None, "; ".join(reasons)
+
+
+def later_phases(runner, context, results: dict, main, why_not: str, on: dict, layer: int | None) -> None:
+    """Steered generations, fine-tuning study and export for the main trait (missed when there is none)."""
+    if main is None:
+        for name in (name for name, wanted in on.items() if wanted):
+            runner.skip(name, f"no trait can take the first trait's role: {why_not}")
+        return
+    out = results["traits"][main.key]
+    vector_path = out["vectors"]["response_avg"]
+    layer = layer if layer is not None else out["layers"]["recommended"]
+    stamp = {"vectors": vector_path, "layer": layer, **context.stamp()}
+    if on["generations"]:
+        results["generations"] = runner.run(
+            "generations", stamp, lambda d: context.generations(d, vector_path, layer)
+        )
+    if on["finetune"]:
+        results["finetune"] = runner.run(
+            "finetune",
+            {**stamp, "trait": main.key, **source_stamp(main.pairs)},
+            lambda d: context.finetune(d, main, vector_path, layer),
+        )
+    if on["export_gguf"]:
+        results["export"] = runner.run(
+            "export_gguf", stamp, lambda d: context.export(d, main.key, vector_path, layer)
+        )
+
+
+def source_stamp(path: Path | None) -> dict:
+    return {} if path is None else {"source": str(path), "mtime": path.stat().st_mtime}
+
+
 def trait_phases(
-    runner: PhaseRunner, context, trait: StudyTrait, key: str, phases: Phases, layer: int | None
+    runner: PhaseRunner, context, plan: TraitPlan, notes: dict, phases: Phases, layer: int | None
 ) -> dict:
     """One trait's phases. With contrastive pairs: vectors from their train split, layer metrics on the held-out
     test split; with ``generate``: the paper's route (persona-prompted answers, judged, filtered, extracted),
-    which is the vectors' only source for a trait without pairs (its layer metrics are then in-sample)."""
-    source = trait_pairs_path(trait)
-    stamp = {"model": context.model, **context.stamp()}
+    which is the vectors' only source for a trait without pairs (its layer metrics are then in-sample). A phase
+    that misses leaves the later ones what exists, labelled, or skips them with the reason."""
+    key, source = plan.key, plan.pairs
+    stamp = {"model": context.model, **context.stamp(), **source_stamp(source)}
+    out: dict = {"inputs": notes} if notes else {}
+    extracted = None
     if source is not None:
-        stamp.update({"source": str(source), "mtime": source.stat().st_mtime})
-    out: dict = {}
-    if source is not None:
-        out["vectors"] = runner.run(f"extract_{key}", stamp, lambda d: context.extract(d, key, source))[
-            "vectors"
-        ]
-    if trait.generate and (phases.generated or source is None):
-        out["generated"] = runner.run(f"generated_{key}", stamp, lambda d: context.generated(d, key))
-        out.setdefault("vectors", out["generated"]["vectors"])
+        extracted = runner.run(f"extract_{key}", stamp, lambda d: context.extract(d, key, source))
+        if extracted:
+            out["vectors"] = extracted["vectors"]
+        if not plan.held_out:
+            runner.missed[f"held_out_{key}"] = notes.get("held_out", "no held-out pairs")
+    if plan.generate and (phases.generated or source is None):
+        generated = runner.run(
+            f"generated_{key}",
+            {**stamp, "artifact": plan.artifact},
+            lambda d: context.generated(d, key, plan.artifact),
+        )
+        if generated:
+            out["generated"] = generated
+            out.setdefault("vectors", generated["vectors"])
+            if not generated.get("filtered", True):  # vectors exist, but not the filtered ones asked for
+                runner.missed[f"filtered_vectors_{key}"] = generated["filter"]
+    wanted = [
+        name
+        for name, wanted in (
+            ("layers", phases.layers),
+            ("sweep", phases.sweep and source is not None),
+            ("judged_sweep", phases.judged_sweep and plan.artifact is not None),
+        )
+        if wanted
+    ]
+    if "vectors" not in out:
+        for name in wanted:
+            runner.skip(f"{name}_{key}", f"no vectors for {key} (its extraction missed)")
+        return out
     vector = out["vectors"]["response_avg"]
+    split = "test" if plan.held_out else None
     if phases.layers:
-        inputs = (
-            {"pairs": source}
-            if source is not None
-            else {"csvs": (out["generated"]["pos_csv"], out["generated"]["neg_csv"])}
-        )
-        out["layers"] = runner.run(
+        inputs, label = layer_inputs(plan, out.get("generated"), split)
+        layers = runner.run(
             f"layers_{key}",
-            {**stamp, "vectors": out["vectors"]},
-            lambda d: context.layers(d, vector, **inputs),
+            {**stamp, "vectors": out["vectors"], "layer_inputs": inputs},
+            lambda d: context.layers(d, vector, inputs),
         )
+        if layers:
+            out["layers"] = {**layers, "examples": label}
     layer = layer if layer is not None else out.get("layers", {}).get("recommended")
-    if phases.sweep and layer is not None and source is not None:
-        out["sweep"] = runner.run(
-            f"sweep_{key}", {**stamp, "layer": layer}, lambda d: context.sweep(d, key, vector, source, layer)
+    if layer is None:
+        for name in wanted[1:]:
+            runner.skip(f"{name}_{key}", f"no layer for {key} (its layer metrics missed; or set layer:)")
+        return out
+    if "sweep" in wanted:
+        sweep = runner.run(
+            f"sweep_{key}",
+            {**stamp, "layer": layer, "split": split},
+            lambda d: context.sweep(d, key, vector, source, layer, split),
         )
-    if phases.judged_sweep and layer is not None and has_eval_questions(trait.name):
-        out["judged_sweep"] = runner.run(
+        if sweep:
+            out["sweep"] = sweep
+    if "judged_sweep" in wanted:
+        judged = runner.run(
             f"judged_sweep_{key}",
-            {**stamp, "layer": layer},
-            lambda d: context.judged_sweep(d, key, vector, layer),
+            {**stamp, "layer": layer, "artifact": plan.artifact},
+            lambda d: context.judged_sweep(d, plan.artifact, vector, layer),
         )
+        if judged:
+            out["judged_sweep"] = judged
     generated = out.get("generated")
-    if generated and layer is not None and source is not None:
+    if generated and extracted:
         generated["cosine_with_pairs_vector"] = vector_cosine(
             generated["vectors"]["response_avg"], vector, layer
         )
@@ -153,15 +228,18 @@ def trait_phases(
     return out
 
 
-def has_eval_questions(name: str) -> bool:
-    """Whether the trait has eval artifacts (questions and a judge prompt): TRAIT-item traits have none."""
-    from persona.traits import TraitError, load_trait
-
-    try:
-        load_trait(name, "eval")
-    except TraitError:
-        return False
-    return True
+def layer_inputs(plan: TraitPlan, generated: dict | None, split: str | None) -> tuple[dict, str]:
+    """What the layer metrics read, and how the report labels it: held-out pairs, every pair (no held-out
+    split), or the generation route's judged answers as its extraction used them (filtered or not)."""
+    if plan.pairs is not None:
+        label = "held-out pairs" if split else "all pairs, in-sample (no held-out split)"
+        return {"pairs_path": str(plan.pairs), "split": split}, label
+    filtered = generated.get("filtered", True)
+    inputs = {"pos_path": generated["pos_csv"], "neg_path": generated["neg_csv"], "no_filter": not filtered}
+    label = "judged answers, in-sample, " + (
+        "filtered as for extraction" if filtered else "unfiltered (the filter kept no pair)"
+    )
+    return inputs, label
 
 
 def vector_cosine(a: str, b: str, layer: int) -> float:
@@ -176,7 +254,7 @@ def study_record(model, traits, judge, phases, hardware, sizes) -> dict:
     """The settings as they go into results.json (the judge's key never does: it lives in the environment)."""
     return {
         "model": model,
-        "traits": [asdict(t) for t in traits],
+        "traits": [t if isinstance(t, str) else asdict(t) for t in traits],
         "judge": asdict(judge),
         "phases": asdict(phases),
         "hardware": asdict(hardware),
