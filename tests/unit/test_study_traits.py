@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_study import write_datasets
 
 from fake_openai import FakeChatServer
 from persona.cli import main
@@ -24,30 +25,12 @@ ARTIFACT = {
     "questions": QUESTIONS,
     "eval_prompt": "How pessimistic is this answer? {question} -> {answer} Answer 0-100.",
 }
-ITEMS = [
-    {
-        "personality": "Kindness",
-        "situation": f"Situation {i}.",
-        "query": "What do you do?",
-        "response_high1": "I help.",
-        "response_high2": "I care.",
-        "response_low1": "I ignore them.",
-        "response_low2": "I laugh at them.",
-        "split": "train" if i % 2 else "test",
-    }
-    for i in range(6)
-]
 
 
 @pytest.fixture
 def user_files(tmp_path, monkeypatch):
-    """A seed-format artifact of the user's own (outside any datasets folder) and a datasets folder with a
-    TRAIT-items personality trait."""
-    datasets = tmp_path / "datasets"
-    (datasets / "personality").mkdir(parents=True)
-    (datasets / "personality" / "kindness.json").write_text(json.dumps(ITEMS))
-    (datasets / "pairs").mkdir()
-    (datasets / "traits" / "extract").mkdir(parents=True)
+    """A seed-format artifact of the user's own (outside any datasets folder) and a datasets folder."""
+    datasets = write_datasets(tmp_path / "datasets")  # kindness: TRAIT items; wicked: pairs + artifacts
     monkeypatch.setenv("PERSONA_DATASETS", str(datasets))
     monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
     mine = tmp_path / "my_traits"
