@@ -251,3 +251,21 @@ def test_one_traits_missed_phases_never_stop_the_others_and_exit_4(
     report = (run / "report.md").read_text()
     assert "## Missed" in report and "judged_sweep_pessimistic" in report
     assert "| missed" in report  # the targets table
+
+
+@pytest.mark.parametrize(
+    "generated, no_filter, label",
+    [
+        ({"filtered": True, "threshold": 60}, False, "filtered as for extraction"),
+        ({"filtered": False, "threshold": 50}, True, "unfiltered (the filter kept no pair)"),
+        ({"filtered": False, "threshold": None}, True, "unfiltered (no filter asked)"),
+    ],
+)
+def test_route_only_layer_metrics_read_the_answers_as_extraction_used_them(generated, no_filter, label):
+    from persona.study.run import layer_inputs
+    from persona.study.traits import TraitPlan
+
+    plan = TraitPlan("gloomy", "traits[0]", None, "gloomy.json", True, True)
+    inputs, text = layer_inputs(plan, {**generated, "pos_csv": "p.csv", "neg_csv": "n.csv"}, None)
+    assert inputs["no_filter"] is no_filter and text.endswith(label)
+    assert inputs.get("threshold") == (60 if not no_filter else None)

@@ -72,7 +72,9 @@ def demo(run_dir: str = "runs/demo", quick: bool = False, accelerator: str = "au
 def demo_config(*, quick: bool = False) -> dict:
     """The demo's study settings (configs/study/demo.yaml holds the same; a test keeps them equal)."""
     traits = [StudyTrait("evil", generate=True), StudyTrait("psychopathy")]
-    sizes = Sizes()
+    sizes = Sizes(
+        filter_threshold=None
+    )  # the embedded judge scores its own answers far below the seed's filter
     phases = Phases()
     if quick:
         traits = traits[:1]

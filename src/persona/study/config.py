@@ -88,6 +88,10 @@ class Sizes:
     """Questions per side of the generation route (the seed uses all 20)."""
     n_per_question: int = 1
     """Answers per question and instruction in the generation route (1 = greedy, as the seed for one)."""
+    filter_threshold: float | None = 50.0
+    """The generation route's filter, the seed's: keep pairs whose positive answer scores >= this, whose negative
+    one scores < 100 - this, both coherence >= 50. null: use every pair (for a judge too weak to pass it; when the
+    filter keeps no pair, every pair is used too, but the filtered vectors count as missed)."""
     judged_questions: int = 5
     """Questions per coefficient in the judged sweep."""
     finetune_samples: int = 24
@@ -124,6 +128,8 @@ def check_config(
         checks.at_least(getattr(sizes, name), 1, f"sizes.{name}")
     checks.at_least(sizes.finetune_samples, 4, "sizes.finetune_samples")
     checks.at_least(sizes.finetune_epochs, 1, "sizes.finetune_epochs")
+    if sizes.filter_threshold is not None and not 0 <= sizes.filter_threshold <= 100:
+        raise PersonaError(f"sizes.filter_threshold={sizes.filter_threshold}: a score in [0, 100], or null.")
     if not sizes.coefs or not all(math.isfinite(c) for c in sizes.coefs):
         raise PersonaError(f"sizes.coefs={sizes.coefs}: give finite coefficients, e.g. [-2, -1, 0, 1, 2].")
     check_min_mass(judge.model, judge.min_mass, flag="judge.min_mass", local="judge.model: local")

@@ -158,14 +158,23 @@ def generated_phase(
     }
     common = dict(model=model, pos_path=str(paths["pos"]), neg_path=str(paths["neg"]), trait=trait,
                   save_dir=str(phase_dir / "vectors"), overwrite=True, **lightning)  # fmt: skip
+    threshold = summary["threshold"] = sizes.filter_threshold
+    if threshold is None:
+        summary["filter"], summary["filtered"] = "none (sizes.filter_threshold: null)", False
+        vectors = extract(no_filter=True, **common)
+        return finish_generated(summary, vectors, paths, phase_dir)
     try:
-        vectors = extract(threshold=50, **common)
-        summary["filter"] = "threshold 50, coherence >= 50 (the seed's)"
+        vectors = extract(threshold=threshold, **common)
+        summary["filter"] = f"threshold {threshold:g}, coherence >= 50 (the seed's)"
         summary["filtered"] = True
     except NoPairsLeft as error:  # a weak judge may leave no pair standing: say so, then use every pair
         summary["filter"] = f"none — the seed's filter kept no pair ({error})"
         summary["filtered"] = False
         vectors = extract(no_filter=True, **common)
+    return finish_generated(summary, vectors, paths, phase_dir)
+
+
+def finish_generated(summary: dict, vectors: dict, paths: dict, phase_dir: Path) -> dict:
     summary["vectors"] = vectors
     summary["pos_csv"], summary["neg_csv"] = str(paths["pos"]), str(paths["neg"])
     write_csv(phase_dir / "summary.csv", pd.DataFrame([{k: v for k, v in summary.items() if k != "vectors"}]))

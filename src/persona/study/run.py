@@ -172,7 +172,10 @@ def trait_phases(
         if generated:
             out["generated"] = generated
             out.setdefault("vectors", generated["vectors"])
-            if not generated.get("filtered", True):  # vectors exist, but not the filtered ones asked for
+            asked = generated.get("threshold", 50) is not None
+            if asked and not generated.get(
+                "filtered", True
+            ):  # vectors exist, not the filtered ones asked for
                 runner.missed[f"filtered_vectors_{key}"] = generated["filter"]
     wanted = [
         name
@@ -236,8 +239,11 @@ def layer_inputs(plan: TraitPlan, generated: dict | None, split: str | None) -> 
         return {"pairs_path": str(plan.pairs), "split": split}, label
     filtered = generated.get("filtered", True)
     inputs = {"pos_path": generated["pos_csv"], "neg_path": generated["neg_csv"], "no_filter": not filtered}
+    if filtered:
+        inputs["threshold"] = generated.get("threshold", 50)
+    why = "no filter asked" if generated.get("threshold", 50) is None else "the filter kept no pair"
     label = "judged answers, in-sample, " + (
-        "filtered as for extraction" if filtered else "unfiltered (the filter kept no pair)"
+        "filtered as for extraction" if filtered else f"unfiltered ({why})"
     )
     return inputs, label
 
