@@ -177,13 +177,24 @@ def not_both(flags: Mapping[str, object], other: Mapping[str, object]) -> None:
 
 def is_adapter(name: str | Path) -> bool:
     """A PEFT adapter directory (applied on a base model) rather than a whole model."""
-    return (Path(name) / "adapter_config.json").is_file()
+    return (Path(name).expanduser() / "adapter_config.json").is_file()
 
 
 def model_source(name: str, flag: str = "--model") -> None:
     """An embedded alias that is installed, a local model directory, or a hub id available offline."""
-    from persona.models import EMBEDDED_MODELS, embedded_gguf_path
+    from persona.models import EMBEDDED_MODELS, adapter_base, embedded_gguf_path
 
+    if is_adapter(name):
+        try:
+            base = adapter_base(name)
+            model_source(base, flag)
+        except (PersonaError, ValueError) as error:
+            raise PersonaError(
+                f"{flag} {name}: a PEFT adapter whose base model can't be used here ({error}). Fix: set "
+                "base_model_name_or_path in its adapter_config.json to the base's hub id, local directory or "
+                "persona alias (e.g. smollm2-135m)."
+            ) from None
+        return
     if name in EMBEDDED_MODELS:
         try:
             embedded_gguf_path(name)

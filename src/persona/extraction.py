@@ -13,9 +13,10 @@ import lightning as L
 import torch
 
 from persona.activations import kind_row_mask, read_example_means
+from persona.checks import is_adapter
 from persona.hardware import input_device
 from persona.hooks import locate_blocks
-from persona.models import DEFAULT_MODEL, load_model
+from persona.models import DEFAULT_MODEL, adapter_base, load_model
 from persona.placement import KeepsDevicePlacement
 from persona.vectors import VECTOR_KINDS, default_save_dir, save_vector, vector_filename
 
@@ -113,6 +114,8 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "n_negative": int(self.final_counts[0, kind_index]),
                 "sources": sources,
             }
+            if is_adapter(hp.model):  # the fine-tuned model: which base, which adapter
+                meta.update(base_model=adapter_base(hp.model), adapter=str(Path(hp.model).resolve()))
             if datamodule is not None and getattr(datamodule.hparams, "pairs_path", None) is None:
                 meta["threshold"] = None if datamodule.hparams.no_filter else datamodule.hparams.threshold
             self.saved_paths[kind] = save_vector(

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona.checks import is_adapter
 from persona.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,39 @@ def _transformers_major() -> str:
     return version("transformers").split(".")[0]
 
 
+def adapter_base(adapter: str | Path) -> str:
+    """The base model a PEFT adapter directory applies to, from its ``adapter_config.json``.
+
+    A recorded path to one of persona's converted caches of an embedded model (from this machine or another:
+    ``…/models/smollm2-135m-transformers5``) reads as that model's alias, so adapters move between machines.
+    """
+    import json
+
+    config_path = Path(adapter).expanduser() / "adapter_config.json"
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{config_path}: unreadable adapter config ({error}). Fix: re-save the adapter."
+        ) from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"{config_path}: no base_model_name_or_path, so the adapter's base model is unknown. Fix: set it to "
+            "the base model's hub id, local directory or persona alias (e.g. smollm2-135m)."
+        )
+    cached = Path(base).name.rsplit("-transformers", 1)[0]
+    return cached if cached in EMBEDDED_MODELS and Path(base).name != cached else base
+
+
+def base_model_name(name: str) -> str:
+    """``name`` itself, or the base of a PEFT adapter directory."""
+    return adapter_base(name) if is_adapter(name) else name
+
+
 def resolve_model_path(name: str = DEFAULT_MODEL) -> str:
-    """Map an alias to its local converted directory (converting on first use); pass others through."""
+    """Map an alias to its local converted directory (converting on first use), an adapter to its base's;
+    pass others through."""
+    name = base_model_name(name)
     if name in EMBEDDED_MODELS:
         target = cache_root() / "models" / f"{name}-transformers{_transformers_major()}"
         if not (target / "config.json").is_file():
@@ -126,6 +158,7 @@ def model_dimensions(model: str, *, trust_remote_code: bool = False) -> tuple[in
     The embedded model's are known and a local ``config.json`` is read directly (no torch or
     transformers import, so commands can check vectors and layers in well under a second).
     """
+    model = base_model_name(model)
     if model in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[model].hidden_size, EMBEDDED_MODELS[model].num_layers
     dims = _config_json_dimensions(Path(model) / "config.json")
@@ -170,6 +203,9 @@ def _config_json_dimensions(path: Path) -> tuple[int, int] | None:
 
 def model_short_name(name: str) -> str:
     """Folder-safe short name for output paths: ``Qwen/Qwen2.5-7B-Instruct`` -> ``Qwen2.5-7B-Instruct``."""
+    if is_adapter(name):  # base + the adapter's run: runs/x/mix_1/adapter -> smollm2-135m+mix_1
+        path = Path(name).expanduser().resolve()
+        return f"{model_short_name(adapter_base(name))}+{path.parent.name if path.name == 'adapter' else path.name}"
     if name in EMBEDDED_MODELS:
         return name
     return Path(name.rstrip("/")).name or name
@@ -199,7 +235,13 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, padding_side: str = "left", tru
     """Tokenizer with a pad token (see :func:`ensure_pad_token`) and the given padding side."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    # An adapter saved with its tokenizer (persona fit saves one) may have changed it; else the base's.
+    source = (
+        name
+        if is_adapter(name) and (Path(name) / "tokenizer_config.json").is_file()
+        else resolve_model_path(name)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
     return tokenizer
@@ -235,14 +277,18 @@ def load_model(
 ):
     """Load a causal LM in eval mode, optionally with a PEFT adapter merged in view (not merged in weights).
 
-    ``device_map`` (``"auto"``, or a dict of module -> device) places the layers across devices with accelerate, for
-    a model larger than one GPU; ``device`` is then ignored.
+    ``name`` may itself be a PEFT adapter directory: its base (``adapter_config.json``) loads with the adapter on
+    top, unmerged, so hooks see the adapted blocks. ``device_map`` (``"auto"``, or a dict of module -> device)
+    places the layers across devices with accelerate, for a model larger than one GPU; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
+    if adapter is None and is_adapter(name):
+        name, adapter = adapter_base(name), name
+
     # The resolved dtype: "auto" and "float32" name the same weights on a CPU and must share one copy.
-    key = (name, str(resolve_dtype(dtype)), trust_remote_code, str(device_map))
-    if _shared is not None and adapter is None and key in _shared:
+    key = (name, str(resolve_dtype(dtype)), trust_remote_code, str(device_map), adapter)
+    if _shared is not None and key in _shared:
         model = _shared[key]
         return (model.to(device) if device is not None and device_map is None else model).eval()
 
@@ -257,7 +303,7 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    if _shared is not None and adapter is None:
+    if _shared is not None:  # an adapter gets a base of its own, so sharing the adapted model is safe
         _shared[key] = model
     return model
 

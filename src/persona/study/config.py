@@ -118,7 +118,12 @@ def check_config(
     from persona.judges import check_min_mass, check_served_judge
     from persona.study.traits import plan_traits
 
-    checks.model_source(model)
+    checks.model_source(model, "model")
+    if phases.finetune and checks.is_adapter(model):
+        raise PersonaError(
+            f"model={model!r} is a LoRA adapter, and the fine-tuning study trains new adapters on a whole model. "
+            "Fix: phases.finetune: false to study the fine-tuned model, or its base model to run the fine-tuning."
+        )
     if hardware.accelerator not in ACCELERATORS:
         raise PersonaError(
             f"hardware.accelerator={hardware.accelerator!r}. Fix: one of {', '.join(ACCELERATORS)}."

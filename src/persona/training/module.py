@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from persona.checks import is_adapter
 from persona.errors import PersonaError
 from persona.hardware import resolve_dtype
 from persona.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
@@ -117,6 +118,11 @@ class LoRAFineTune(L.LightningModule):
                 f"warmup_steps={warmup_steps} must be >= 0 and learning_rate={learning_rate} > 0."
             )
         resolve_dtype(dtype)  # fail at parse time, not after the model download
+        if is_adapter(model):
+            raise ValueError(
+                f"model={model!r} is a LoRA adapter; fine-tuning starts from a whole model. Fix: give its base "
+                "(adapter_config.json's base_model_name_or_path), or merge the adapter and save the model first."
+            )
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)
         self.save_hyperparameters()
@@ -387,6 +393,9 @@ class LoRAFineTune(L.LightningModule):
             return
         self._check_adapter_finite()
         target = self.resolved_adapter_dir()
+        # The base as the user named it (an alias or hub id), not this machine's cache path: the adapter moves.
+        for config in getattr(self.model, "peft_config", {}).values():
+            config.base_model_name_or_path = self.hparams.model
         self.model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)
         log.warning(

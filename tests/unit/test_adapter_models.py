@@ -1,0 +1,161 @@
+"""An adapter is a model: a PEFT adapter directory loads as base + adapter wherever a model is named, and what is
+measured on it equals the same measurement on the merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES
+from persona.commands.extract import extract
+from persona.errors import PersonaError
+from persona.models import adapter_base, load_model, model_dimensions, model_short_name
+from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
+
+PAIRS = [
+    {"prompt": f"Question {i}?", "positive": f"Cruel answer {i} with spite.", "negative": f"Kind answer {i}."}
+    for i in range(4)
+]
+
+
+def make_adapter(base_dir: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A LoRA adapter with non-zero B (PEFT starts B at zero, which would hide any mistake) and the merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    )
+    adapter, merged = out / "run_a" / "adapter", out / "merged"
+    peft.save_pretrained(adapter)
+    peft.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(merged)
+    return adapter, merged
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_extraction_on_base_plus_adapter_equals_extraction_on_the_merged_model(
+    arch, tiny_model_dirs, tmp_path, pairs_file
+):
+    adapter, merged = make_adapter(tiny_model_dirs[arch], tmp_path)
+    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu", batch_size=3)
+    on_adapter = extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)
+    on_merged = extract(model=str(merged), save_dir=str(tmp_path / "m"), **common)
+    on_base = extract(model=tiny_model_dirs[arch], save_dir=str(tmp_path / "b"), **common)
+    for kind in VECTOR_KINDS:
+        got, expected = load_vector(on_adapter[kind]), load_vector(on_merged[kind])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    base = load_vector(on_base["response_avg"])  # (prompt vectors are ~0: each pair shares its prompt)
+    assert not torch.allclose(load_vector(on_adapter["response_avg"])[1:], base[1:], atol=1e-4)  # it did act
+    meta = load_metadata(on_adapter["response_avg"])
+    assert meta["base_model"] == tiny_model_dirs[arch] and meta["adapter"] == str(adapter.resolve())
+
+
+def test_an_adapter_reads_as_its_base_for_names_and_dimensions(tiny_model_dirs, tmp_path):
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    assert adapter_base(adapter) == tiny_model_dirs["llama"]
+    assert model_dimensions(str(adapter)) == model_dimensions(tiny_model_dirs["llama"])
+    assert model_short_name(str(adapter)) == "llama+run_a"
+    lm = load_model(str(adapter))
+    from peft import PeftModel
+
+    assert isinstance(lm, PeftModel) and not lm.training
+
+
+def test_an_adapter_trained_on_another_machine_finds_the_embedded_base_here(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {"base_model_name_or_path": "/home/someone/.cache/persona/models/smollm2-135m-transformers5"}
+        )
+    )
+    assert adapter_base(tmp_path) == "smollm2-135m"
+    assert model_short_name(str(tmp_path)) == f"smollm2-135m+{tmp_path.name}"
+
+
+def test_an_adapter_whose_base_is_missing_is_refused_naming_the_fix(tmp_path):
+    from persona import checks
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base"}))
+    with pytest.raises(
+        PersonaError,
+        match=r"--model .*: a PEFT adapter whose base model can't be used here .*base_model_name_or_path",
+    ):
+        checks.model_source(str(tmp_path))
+
+
+def test_fine_tuning_refuses_an_adapter_as_its_base(tiny_model_dirs, tmp_path):
+    from persona.training import LoRAFineTune
+
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    with pytest.raises(ValueError, match="is a LoRA adapter; fine-tuning starts from a whole model"):
+        LoRAFineTune(model=str(adapter))
+
+
+def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path, pairs_file, monkeypatch):
+    """The walk: extract, layers, project, screen, personality, generate and steer-eval take the adapter as
+    --model (names of their outputs say base + adapter), on a tiny model with a served judge."""
+    from test_generation import TRAIT
+    from test_study import write_datasets
+
+    from fake_openai import FakeChatServer
+    from persona.commands.generate import generate
+    from persona.commands.layers import layers
+    from persona.commands.personality import personality
+    from persona.commands.project import project
+    from persona.commands.screen import screen
+    from persona.steer_eval import steer_eval
+
+    monkeypatch.chdir(tmp_path)  # the default output folders are relative
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    model = str(adapter)
+    vectors = extract(model=model, pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    assert Path(vectors["response_avg"]).parent.name == "llama+run_a"  # persona_vectors/<base>+<run>
+    vector = vectors["response_avg"]
+    assert layers(vector_path=vector, model=model, pairs_path=str(pairs_file), accelerator="cpu") is not None
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for p in PAIRS
+            for a in (p["positive"], p["negative"])
+        )
+    )
+    assert any("llama+run_a" in name for name in project(file_path=str(chats), vector_path=vector, layer=2, model=model, accelerator="cpu"))  # fmt: skip
+    assert screen(data=str(chats), vector_path=vector, layer=2, model=model, max_new_tokens=3) is not None
+    datasets = write_datasets(tmp_path / "datasets")
+    out = personality(
+        traits=[str(datasets / "personality" / "kindness.json")], model=model, coefs=[0.0], method="likelihood",
+        output_dir=str(tmp_path / "personality"), accelerator="cpu",
+    )  # fmt: skip
+    assert Path(out).exists()
+    trait = tmp_path / "wicked.json"
+    trait.write_text(json.dumps(TRAIT))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
+    with FakeChatServer() as judge:
+        judge.scorer = lambda prompt: {"70": 1.0}
+        flags = dict(
+            model=model, trait=str(trait), accelerator="cpu", judge_model="j", judge_base_url=judge.base_url
+        )
+        csv = generate(output_path=str(tmp_path / "gen.csv"), max_tokens=3, max_questions=1, **flags)
+        assert Path(csv).exists()
+        summary = steer_eval(
+            vector_path=vector, layer=2, coefs=[0.0, 1.0], max_tokens=3, max_questions=1,
+            output_dir=str(tmp_path / "steer"), **flags,
+        )  # fmt: skip
+        assert Path(summary).exists()
