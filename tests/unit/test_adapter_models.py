@@ -159,3 +159,53 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
             output_dir=str(tmp_path / "steer"), **flags,
         )  # fmt: skip
         assert Path(summary).exists()
+
+
+def test_representation_shift_compares_the_base_and_the_fine_tuned_model_on_the_same_examples(
+    tiny_model_dirs, tmp_path, pairs_file
+):
+    import pandas as pd
+
+    from persona.commands.layers import layers
+
+    base_dir = tiny_model_dirs["llama"]
+    adapter, _ = make_adapter(base_dir, tmp_path)
+    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    base_vec = extract(model=base_dir, save_dir=str(tmp_path / "b"), **common)["response_avg"]
+    tuned_vec = extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)["response_avg"]
+    layers(vector_path=base_vec, model=base_dir, pairs_path=str(pairs_file), output_dir=str(tmp_path / "lb"), accelerator="cpu")  # fmt: skip
+    layers(
+        vector_path=tuned_vec, model=str(adapter), pairs_path=str(pairs_file), compare_to=base_vec,
+        output_dir=str(tmp_path / "shift"), accelerator="cpu",
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "shift" / "representation_shift.csv")
+    alone = pd.read_csv(tmp_path / "lb" / "layer_metrics.csv")
+    tuned = pd.read_csv(tmp_path / "shift" / "layer_metrics.csv")
+    pd.testing.assert_series_equal(table["auc_base"], alone["auc"], check_names=False)
+    pd.testing.assert_series_equal(table["auc_tuned"], tuned["auc"], check_names=False)
+    b, t = load_vector(base_vec).double(), load_vector(tuned_vec).double()
+    expected = torch.nn.functional.cosine_similarity(b[1:], t[1:], dim=1).numpy()
+    assert abs(table["cosine"].iloc[1:].to_numpy() - expected).max() < 1e-6
+    assert (
+        abs(table["norm_ratio"].iloc[1:].to_numpy() - (t[1:].norm(dim=1) / b[1:].norm(dim=1)).numpy()).max()
+        < 1e-6
+    )
+    assert (tmp_path / "shift" / "representation_shift.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_to_without_a_known_base_is_refused_before_any_model_loads(
+    tiny_model_dirs, tmp_path, pairs_file
+):
+    from persona.commands.layers import layers
+
+    vec = tmp_path / "v.pt"
+    torch.save(torch.ones(4, 32), vec)
+    with pytest.raises(
+        PersonaError, match="--compare_to .*: which model was it extracted from\\? Fix: --compare_model"
+    ):
+        layers(
+            vector_path=str(vec),
+            model=tiny_model_dirs["llama"],
+            pairs_path=str(pairs_file),
+            compare_to=str(vec),
+        )
