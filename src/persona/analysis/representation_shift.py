@@ -81,18 +81,18 @@ def plot_representation_shift(table: pd.DataFrame, summary: dict, path: Path, ti
         for axes in (auc_axes, separation_axes):
             axes.axvline(recommended, color=color, linestyle="--", linewidth=1)
     auc_axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    auc_axes.set_ylabel("held-out AUC")
+    auc_axes.set_ylabel("AUC (positive vs negative)")
     auc_axes.legend(loc="best")
     separation_axes.set_ylabel("separation / pooled std")
-    vector_axes.plot(
-        table["layer"], table["cosine"], marker="o", color="tab:purple", label="cosine(base, tuned)"
-    )
-    vector_axes.plot(
-        table["layer"], table["norm_ratio"], marker="s", color="tab:orange", label="norm tuned / base"
-    )
-    vector_axes.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    vector_axes.plot(table["layer"], table["cosine"], marker="o", color="tab:purple")
+    vector_axes.set_ylim(-1.05, 1.05)
+    vector_axes.set_ylabel("cosine of the vectors", color="tab:purple")
     vector_axes.set_xlabel("layer (0 = embeddings, L = output of block L-1)")
-    vector_axes.legend(loc="best")
+    ratio_axes = vector_axes.twinx()  # norms can differ by orders of magnitude: their own log axis
+    ratio_axes.plot(table["layer"], table["norm_ratio"], marker="s", color="tab:orange")
+    ratio_axes.set_yscale("log")
+    ratio_axes.axhline(1.0, color="tab:orange", linestyle=":", linewidth=1)
+    ratio_axes.set_ylabel("norm tuned / base", color="tab:orange")
     if title:
         figure.suptitle(title)
     write_figure(path, figure, dpi=120)

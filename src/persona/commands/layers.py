@@ -12,7 +12,7 @@ from persona import checks
 from persona.analysis.layers import layer_metrics, plot_layer_metrics, recommend_layer
 from persona.data.examples import check_example_files
 from persona.errors import MissedResult, PersonaError
-from persona.models import DEFAULT_MODEL, adapter_base
+from persona.models import DEFAULT_MODEL, adapter_base, model_short_name
 from persona.store import write_csv
 from persona.vectors import layers_dir, load_metadata
 
@@ -128,14 +128,8 @@ def layers(
     )
     if baseline is not None:
         base_metrics = projection_metrics(baseline[0], baseline[1], data, **run)
-        write_representation_shift(
-            out,
-            baseline[1],
-            vector,
-            base_metrics,
-            metrics,
-            f"{Path(vector_path).name} vs {Path(compare_to).name}",
-        )
+        title = f"{Path(vector_path).stem}: {model_short_name(model)} vs {model_short_name(baseline[0])}"
+        write_representation_shift(out, baseline[1], vector, base_metrics, metrics, title)
     return recommended
 
 
