@@ -396,7 +396,8 @@ class LoRAFineTune(L.LightningModule):
         # The base as the user named it (an alias or hub id), not this machine's cache path: the adapter moves.
         for config in getattr(self.model, "peft_config", {}).values():
             config.base_model_name_or_path = self.hparams.model
-        self.model.save_pretrained(target, state_dict=state)
+        # No full embedding layers (persona never resizes the vocabulary); "auto" would look the base up by name.
+        self.model.save_pretrained(target, state_dict=state, save_embedding_layers=False)
         self.tokenizer.save_pretrained(target)
         log.warning(
             "Saved the LoRA adapter to %s (load with peft.PeftModel.from_pretrained(base, %r))",
