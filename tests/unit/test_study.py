@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from fake_openai import FakeChatServer
 from persona.commands.study import demo_config, study
@@ -168,12 +169,25 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     assert generated["judge"].eq("openai:judge-model").all() and generated["wicked"].notna().all()
     assert wicked["judged_sweep"]["effect"] is not None
     assert results["finetune"]["runs"] == ["mix_0", "mix_0.5", "mix_1"]
+    representation = results["finetune"]["representation"]
+    assert [row["run"] for row in representation["table"]] == ["mix_0", "mix_0.5", "mix_1"]
+    # Re-extracted with the adapters swapped on one loaded base == `persona extract --model <adapter>`.
+    from persona.commands.extract import extract
+    from persona.vectors import load_vector
+
+    alone = extract(
+        model=str(run / "finetune" / "mix_1" / "adapter"), pairs_path=str(tmp_path / "datasets" / "pairs" / "wicked.jsonl"),
+        split="train", trait="wicked", save_dir=str(tmp_path / "alone"), accelerator="cpu",
+    )  # fmt: skip
+    swapped = run / "finetune" / "representation" / "mix_1" / "wicked_response_avg_diff.pt"
+    torch.testing.assert_close(load_vector(swapped), load_vector(alone["response_avg"]), rtol=1e-4, atol=1e-5)
     assert Path(results["export"]["gguf"]).stat().st_size > 0
     assert set(results["devices"].values()) == {"cpu"}
     text = report.read_text()
     assert (
         "# tiny study report" in text and "## Summary" in text and "## Timings" in text and "GFLOP/s" in text
     )
+    assert "**Representation shift.**" in text and "representation.png" in text
 
     # Everything finished is reused: a second invocation computes nothing and calls the judge no more.
     calls = served_judge.calls

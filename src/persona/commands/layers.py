@@ -134,10 +134,10 @@ def layers(
 
 
 def projection_metrics(
-    model: str, vector: np.ndarray, data: dict, *, kind: str, **run
+    model: str, vector: np.ndarray, data: dict, *, kind: str, module=None, **run
 ) -> pd.DataFrame | None:
-    """Per-layer metrics of ``vector``'s projections in ``model`` over the examples ``data`` describes (None on
-    ranks other than global rank 0)."""
+    """Per-layer metrics of ``vector``'s projections in ``model`` (or the loaded ``module``) over the examples
+    ``data`` describes (``ResponseDataModule`` arguments); None on ranks other than global rank 0."""
     import torch
 
     from persona.data.modules import ResponseDataModule
@@ -153,8 +153,9 @@ def projection_metrics(
         )
     lightning = {name: run.pop(name) for name in ("accelerator", "devices", "strategy")}
     projector = ExampleProjector(
-        model=model, layers=list(range(len(vector))), directions=torch.from_numpy(vector), kinds=[kind], **run
-    )
+        model=model, layers=list(range(len(vector))), directions=torch.from_numpy(vector), kinds=[kind],
+        module=module, **run,
+    )  # fmt: skip
     scores = predict_projections(projector, datamodule, len(examples), **lightning)
     return None if scores is None else layer_metrics(scores[kind].numpy(), labels)
 

@@ -126,12 +126,15 @@ class StudyContext:
             max_new_tokens=self.sizes.max_new_tokens,
         )  # fmt: skip
 
-    def finetune(self, phase_dir: Path, plan, vector_path: str, layer: int) -> dict:
+    def finetune(
+        self, phase_dir: Path, plan, vector_path: str, layer: int, base_metrics_csv: str | None
+    ) -> dict:
         from persona.study.finetune import finetune_study
 
         return finetune_study(
             phase_dir, model=self.model, trait=plan.key, pairs_path=plan.pairs, artifact=plan.artifact,
             vector_path=vector_path, layer=layer, sizes=self.sizes, hardware=self.hardware,
+            base_metrics_csv=base_metrics_csv,
         )  # fmt: skip
 
     def export(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:

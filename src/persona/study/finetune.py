@@ -87,6 +87,7 @@ def finetune_study(
     layer: int,
     sizes,
     hardware,
+    base_metrics_csv: str | None = None,
 ) -> dict:
     """``trait`` names the data; ``pairs_path`` gives the mixtures' answers and the held-out scores, ``artifact``
     (a trait name or artifact folder) the eval questions the monitor and the shift read."""
@@ -146,7 +147,17 @@ def finetune_study(
         answer_tokens=answer_tokens,
         hardware=hardware,
     )
+    representation = None
+    if base_metrics_csv is not None:  # the base model's layer metrics on the same held-out pairs
+        from persona.study.representation import representation_study
+
+        representation = representation_study(
+            phase_dir, {name: run["adapter"] for name, run in runs.items()}, model=model, trait=trait,
+            pairs_path=pairs_path, base_vector_path=vector_path, base_metrics_csv=base_metrics_csv,
+            hardware=hardware, batch_size=sizes.batch_size,
+        )  # fmt: skip
     return {
+        "representation": representation,
         "runs": list(runs),
         "monitor_csv": str(phase_dir / "monitor.csv"),
         "monitor_png": str(phase_dir / "monitor.png"),

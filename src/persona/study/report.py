@@ -182,6 +182,23 @@ def finetune_section(study: dict, run: Path) -> list[str]:
         f"**ΔP screening** of `mix_0.5` before any training (trait-eliciting vs normal samples): AUC "
         f"**{auc_text}** (target ≥ {TARGET_AUC}: {auc_reached}). Files: `{relative(study['screen_summary'], run)}/`.",
         "",
+        *representation_section(study.get("representation"), run),
+    ]
+
+
+def representation_section(representation: dict | None, run: Path) -> list[str]:
+    if not representation:
+        return []
+    return [
+        "**Representation shift.** The trait re-extracted on each fine-tuned model (train pairs) and read on the "
+        "held-out pairs, against the base model: the mean cosine of the two vectors over layers, the recommended "
+        "layer before and after, AUC at the base's recommended layer in both models, and the fine-tuned model's "
+        f"AUC and separation ranges over layers with the number of layers at AUC ≥ 0.9. Numbers: {link(representation['csv'], run)}.",
+        "",
+        markdown_table(pd.DataFrame(representation["table"])),
+        "",
+        f"![representation shift]({relative(representation['png'], run)})",
+        "",
     ]
 
 

@@ -133,8 +133,8 @@ def later_phases(runner, context, results: dict, main, why_not: str, on: dict, l
     if on["finetune"]:
         results["finetune"] = runner.run(
             "finetune",
-            {**stamp, "trait": main.key, **source_stamp(main.pairs)},
-            lambda d: context.finetune(d, main, vector_path, layer),
+            {**stamp, "trait": main.key, **source_stamp(main.pairs), "representation": True},
+            lambda d: context.finetune(d, main, vector_path, layer, out.get("layers", {}).get("csv")),
         )
     if on["export_gguf"]:
         results["export"] = runner.run(
