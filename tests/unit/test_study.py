@@ -35,7 +35,7 @@ def parsed(config: Path) -> dict:
 def test_the_demo_is_the_study_of_configs_study_demo_yaml():
     from_yaml = parsed(REPO / "configs" / "study" / "demo.yaml")
     expected = demo_config()
-    for name in ("model", "title"):
+    for name in ("model", "title", "personality_arm"):
         assert from_yaml[name] == expected[name]
     for name in ("judge", "phases", "hardware", "sizes"):
         assert asdict(from_yaml[name]) == asdict(expected[name]), name

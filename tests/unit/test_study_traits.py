@@ -269,3 +269,33 @@ def test_route_only_layer_metrics_read_the_answers_as_extraction_used_them(gener
     inputs, text = layer_inputs(plan, {**generated, "pos_csv": "p.csv", "neg_csv": "n.csv"}, None)
     assert inputs["no_filter"] is no_filter and text.endswith(label)
     assert inputs.get("threshold") == (60 if not no_filter else None)
+
+
+def test_the_personality_arm_compares_the_vector_in_the_base_and_the_fine_tuned_model(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    from persona.study.config import Hardware, Sizes, check_personality_arm
+    from persona.study.personality_arm import personality_arm_phase
+
+    datasets = write_datasets(tmp_path / "datasets")
+    monkeypatch.setenv("PERSONA_DATASETS", str(datasets))
+    model = tiny_model_dirs["llama"]
+    with pytest.raises(
+        PersonaError, match="personality_arm: .*kindness.* Fix: a personality trait with TRAIT items and eval"
+    ):
+        check_personality_arm(model, "kindness")  # no eval questions for the monitor yet
+    (datasets / "traits" / "eval" / "kindness.json").write_text(json.dumps(ARTIFACT))
+    check_personality_arm(model, "kindness")
+    sizes = Sizes(finetune_samples=8, finetune_epochs=1, batch_size=4)
+    arm = personality_arm_phase(
+        tmp_path / "arm", model=model, trait="kindness", sizes=sizes, hardware=Hardware(accelerator="cpu")
+    )
+    assert arm["conversations"] == 8 and [row["model"] for row in arm["quality"]] == [
+        "base model",
+        "fine-tuned",
+    ]
+    shift = pd.read_csv(arm["shift_csv"])
+    base_alone = pd.read_csv(tmp_path / "arm" / "base" / "layer_metrics.csv")
+    pd.testing.assert_series_equal(shift["auc_base"], base_alone["auc"], check_names=False)
+    conversation = json.loads((tmp_path / "arm" / "data" / "mix_1.jsonl").read_text().splitlines()[0])
+    assert conversation["messages"][-1]["content"] in ("I help.", "I care.")  # high-trait answers only

@@ -96,3 +96,29 @@ def plot_representation_shift(table: pd.DataFrame, summary: dict, path: Path, ti
     if title:
         figure.suptitle(title)
     write_figure(path, figure, dpi=120)
+
+
+def vector_quality(table: pd.DataFrame, threshold: float = ENCODED_AUC) -> pd.DataFrame:
+    """The second seed's table, base and fine-tuned: over the layers that encode the trait (held-out AUC >=
+    ``threshold``, layer 0 excluded), the AUC range, the normalised-separation range and which layers they are."""
+    rows = []
+    for suffix, label in (("base", "base model"), ("tuned", "fine-tuned")):
+        body = table[table["layer"] > 0]
+        encoded = body[body[f"auc_{suffix}"] >= threshold]
+        if encoded.empty:
+            best = body.loc[body[f"auc_{suffix}"].idxmax()]
+            rows.append({"model": label, "auc_range": f"none >= {threshold:g} (best {best[f'auc_{suffix}']:.2f} at layer "
+                         f"{int(best['layer'])})", "separation_range": "", "layers": "", "n_layers": 0})  # fmt: skip
+            continue
+        auc, separation = encoded[f"auc_{suffix}"], encoded[f"normalized_separation_{suffix}"]
+        layers = encoded["layer"].astype(int).tolist()
+        rows.append(
+            {
+                "model": label,
+                "auc_range": f"{auc.min():.2f}–{auc.max():.2f}",
+                "separation_range": f"{separation.min():.2f}–{separation.max():.2f}",
+                "layers": f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else str(layers[0]),
+                "n_layers": len(layers),
+            }
+        )
+    return pd.DataFrame(rows)

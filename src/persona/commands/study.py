@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from persona import checks
 from persona.errors import PersonaError
-from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait, check_config
+from persona.study.config import (
+    Hardware,
+    JudgeSettings,
+    Phases,
+    Sizes,
+    StudyTrait,
+    check_config,
+    check_personality_arm,
+)
 
 
 def study(
@@ -16,6 +24,7 @@ def study(
     sizes: Sizes = Sizes(),
     run_dir: str = "runs/study",
     layer: int | None = None,
+    personality_arm: str | None = None,
     title: str = "persona study",
 ) -> str:
     """Run the whole method on one model, ending in report.md; re-running resumes (finished phases are reused).
@@ -34,9 +43,13 @@ def study(
         sizes: Batch size, coefficient grid, generation lengths and counts, fine-tuning sizes.
         run_dir: The run directory (results.json, report.md, one folder per phase).
         layer: Steer (sweeps, generations, fine-tuning) at this layer; default each trait's recommended layer.
+        personality_arm: A personality trait (TRAIT items, e.g. openness) to fine-tune on its high-trait answers,
+            then compare its vector's quality in the base and the fine-tuned model; null: none.
         title: The report's title.
     """
     plans = check_config(model, traits, judge, phases, hardware, sizes)
+    if personality_arm is not None:
+        check_personality_arm(model, personality_arm)
     steers = phases.sweep or phases.judged_sweep or phases.generations or phases.finetune or phases.export
     if layer is None and not phases.layers and steers:
         raise PersonaError(
@@ -52,7 +65,7 @@ def study(
 
     return run_study(
         model=model, traits=list(traits), plans=plans, judge=judge, phases=phases, hardware=hardware, sizes=sizes,
-        run_dir=run_dir, layer=layer, title=title,
+        run_dir=run_dir, layer=layer, personality_arm=personality_arm, title=title,
     )  # fmt: skip
 
 
@@ -89,5 +102,6 @@ def demo_config(*, quick: bool = False) -> dict:
         "phases": phases,
         "hardware": Hardware(),
         "sizes": sizes,
+        "personality_arm": None if quick else "openness",
         "title": "persona demo",
     }

@@ -151,3 +151,30 @@ def check_config(
     if judged:
         check_served_judge(judge.model, judge.base_url, model_field="judge.model", url_field="judge.base_url")
     return plans
+
+
+def check_personality_arm(model: str, trait: str) -> None:
+    """The personality arm's trait: TRAIT items with train and test splits, and eval questions for the monitor."""
+    from persona import checks
+    from persona.data.examples import read_checked_pairs
+    from persona.data.personality import resolve_items_path
+    from persona.traits import TraitError, load_trait
+
+    if checks.is_adapter(model):
+        raise PersonaError(
+            f"personality_arm: {trait!r} fine-tunes the model, and model={model!r} is a LoRA adapter. "
+            "Fix: personality_arm: null, or the base model."
+        )
+    try:
+        name, items = resolve_items_path(trait)
+        load_trait(name, "eval")
+    except (TraitError, ValueError, FileNotFoundError) as error:
+        raise PersonaError(
+            f"personality_arm: {error} Fix: a personality trait with TRAIT items and eval questions, e.g. openness."
+        ) from None
+    splits = {record.get("split") for record in read_checked_pairs(items, "personality_arm")}
+    if not {"train", "test"} <= splits:
+        raise PersonaError(
+            f"personality_arm: {items} has splits {sorted(map(str, splits))}; the arm trains on 'train' items "
+            "and measures on 'test' ones. Fix: give its items both splits."
+        )

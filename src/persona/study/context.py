@@ -137,6 +137,13 @@ class StudyContext:
             base_metrics_csv=base_metrics_csv,
         )  # fmt: skip
 
+    def personality_arm(self, phase_dir: Path, trait: str) -> dict:
+        from persona.study.personality_arm import personality_arm_phase
+
+        return personality_arm_phase(
+            phase_dir, model=self.model, trait=trait, sizes=self.sizes, hardware=self.hardware
+        )
+
     def export(self, phase_dir: Path, trait: str, vector_path: str, layer: int) -> dict:
         from persona.study import phases
 

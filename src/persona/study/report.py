@@ -227,6 +227,8 @@ def write_report(run: Path) -> Path:
         lines += finetune_section(results["finetune"], run)
     if results.get("export"):
         lines += export_section(results["export"], run)
+    if results.get("personality_arm"):
+        lines += personality_arm_section(results["personality_arm"], run)
     lines += timings_section(results)
     lines += missed_section(results)
     lines += ["## Targets", "", markdown_table(summary_table(results)), ""]
@@ -249,6 +251,23 @@ def generations_section(generations: dict, trait: str, run: Path) -> list[str]:
         markdown_table(wide),
         "",
         f"Numbers: {link(generations['csv'], run)}.",
+        "",
+    ]
+
+
+def personality_arm_section(arm: dict, run: Path) -> list[str]:
+    return [
+        f"## Personality fine-tune: {arm['trait']}",
+        "",
+        f"LoRA on {arm['conversations']} conversations of high-{arm['trait']} answers (TRAIT items, train split); "
+        "the trait's vector extracted in the base and in the fine-tuned model (train items) and measured on the "
+        "held-out items: over the layers that encode it (AUC ≥ 0.9), the AUC range, the normalised-separation range "
+        f"and the layers — as the second seed's tables. Numbers: {link(arm['csv'], run)}, per layer "
+        f"{link(arm['shift_csv'], run)}.",
+        "",
+        markdown_table(pd.DataFrame(arm["quality"])),
+        "",
+        f"![personality fine-tune]({relative(arm['png'], run)})",
         "",
     ]
 

@@ -37,6 +37,7 @@ def run_study(
     sizes: Sizes,
     run_dir: str | Path,
     layer: int | None = None,
+    personality_arm: str | None = None,
     title: str = "persona study",
 ) -> str:
     """Run (or resume) the study in ``run_dir``; returns the report's path. Inputs are checked by the caller
@@ -51,6 +52,7 @@ def run_study(
     on = {"generations": phases.generations, "finetune": phases.finetune, "export_gguf": phases.export}
     steps = 1 + sum(1 + phases.layers + phases.sweep + phases.judged_sweep for _ in plans)
     steps += sum(p.generate and (phases.generated or p.pairs is None) for p in plans) + sum(on.values())
+    steps += personality_arm is not None
     context = StudyContext(model=model, judge=judge, hardware=hardware, sizes=sizes)
     runner = PhaseRunner(run, total=steps, device=context.device())
     results: dict = {
@@ -71,6 +73,12 @@ def run_study(
                     f"{main.field} ({main.key}) took the first trait's role: {why_not}"
                 )
         later_phases(runner, context, results, main, why_not, on, layer)
+        if personality_arm is not None:
+            results["personality_arm"] = runner.run(
+                f"personality_arm_{Path(personality_arm).stem}",
+                {"model": model, **context.stamp(), "trait": personality_arm},
+                lambda d: context.personality_arm(d, personality_arm),
+            )
     results["missed"] = runner.missed
     results["timings"] = {**runner.timings, "total (this invocation)": time.perf_counter() - start}
     results["devices"] = runner.devices
