@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,21 @@ class DropLightningTips(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡")
+
+
+def quiet_upstream() -> None:
+    """Silence only what libraries print about themselves, never a warning about persona's own use of them:
+    Lightning's "💡 Tip" advertisements and Lightning's own use of torch's deprecated ``LeafSpec`` (its
+    ``utilities/_pytree.py``, on every predict and fit). The ``persona`` entry point and the bench scripts call it."""
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
+        lightning_log.addFilter(DropLightningTips())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 def run_lightning_cli(argv: list[str]) -> None:
@@ -279,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if sub is None and name not in LIGHTNING_SUBCOMMANDS:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
-        lightning_log.addFilter(DropLightningTips())
+    quiet_upstream()
     try:
         if name in LIGHTNING_SUBCOMMANDS:
             check_config_files(rest)
