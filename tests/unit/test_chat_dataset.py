@@ -126,7 +126,9 @@ def test_empty_and_undecodable_files(tokenizer, tmp_path):
 
 
 def test_missing_file_or_uncached_hub_dataset(tokenizer, tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"data.train_files .*nope\.jsonl does not exist\. Fix:"):
+    with pytest.raises(
+        FileNotFoundError, match=r"data.train_files .*nope\.jsonl: no such file or directory\. Fix:"
+    ):
         tokenized_chats([str(tmp_path / "nope.jsonl")], "data.train_files", tokenizer=tokenizer, max_length=8)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PersonaError) as error:

@@ -121,6 +121,21 @@ def check_labels(path: Path, records: list[dict], field: str) -> np.ndarray:
     return labels
 
 
+def check_screened_conversation(record, where: str) -> None:
+    """The conversation checks of training data (the one validator), then what screening adds: the last message
+    is the assistant's response to score, after at least one prompt message."""
+    from persona.training.data import _checked_messages
+
+    messages = _checked_messages(record, where)
+    last = messages[-1]
+    if len(messages) < 2 or last["role"] != "assistant":
+        raise ValueError(
+            f"{where}: the last message must be {{'role': 'assistant', 'content': str}} after at least one prompt "
+            f"message (the response to score); found {str(last)[:80]!r}. Fix: end each conversation with "
+            "the assistant's response."
+        )
+
+
 def prompt_preview(messages: Messages) -> str:
     users = [m.get("content", "") for m in messages if m.get("role") == "user"]
     text = str(users[-1] if users else messages[-1].get("content", ""))

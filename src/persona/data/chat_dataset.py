@@ -33,11 +33,19 @@ ROWS_PER_PROCESS = 4000  # below this, starting worker processes costs more than
 def chat_sources(source: str, flag: str) -> list[tuple[str, object, str]]:
     """``(origin, raw dataset, LINES or ROWS)`` per file of ``source`` (a file, a directory, a hub id)."""
     path = Path(source)
-    if path.exists():
+    if not is_hub_id(source, flag):
         return [(str(file), raw_file_dataset(file), kind_of(file)) for file in local_files(path, flag)]
-    if path.suffix.lower() in CHAT_SUFFIXES or not HUB_ID.match(source):
-        raise FileNotFoundError(f"{flag} {source} does not exist. Fix: check the path.")
     return [(source, hub_dataset(source, flag), ROWS)]
+
+
+def is_hub_id(source: str, flag: str) -> bool:
+    """False for an existing local path, True for what can only be a hub id; a missing file is refused."""
+    path = Path(source)
+    if path.exists():
+        return False
+    if path.suffix.lower() in CHAT_SUFFIXES or not HUB_ID.match(source):
+        raise FileNotFoundError(f"{flag} {source}: no such file or directory. Fix: check the path.")
+    return True
 
 
 def kind_of(file: Path) -> str:
@@ -147,6 +155,20 @@ def checked_records(raw, origin: str, kind: str, check) -> list[tuple[str, dict]
             check(value, where)
             rows.append((where, value))
     return rows
+
+
+def read_chat_records(source: str, flag: str, check) -> list[dict]:
+    """Every record of ``source`` (a file, a directory, a hub id), in order, each passed through
+    ``check(record, where)``, which raises with ``where`` in its message."""
+    from persona.training.data import CHAT_JSONL_FIX
+
+    records = []
+    for origin, raw, kind in chat_sources(source, flag):
+        rows = checked_records(raw, origin, kind, check)
+        if not rows:
+            raise PersonaError(f"{origin}: empty file (no records). {CHAT_JSONL_FIX}")
+        records += [record for _, record in rows]
+    return records
 
 
 def tokenize_rows(batch, indices, *, origin: str, kind: str, tokenizer, max_length: int) -> dict:
