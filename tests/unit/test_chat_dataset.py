@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -156,3 +157,34 @@ def test_datamodule_split_matches_the_in_memory_split(tiny_model_dirs, tmp_path)
     held_out = set(order[:5])
     assert list(module.val_items["source"]) == [s for i, s in enumerate(sources) if i in held_out]
     assert list(module.train_items["source"]) == [s for i, s in enumerate(sources) if i not in held_out]
+
+
+def cached_as_hub_dataset(jsonl: str, name: str, cache) -> None:
+    """Leave ``jsonl`` in ``cache`` as `datasets` leaves a hub dataset it downloaded once (the offline case)."""
+    import glob
+    import shutil
+
+    from datasets import load_dataset
+
+    load_dataset("json", data_files={"train": jsonl}, cache_dir=str(cache / "build"))
+    built = Path(glob.glob(str(cache / "build" / "json" / "*" / "*" / "*"))[0])
+    namespace, dataset = name.split("/")
+    target = cache / f"{namespace}___{dataset}" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, target)
+    for file in target.glob("json-*"):
+        file.rename(target / file.name.replace("json-", f"{dataset}-"))
+
+
+def test_a_cached_hub_dataset_offline(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    path = write_jsonl(tmp_path / "chats.jsonl", conversations(5))
+    cached_as_hub_dataset(path, "someone/chats", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    expected = [(ids, labels) for _, ids, labels in old_tokens(tokenizer, path)]
+    for source in ("someone/chats", "someone/chats:train"):
+        got = new_tokens(tokenizer, [source])
+        assert [(ids, labels) for _, ids, labels in got] == expected
+        assert [where for where, _, _ in got][:2] == [f"{source}: row 1", f"{source}: row 2"]
+    with pytest.raises(PersonaError, match=r"x someone/chats:test: .* split 'test' .*Fix:"):
+        tokenized_chats(["someone/chats:test"], "x", tokenizer=tokenizer, max_length=8)
