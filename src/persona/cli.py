@@ -150,8 +150,9 @@ class DropLightningTips(logging.Filter):
 
 def quiet_upstream() -> None:
     """Silence only what libraries print about themselves, never a warning about persona's own use of them:
-    Lightning's "💡 Tip" advertisements and Lightning's own use of torch's deprecated ``LeafSpec`` (its
-    ``utilities/_pytree.py``, on every predict and fit). The ``persona`` entry point and the bench scripts call it."""
+    Lightning's "💡 Tip" advertisements, Lightning's own use of torch's deprecated ``LeafSpec`` (its
+    ``utilities/_pytree.py``, on every predict and fit) and PEFT's of transformers' ``is_gradient_checkpointing``.
+    The ``persona`` entry point and the bench scripts call it."""
     lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
         lightning_log.addFilter(DropLightningTips())
@@ -160,6 +161,13 @@ def quiet_upstream() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # PEFT asks transformers' deprecated alias on every LoRA wrap (persona never calls it; a grep test pins that).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
     )
 
 
