@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona.data.conversations import _checked_messages
 from persona.data.examples import Example, format_prompt
 from persona.hardware import resolve_device
 from persona.models import load_model, load_tokenizer
@@ -124,8 +125,6 @@ def check_labels(path: Path, records: list[dict], field: str) -> np.ndarray:
 def check_screened_conversation(record, where: str) -> None:
     """The conversation checks of training data (the one validator), then what screening adds: the last message
     is the assistant's response to score, after at least one prompt message."""
-    from persona.training.data import _checked_messages
-
     messages = _checked_messages(record, where)
     last = messages[-1]
     if len(messages) < 2 or last["role"] != "assistant":

@@ -6,7 +6,7 @@ recomputing them; large sources are tokenised by ``num_proc`` worker processes.
 
 JSONL is read as text lines, so every error names ``file:line`` exactly as the in-memory reader
 (:func:`persona.training.data.read_chat_jsonl`) does; Parquet files and hub datasets name ``file: row N``. Every
-conversation goes through the one validator, :func:`persona.training.data._checked_messages`. A bad row does not
+conversation goes through the one validator, :func:`persona.data.conversations._checked_messages`. A bad row does not
 stop the workers: its message is kept in an ``error`` column and the first one, in file order, is raised.
 
 Hub ids (``org/name`` or ``org/name:split``, default split ``train``) are read from the local Hugging Face cache
@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from persona.data.conversations import CHAT_JSONL_FIX
 from persona.data.examples import parse_jsonl_line
 from persona.errors import PersonaError
 
@@ -28,6 +30,22 @@ LINES, ROWS = "lines", "rows"  # how a raw dataset holds records: JSONL text lin
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 TOKEN_COLUMNS = ("input_ids", "labels", "source", "n_trained", "error")
 ROWS_PER_PROCESS = 4000  # below this, starting worker processes costs more than it saves
+
+
+@contextmanager
+def progress_bars(shown: bool):
+    """``datasets``' progress bars only where they tell something (tokenising a large source), never for reading
+    a file: a bad input stays one line on stderr."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    were_disabled = are_progress_bars_disabled()
+    if not shown:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_disabled:
+            enable_progress_bars()
 
 
 def chat_sources(source: str, flag: str) -> list[tuple[str, object, str]]:
@@ -72,7 +90,8 @@ def raw_file_dataset(file: Path):
 
     builder = "parquet" if kind_of(file) == ROWS else "text"
     try:
-        return load_dataset(builder, data_files=str(file), split="train")
+        with progress_bars(False):
+            return load_dataset(builder, data_files=str(file), split="train")
     except DatasetGenerationError as error:
         raise unreadable(file, error) from error
 
@@ -98,7 +117,8 @@ def hub_dataset(source: str, flag: str):
 
     name, _, split = source.partition(":")
     try:
-        return load_dataset(name, split=split or "train")
+        with progress_bars(False):
+            return load_dataset(name, split=split or "train")
     except (OSError, ValueError) as error:  # not cached / no such dataset (FileNotFoundError), unknown split
         reason = " ".join(str(error).split())[:160]
         raise PersonaError(
@@ -115,8 +135,6 @@ def location(origin: str, kind: str, index: int) -> str:
 
 def batch_records(batch: dict[str, list], indices: list[int], origin: str, kind: str) -> Iterator[tuple]:
     """``(where, record thunk)`` per non-blank row of a raw batch; a thunk raises ValueError on a bad line."""
-    from persona.training.data import CHAT_JSONL_FIX
-
     for position, index in enumerate(indices):
         where = location(origin, kind, index)
         if kind == LINES:
@@ -160,8 +178,6 @@ def checked_records(raw, origin: str, kind: str, check) -> list[tuple[str, dict]
 def read_chat_records(source: str, flag: str, check) -> list[dict]:
     """Every record of ``source`` (a file, a directory, a hub id), in order, each passed through
     ``check(record, where)``, which raises with ``where`` in its message."""
-    from persona.training.data import CHAT_JSONL_FIX
-
     records = []
     for origin, raw, kind in chat_sources(source, flag):
         rows = checked_records(raw, origin, kind, check)
@@ -214,22 +230,21 @@ def auto_num_proc(rows: int, num_proc: int | None) -> int | None:
 
 def tokenized_source(origin: str, raw, kind: str, *, tokenizer, max_length: int, num_proc: int | None):
     """The tokenised rows of one raw dataset (cached by ``datasets``); raises the first bad row's message."""
-    tokens = raw.map(
-        tokenize_rows,
-        batched=True,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        fn_kwargs={"origin": origin, "kind": kind, "tokenizer": tokenizer, "max_length": max_length},
-        features=token_features(),
-        num_proc=auto_num_proc(len(raw), num_proc),
-        desc=f"tokenising {Path(origin).name}",
-    )
+    with progress_bars(len(raw) >= ROWS_PER_PROCESS):
+        tokens = raw.map(
+            tokenize_rows,
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            fn_kwargs={"origin": origin, "kind": kind, "tokenizer": tokenizer, "max_length": max_length},
+            features=token_features(),
+            num_proc=auto_num_proc(len(raw), num_proc),
+            desc=f"tokenising {Path(origin).name}",
+        )
     error = next((message for message in tokens["error"] if message), None)
     if error:
         raise PersonaError(error)
     if len(tokens) == 0:
-        from persona.training.data import CHAT_JSONL_FIX
-
         raise PersonaError(f"{origin}: empty file (no records). {CHAT_JSONL_FIX}")
     return tokens
 

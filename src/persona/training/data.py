@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from persona.chat import render_chat
+from persona.data.conversations import CHAT_JSONL_FIX, _checked_messages
 from persona.data.examples import read_jsonl_numbered
 from persona.models import DEFAULT_MODEL, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF's loss) skips
-CHAT_JSONL_FIX = 'Fix: one JSON object per line, {"messages": [{"role": ..., "content": ...}, ...]}.'
 
 
 @dataclass(frozen=True)
@@ -50,36 +50,6 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
         Conversation(_checked_messages(row, f"{path}:{line_number}"), f"{path}:{line_number}")
         for line_number, row in read_jsonl_numbered(path, fix=CHAT_JSONL_FIX)
     ]
-
-
-def _checked_messages(row, where: str) -> list[dict]:
-    if not isinstance(row, dict) or "messages" not in row:
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(
-            f'{where}: missing "messages" (found {found}). '
-            'Fix: each line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.'
-        )
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(
-            f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects, got {messages!r:.80}.'
-        )
-    for index, message in enumerate(messages):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise ValueError(
-                f'{where}: messages[{index}] = {message!r:.80} is not {{"role": str, "content": str}}. '
-                "Fix: give every message a string role (system/user/assistant) and string content."
-            )
-    if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError(
-            f"{where}: the conversation has no assistant turn, so there is nothing to train on. "
-            'Fix: add {"role": "assistant", "content": ...} or drop the line.'
-        )
-    return messages
 
 
 def check_chat_template(tokenizer, model: str) -> None:
