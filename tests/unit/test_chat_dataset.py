@@ -188,3 +188,20 @@ def test_a_cached_hub_dataset_offline(tokenizer, tmp_path, monkeypatch):
         assert [where for where, _, _ in got][:2] == [f"{source}: row 1", f"{source}: row 2"]
     with pytest.raises(PersonaError, match=r"x someone/chats:test: .* split 'test' .*Fix:"):
         tokenized_chats(["someone/chats:test"], "x", tokenizer=tokenizer, max_length=8)
+
+
+def test_prepare_data_tokenises_once_and_setup_reads_the_cache(tiny_model_dirs, tmp_path, monkeypatch):
+    """Under DDP, prepare_data runs once per node and every rank's setup must read its tokens back."""
+    import persona.training.data
+
+    path = write_jsonl(tmp_path / "train.jsonl", conversations(6))
+    module = ChatDataModule(train_files=path, model=tiny_model_dirs["llama"], val_fraction=0.0)
+    module.prepare_data()
+    assert module.train_items is None  # no state: Lightning runs prepare_data on one process only
+
+    def boom(*args, **kwargs):
+        raise AssertionError("setup tokenised again instead of reading the cache")
+
+    monkeypatch.setattr(persona.training.data, "tokenize_conversation", boom)
+    module.setup("fit")
+    assert len(module.train_items) == 6

@@ -198,28 +198,46 @@ class ChatDataModule(L.LightningDataModule):
     def sources(self) -> list[str]:
         return _as_list(self.hparams.train_files) + _as_list(self.hparams.val_files)
 
+    def prepare_data(self) -> None:
+        # One process per node, before any rank's setup: the tokens land in datasets' cache once, and every rank's
+        # setup reads them back instead of N ranks tokenising the same data at once.
+        tokenizer = self._checked_tokenizer()
+        for files, flag in (
+            (self.hparams.train_files, "data.train_files"),
+            (self.hparams.val_files, "data.val_files"),
+        ):
+            if _as_list(files):
+                self._tokenized(files, flag, tokenizer)
+
     def setup(self, stage: str) -> None:
         if self.train_items is not None:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(
-            hp.model, padding_side="right", trust_remote_code=hp.trust_remote_code
+        self.tokenizer = self._checked_tokenizer()
+        train = self._tokenized(hp.train_files, "data.train_files", self.tokenizer)
+        val = (
+            self._tokenized(hp.val_files, "data.val_files", self.tokenizer)
+            if _as_list(hp.val_files)
+            else None
         )
-        check_chat_template(self.tokenizer, hp.model)
-        train = self._tokenized(hp.train_files, "data.train_files")
-        val = self._tokenized(hp.val_files, "data.val_files") if _as_list(hp.val_files) else None
         if val is None and hp.val_fraction > 0 and len(train) >= 2:
             kept, held_out = held_out_split(len(train), hp.val_fraction, hp.seed)
             train, val = train.select(kept), train.select(held_out)
         self.train_items = self._with_labels(train, "training")
         self.val_items = self._with_labels(val, "validation") if val is not None else None
 
-    def _tokenized(self, files, flag: str):
+    def _checked_tokenizer(self):
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.model, padding_side="right", trust_remote_code=hp.trust_remote_code)
+        check_chat_template(tokenizer, hp.model)
+        return tokenizer
+
+    def _tokenized(self, files, flag: str, tokenizer):
         from persona.data.chat_dataset import tokenized_chats
 
         hp = self.hparams
         return tokenized_chats(
-            _as_list(files), flag, tokenizer=self.tokenizer, max_length=hp.max_length, num_proc=hp.num_proc
+            _as_list(files), flag, tokenizer=tokenizer, max_length=hp.max_length, num_proc=hp.num_proc
         )
 
     def _with_labels(self, items, what: str):
