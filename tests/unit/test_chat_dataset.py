@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -205,3 +206,11 @@ def test_prepare_data_tokenises_once_and_setup_reads_the_cache(tiny_model_dirs, 
     monkeypatch.setattr(persona.training.data, "tokenize_conversation", boom)
     module.setup("fit")
     assert len(module.train_items) == 6
+
+
+def test_worker_processes_only_for_large_sources():
+    from persona.data.chat_dataset import ROWS_PER_PROCESS, auto_num_proc
+
+    assert auto_num_proc(ROWS_PER_PROCESS - 1, None) is None  # one process: no pool to start
+    assert auto_num_proc(100, 3) == 3 and auto_num_proc(10**6, 1) is None
+    assert 1 <= (auto_num_proc(10**6, None) or 1) <= (os.cpu_count() or 1)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from persona.data.conversations import CHAT_JSONL_FIX
+from persona.data.conversations import CHAT_JSONL_FIX, _checked_messages
 from persona.data.examples import parse_jsonl_line
 from persona.errors import PersonaError
 
@@ -189,7 +189,7 @@ def read_chat_records(source: str, flag: str, check) -> list[dict]:
 
 def tokenize_rows(batch, indices, *, origin: str, kind: str, tokenizer, max_length: int) -> dict:
     """``Dataset.map`` function: one tokenised conversation per non-blank row, or its error message."""
-    from persona.training.data import IGNORE_INDEX, Conversation, _checked_messages, tokenize_conversation
+    from persona.training.data import IGNORE_INDEX, Conversation, tokenize_conversation
 
     out = {column: [] for column in TOKEN_COLUMNS}
     for where, record in batch_records(batch, indices, origin, kind):
@@ -224,7 +224,8 @@ def token_features():
 def auto_num_proc(rows: int, num_proc: int | None) -> int | None:
     """Worker processes for ``rows``: the given count, else one per ``ROWS_PER_PROCESS`` rows up to the CPUs."""
     if num_proc is None:
-        num_proc = min(len(os.sched_getaffinity(0)), rows // ROWS_PER_PROCESS)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_proc = min(cpus, rows // ROWS_PER_PROCESS)
     return num_proc if num_proc > 1 else None
 
 
