@@ -175,7 +175,15 @@ def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    class PersonaCLI(LightningCLI):
+        def predict(self, **kwargs):
+            """LightningCLI runs ``self.predict`` when defined: ``trainer.predict`` keeping no batch outputs unless
+            ``--return_predictions true`` (LightningCLI drops what it returns, so collecting is only memory)."""
+            return self.trainer.predict(
+                **{**kwargs, "return_predictions": bool(kwargs.get("return_predictions"))}
+            )
+
+    PersonaCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
