@@ -158,6 +158,14 @@ def test_datamodule_split_matches_the_in_memory_split(tiny_model_dirs, tmp_path)
     held_out = set(order[:5])
     assert list(module.val_items["source"]) == [s for i, s in enumerate(sources) if i in held_out]
     assert list(module.train_items["source"]) == [s for i, s in enumerate(sources) if i not in held_out]
+    before = {
+        c.source: tokenize_conversation(module.tokenizer, c, max_length=1024) for c in read_chat_jsonl(path)
+    }
+    for row in module.train_items:  # what the DataLoader yields: the tokens the in-memory module trained on
+        assert (row["input_ids"], row["labels"]) == (
+            before[row["source"]].input_ids,
+            before[row["source"]].labels,
+        )
 
 
 def cached_as_hub_dataset(jsonl: str, name: str, cache) -> None:
