@@ -176,7 +176,9 @@ def cached_as_hub_dataset(jsonl: str, name: str, cache) -> None:
     from datasets import load_dataset
 
     load_dataset("json", data_files={"train": jsonl}, cache_dir=str(cache / "build"))
-    built = Path(glob.glob(str(cache / "build" / "json" / "*" / "*" / "*"))[0])
+    built = next(
+        Path(p) for p in glob.glob(str(cache / "build" / "json" / "*" / "*" / "*")) if Path(p).is_dir()
+    )
     namespace, dataset = name.split("/")
     target = cache / f"{namespace}___{dataset}" / "default" / "0.0.0" / built.name
     shutil.copytree(built, target)
