@@ -224,3 +224,13 @@ def test_worker_processes_only_for_large_sources():
     assert auto_num_proc(ROWS_PER_PROCESS - 1, None) is None  # one process: no pool to start
     assert auto_num_proc(100, 3) == 3 and auto_num_proc(10**6, 1) is None
     assert 1 <= (auto_num_proc(10**6, None) or 1) <= (os.cpu_count() or 1)
+
+
+def test_an_unreadable_file_is_one_line(tokenizer, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "locked.jsonl", conversations(1))
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: str(p) != path and real_access(p, mode)
+    )  # root reads all
+    with pytest.raises(PersonaError, match=r"^data.train_files .*locked\.jsonl: not readable\. Fix:"):
+        tokenized_chats([path], "data.train_files", tokenizer=tokenizer, max_length=8)

@@ -72,14 +72,19 @@ def kind_of(file: Path) -> str:
 
 def local_files(path: Path, flag: str) -> list[Path]:
     """The file itself (any suffix but .parquet reads as JSONL, as before), or a directory's chat files, sorted."""
-    if not path.is_dir():
-        return [path]
-    files = sorted(file for file in path.iterdir() if file.is_file() and file.suffix.lower() in CHAT_SUFFIXES)
+    files = [path]
+    if path.is_dir():
+        files = sorted(
+            file for file in path.iterdir() if file.is_file() and file.suffix.lower() in CHAT_SUFFIXES
+        )
     if not files:
         raise PersonaError(
             f"{flag} {path}: the directory holds no .jsonl, .json or .parquet file. "
             "Fix: point at a directory of chat files, or at one file."
         )
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise PersonaError(f"{flag} {file}: not readable. Fix: check its permissions.")
     return files
 
 
