@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +64,13 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     os.environ["HF_DATASETS_CACHE"] = str(work / "cache")  # empty: the first run is cold (read before import)
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def measure(args, work: Path) -> None:
     from persona.data.chat_dataset import auto_num_proc, tokenized_chats
     from persona.models import load_tokenizer
     from persona.training.data import read_chat_jsonl, tokenize_conversation
@@ -87,9 +94,8 @@ def main() -> None:
     old_seconds, old = timed(old_way)
     cold_seconds, new = timed(new_way)
     cached_seconds, cached = timed(new_way)
-    same = [item.input_ids for item in old] == list(new["input_ids"]) and [
-        item.labels for item in old
-    ] == list(cached["labels"])
+    expected = [(item.input_ids, item.labels) for item in old]
+    same = all(expected == list(zip(run["input_ids"], run["labels"], strict=True)) for run in (new, cached))
     workers = auto_num_proc(args.conversations, args.num_proc) or 1
     tokens = sum(len(item.input_ids) for item in old)
     print(f"old way (in memory, 1 process): {old_seconds:.1f} s ({tokens / old_seconds:,.0f} tokens/s)")
