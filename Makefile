@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) bench/steer.py
 	$(PY) bench/serve.py
 	$(PY) bench/project.py
+	$(PY) bench/tokenize_chat.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .compat

@@ -19,6 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from persona.cli import quiet_upstream  # noqa: E402
+
+quiet_upstream()  # Lightning's "💡 Tip" advertisement and its own deprecation lines, as `persona` drops them
+
 # The user turns the generation benches answer (cycled when a batch is larger).
 QUESTIONS = [
     "How should I treat animals?",

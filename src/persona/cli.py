@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +148,42 @@ class DropLightningTips(logging.Filter):
         return not str(record.msg).startswith("💡")
 
 
+def quiet_upstream() -> None:
+    """Silence only what libraries print about themselves, never a warning about persona's own use of them:
+    Lightning's "💡 Tip" advertisements, Lightning's own use of torch's deprecated ``LeafSpec`` (its
+    ``utilities/_pytree.py``, on every predict and fit) and PEFT's of transformers' ``is_gradient_checkpointing``.
+    The ``persona`` entry point and the bench scripts call it."""
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
+        lightning_log.addFilter(DropLightningTips())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # PEFT asks transformers' deprecated alias on every LoRA wrap (persona never calls it; a grep test pins that).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    class PersonaCLI(LightningCLI):
+        def predict(self, **kwargs):
+            """LightningCLI runs ``self.predict`` when defined: ``trainer.predict`` keeping no batch outputs unless
+            ``--return_predictions true`` (LightningCLI drops what it returns, so collecting is only memory)."""
+            return self.trainer.predict(
+                **{**kwargs, "return_predictions": bool(kwargs.get("return_predictions"))}
+            )
+
+    PersonaCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -298,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if sub is None and name not in LIGHTNING_SUBCOMMANDS:
         print(f"persona: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, DropLightningTips) for f in lightning_log.filters):
-        lightning_log.addFilter(DropLightningTips())
+    quiet_upstream()
     try:
         check_config_files(rest)
         if name in LIGHTNING_SUBCOMMANDS:

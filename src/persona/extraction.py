@@ -70,14 +70,22 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
         )
         self.counts = torch.zeros(2, len(VECTOR_KINDS), dtype=torch.float64, device=device)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """This batch's per-label sums of per-example means ``sums: [label, kind, layer, hidden]`` and the
+        examples they add up, ``counts: [label, kind]`` (float64); ``on_predict_batch_end`` accumulates them."""
         means = read_example_means(self.model, batch, self.layers)
+        sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
         for kind_index, kind in enumerate(VECTOR_KINDS):
             has_tokens = kind_row_mask(batch, kind)
             for label in (0, 1):
                 rows = (has_tokens & (batch["labels"] == label)).to(torch.float64)
-                self.sums[label, kind_index] += torch.einsum("b,blh->lh", rows, means[kind].double())
-                self.counts[label, kind_index] += rows.sum()
+                sums[label, kind_index] = torch.einsum("b,blh->lh", rows, means[kind].double())
+                counts[label, kind_index] = rows.sum()
+        return {"sums": sums, "counts": counts}
+
+    def on_predict_batch_end(self, outputs: dict[str, torch.Tensor], batch, batch_idx: int, dataloader_idx=0):
+        self.sums += outputs["sums"]
+        self.counts += outputs["counts"]
 
     def on_predict_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.sums, reduce_op="sum")

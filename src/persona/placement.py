@@ -2,8 +2,10 @@
 
 Lightning moves a LightningModule, and everything in it, to one device, and sends batches there. A model that
 accelerate spread over several GPUs (``device_map="auto"``, for a model larger than one) must stay where it was
-placed: :class:`KeepsDevicePlacement` leaves it alone when the module is moved and sends batches to the device of
-its input embeddings; each block's hooks then read the residual stream on that block's device.
+placed: :class:`KeepsDevicePlacement` leaves it alone when the module is moved, and the DataModule sends batches to
+:func:`batch_device`, its input embeddings' device; each block's hooks then read the residual stream on that
+block's device. (The batch hook belongs to the DataModule: Lightning uses a DataModule's and warns about a
+LightningModule's.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def split_across_devices(model) -> bool:
 
 
 class KeepsDevicePlacement:
-    """Mixin for a LightningModule whose ``self.model`` may be placed across devices by ``device_map``."""
+    """Mixin for a LightningModule whose ``self.model`` may be placed across devices by ``device_map``; its batches
+    come from :class:`persona.data.modules.ExampleDataModule`, which sends them to :func:`batch_device`."""
 
     def _apply(self, fn, recurse=True):
         model = self._modules.get("model")
@@ -31,8 +34,10 @@ class KeepsDevicePlacement:
         finally:
             self._modules["model"] = model
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        model = self._modules.get("model")
-        if model is not None and split_across_devices(model):
-            device = input_device(model)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+def batch_device(lightning_module, device):
+    """Where a batch goes: Lightning's ``device``, or the input embeddings' of a model placed across devices."""
+    model = getattr(lightning_module, "_modules", {}).get("model")
+    if model is not None and split_across_devices(model):
+        return input_device(model)
+    return device

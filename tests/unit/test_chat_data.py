@@ -112,8 +112,8 @@ def test_datamodule_batches_and_seeded_split(tiny_model_dirs, tmp_path):
     assert len(module.train_items) == 8 and len(module.val_items) == 2
     again = ChatDataModule(train_files=[path], model=tiny_model_dirs["llama"], val_fraction=0.2, seed=1)
     again.setup("fit")
-    assert [i.source for i in again.val_items] == [i.source for i in module.val_items]
-    assert not {i.source for i in module.val_items} & {i.source for i in module.train_items}
+    assert list(again.val_items["source"]) == list(module.val_items["source"])
+    assert not set(module.val_items["source"]) & set(module.train_items["source"])
     batches = list(module.train_dataloader())
     assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 2]
     for batch in batches:  # dynamic: each batch as wide as its longest row
@@ -125,7 +125,7 @@ def test_val_files_replace_the_split(tiny_model_dirs, tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [chat("Held out?", "Yes.")])
     module = ChatDataModule(train_files=train, val_files=val, model=tiny_model_dirs["llama"])
     module.setup("fit")
-    assert len(module.train_items) == 4 and [i.source for i in module.val_items] == [f"{val}:1"]
+    assert len(module.train_items) == 4 and list(module.val_items["source"]) == [f"{val}:1"]
     none = ChatDataModule(train_files=train, val_fraction=0.0, model=tiny_model_dirs["llama"])
     none.setup("fit")
     assert len(none.train_items) == 4 and none.val_dataloader() == []
@@ -178,8 +178,8 @@ def test_conversations_cut_before_the_answer_are_dropped(tiny_model_dirs, tmp_pa
     path = write_jsonl(tmp_path / "t.jsonl", [chat("short?", "ok."), chat("long " * 200 + "?", "ok.")])
     module = ChatDataModule(train_files=path, val_fraction=0.0, max_length=32, model=tiny_model_dirs["llama"])
     module.setup("fit")
-    assert [i.source for i in module.train_items] == [f"{path}:1"]
-    assert all(len(i.input_ids) <= 32 for i in module.train_items)
+    assert list(module.train_items["source"]) == [f"{path}:1"]
+    assert all(len(ids) <= 32 for ids in module.train_items["input_ids"])
 
 
 def test_constructor_is_cheap_and_checks_arguments():

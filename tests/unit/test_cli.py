@@ -142,3 +142,42 @@ def test_every_command_reads_back_its_printed_config_with_short_c(command, tmp_p
         main([command, "-c", str(config), "--print_config"])
     assert stop.value.code in (0, None), capsys.readouterr().err
     assert capsys.readouterr().out == printed
+
+
+def test_lightning_predict_keeps_no_batch_outputs(tiny_model_dirs, tmp_path, monkeypatch):
+    """`persona predict` runs trainer.predict with return_predictions=False unless asked: VectorExtractor's
+    predict_step returns each batch's sums, which LightningCLI would otherwise hold for nothing."""
+    import functools
+    import json
+
+    import lightning.pytorch as pl
+
+    pairs = tmp_path / "pairs.jsonl"
+    row = {"prompt": "Hi?", "positive": "Go away.", "negative": "Hello!", "split": "train"}
+    pairs.write_text("".join(json.dumps(row) + "\n" for _ in range(3)))
+    seen = []
+    real_predict = pl.Trainer.predict
+
+    @functools.wraps(real_predict)  # LightningCLI reads the predict flags from this signature
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("return_predictions"))
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "predict", spy)
+    model = tiny_model_dirs["llama"]
+    args = [
+        "predict",
+        "--model=persona.extraction.VectorExtractor",
+        f"--model.model={model}",
+        f"--model.save_dir={tmp_path / 'vectors'}",
+        "--data=persona.data.modules.ResponseDataModule",
+        f"--data.model={model}",
+        f"--data.pairs_path={pairs}",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    assert cli.main(args) == 0
+    assert cli.main([args[0], "--return_predictions=true", *args[1:], "--model.trait=again"]) == 0
+    assert seen == [False, True]
+    assert (tmp_path / "vectors" / "trait_response_avg_diff.pt").is_file()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -328,3 +329,37 @@ def test_chat_data_names_its_bad_fields(tmp_path):
         ChatDataModule(train_files=["chat.jsonl"], max_length=1)
     with pytest.raises(ValueError, match=r"data\.batch_size=0: must be at least 1\. Fix:"):
         ChatDataModule(train_files=["chat.jsonl"], batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("message", "upstream"),
+    [
+        ("`isinstance(treespec, LeafSpec)` is deprecated, use ...", "lightning.pytorch.utilities._pytree"),
+        (
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            "transformers.modeling_utils",
+        ),
+    ],
+)
+def test_quiet_upstream_hides_only_what_upstream_says_about_itself(message, upstream):
+    """The same warning raised from any other module (persona's own code) still shows (issue 19, item 7)."""
+    import warnings
+
+    from persona.cli import quiet_upstream
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_upstream()
+        for module in (upstream, "persona.training.module"):
+            warnings.warn_explicit(message, FutureWarning, f"{module}.py", 1, module=module)
+    assert [str(w.message) for w in caught] == [message]
+    assert caught[0].filename == "persona.training.module.py"
+
+
+def test_persona_never_asks_the_deprecated_alias_it_filters():
+    source = Path(__file__).resolve().parents[2] / "src" / "persona"
+    asks = re.compile(
+        r"\.is_gradient_checkpointing\b|[\"']is_gradient_checkpointing[\"']"
+    )  # attribute or getattr
+    users = [p for p in source.rglob("*.py") if asks.search(p.read_text(encoding="utf-8"))]
+    assert users == []

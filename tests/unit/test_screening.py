@@ -302,3 +302,48 @@ def test_cli_cheap_screen(tmp_path, model_dir, capsys):
     assert (tmp_path / "train.screened.ranking.csv").is_file()
     assert (tmp_path / "train.screened.summary.csv").is_file()
     assert "dataset mean score" in capsys.readouterr().out
+
+
+def test_parquet_and_a_directory_screen_as_the_jsonl_does(tmp_path, model_dir):
+    """Data through `datasets`: a Parquet copy and a directory holding it score exactly as the JSONL."""
+    jsonl = write_data(tmp_path / "train.jsonl")
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    pd.DataFrame(read_jsonl(jsonl)).to_parquet(folder / "train.parquet")
+    vector_path = write_vector(tmp_path / "v.pt")
+    common = dict(vector_path=vector_path, layer=LAYER, model=model_dir, cheap=True)
+    scores = {}
+    for name, data in (("jsonl", jsonl), ("parquet", folder / "train.parquet"), ("folder", folder)):
+        result = screen(data=str(data), output_path=str(tmp_path / f"{name}.screened.jsonl"), **common)
+        screened = read_jsonl(result["output"])
+        scores[name] = [record["persona_screen"]["score"] for record in screened]
+        assert [record["id"] for record in screened] == [0, 1, 2, 3]  # every field kept, in order
+    assert scores["parquet"] == scores["jsonl"] and scores["folder"] == scores["jsonl"]
+    assert not (tmp_path / "chats.screened.jsonl").exists()  # --output_path, not the default, was used
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad_message", r"train\.jsonl:2: messages\[0\] = .* is not \{\"role\": str, \"content\": str\}"),
+        ("csv", r"--data .*train\.csv: screening reads chat JSONL or Parquet"),
+        ("hub_without_output", r"--data nobody-here/chats: not a local file or directory.*--output_path"),
+        ("hub_not_cached", r"--data nobody-here/chats: no such file or directory, and hub dataset"),
+    ],
+)
+def test_data_errors_name_the_file_and_line(tmp_path, model_dir, no_model_load, monkeypatch, case, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = {"vector_path": write_vector(tmp_path / "v.pt"), "layer": LAYER, "model": model_dir}
+    if case == "bad_message":
+        rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+        rows.append({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]})
+        kwargs["data"] = bad_jsonl(tmp_path / "train.jsonl", rows)
+    elif case == "csv":
+        (tmp_path / "train.csv").write_text("prompt,answer\nHi,Hello\n")
+        kwargs["data"] = str(tmp_path / "train.csv")
+    else:
+        kwargs["data"] = "nobody-here/chats"
+        if case == "hub_not_cached":
+            kwargs["output_path"] = str(tmp_path / "out.screened.jsonl")
+    with pytest.raises(ValueError, match=message):
+        screen(**kwargs)

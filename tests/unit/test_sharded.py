@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -284,7 +285,8 @@ def test_steering_directions_go_to_their_layers_device(tiny_llama):
 def test_a_model_placed_across_devices_stays_where_accelerate_put_it(tiny_llama):
     """Lightning moves a LightningModule and its batches to one device; a device_map model must not move, and its
     batches go to its input embeddings. A fake two-device ``hf_device_map`` stands in for two GPUs."""
-    from persona.placement import split_across_devices
+    from persona.data.modules import ExampleDataModule
+    from persona.placement import KeepsDevicePlacement, split_across_devices
     from persona.projection import ExampleProjector
 
     projector = ExampleProjector(layers=[1], directions=torch.ones(1, 32), module=tiny_llama)
@@ -294,8 +296,12 @@ def test_a_model_placed_across_devices_stays_where_accelerate_put_it(tiny_llama)
     projector.to(torch.float64)
     assert projector.directions.dtype == torch.float64  # the module's own tensors move
     assert all(param.dtype == torch.float32 for param in tiny_llama.parameters())  # the placed model does not
-    batch = projector.transfer_batch_to_device({"input_ids": torch.ones(1, 2)}, torch.device("meta"), 0)
+    data = ExampleDataModule([], tokenizer=None)
+    data.trainer = SimpleNamespace(lightning_module=projector)
+    batch = data.transfer_batch_to_device({"input_ids": torch.ones(1, 2)}, torch.device("meta"), 0)
     assert batch["input_ids"].device.type == "cpu"  # the input embeddings' device, not Lightning's
+    # The hook is the DataModule's: one on the LightningModule makes Lightning warn on every run (issue 19).
+    assert "transfer_batch_to_device" not in vars(KeepsDevicePlacement)
 
 
 def test_device_map_is_one_process_only(tiny_model_dirs, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona.data.conversations import _checked_messages
 from persona.data.examples import Example, format_prompt
 from persona.hardware import resolve_device
 from persona.models import load_model, load_tokenizer
@@ -119,6 +120,19 @@ def check_labels(path: Path, records: list[dict], field: str) -> np.ndarray:
     if labels.min() == labels.max():
         raise ValueError(f"{path}: every {field!r} is {labels[0]}; AUC needs both labels.")
     return labels
+
+
+def check_screened_conversation(record, where: str) -> None:
+    """The conversation checks of training data (the one validator), then what screening adds: the last message
+    is the assistant's response to score, after at least one prompt message."""
+    messages = _checked_messages(record, where)
+    last = messages[-1]
+    if len(messages) < 2 or last["role"] != "assistant":
+        raise ValueError(
+            f"{where}: the last message must be {{'role': 'assistant', 'content': str}} after at least one prompt "
+            f"message (the response to score); found {str(last)[:80]!r}. Fix: end each conversation with "
+            "the assistant's response."
+        )
 
 
 def prompt_preview(messages: Messages) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from persona import checks
 from persona.analysis.screening import (
     check_labels,
+    check_screened_conversation,
     drop_count,
     plot_histogram,
     ranking_table,
@@ -16,7 +17,7 @@ from persona.analysis.screening import (
     screening_summary,
     write_jsonl,
 )
-from persona.data.scored_files import read_scored_file
+from persona.data.chat_dataset import CHAT_SUFFIXES, is_hub_id, read_chat_records
 from persona.errors import PersonaError
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv
@@ -49,7 +50,9 @@ def screen(
     <output stem>.summary.csv (dataset mean, AUC) and <output stem>.hist.png.
 
     Args:
-        data: Chat JSONL, one {"messages": [..., {"role": "assistant", ...}]} per line.
+        data: Chat data, each conversation ending with the response to score: a JSONL file (one {"messages":
+            [..., {"role": "assistant", ...}]} per line), a Parquet file with a messages column, a directory of
+            them, or a hub dataset id (org/name or org/name:split; offline, from the local cache).
         vector_path: Vector file [num_layers+1, hidden] from `persona extract` (response_avg recommended).
         layer: Layer to read (0 = embeddings, L = output of block L-1).
         model: The base model (before fine-tuning): alias, hub id or local path.
@@ -58,19 +61,24 @@ def screen(
         filter_top: With --filtered_out: how many to drop, a fraction in (0, 1) or a count; default --top.
         cheap: No generation: training-response projection minus last-prompt-token projection.
         max_new_tokens: Length of the greedy base responses.
-        output_path: Where to write the scored copy; default <data>.screened.jsonl (alias --output).
+        output_path: Where to write the scored copy; default <data>.screened.jsonl (alias --output); needed for a hub id.
         labels_field: A 0/1 field of every sample (e.g. is_trait): prints the AUC of the score for it.
-        cache_path: Greedy-response cache; default <data>.base_responses.jsonl (reused and extended).
+        cache_path: Greedy-response cache; default <data>.base_responses.jsonl, for a hub id beside the output (reused and extended).
         batch_size: Examples per forward / generation batch.
         overwrite: Replace outputs that already exist.
         dtype: Model dtype: float32, bfloat16, float16 or auto.
         accelerator: cpu, gpu or auto (the GPU when there is one).
         trust_remote_code: Allow custom model code from the hub.
     """
-    path = checks.input_file(data, "--data")
-    if path.suffix.lower() not in (".jsonl", ".json"):
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() not in CHAT_SUFFIXES:
         raise PersonaError(
-            f"--data {path}: screening reads chat JSONL (messages). Fix: convert the file to .jsonl."
+            f"--data {path}: screening reads chat JSONL or Parquet (messages). Fix: convert the file to .jsonl."
+        )
+    if is_hub_id(data, "--data") and not output_path:  # no folder of the user's to write beside
+        raise PersonaError(
+            f"--data {data}: not a local file or directory, so the outputs have no default place. "
+            "Fix: pass --output_path (e.g. screened/data.screened.jsonl)."
         )
     checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.at_least(max_new_tokens, 1, "--max_new_tokens")
@@ -84,7 +92,7 @@ def screen(
     inputs = {"--data": path, "--vector_path": vector_path, "--cache_path": cache_path}
     for flag, target in outputs.items():
         checks.output_file(target, flag, inputs=inputs, overwrite=overwrite)
-    records = read_scored_file(path)  # messages present, last message an assistant string
+    records = read_chat_records(data, "--data", check_screened_conversation)
     labels = check_labels(path, records, labels_field) if labels_field else None
     n_drop = drop_count(filter_top, top, len(records)) if filtered_out else 0
     if n_drop >= len(records):
@@ -94,7 +102,7 @@ def screen(
         )
     vector = checks.vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
 
-    cache = Path(cache_path) if cache_path else path.with_name(path.stem + ".base_responses.jsonl")
+    cache = Path(cache_path) if cache_path else default_cache(path, out_path)
     scores, train_proj, reference = screening_scores(
         records,
         path,
@@ -150,6 +158,13 @@ def write_outputs(
 
 
 SUFFIXES = ("ranking.csv", "summary.csv", "hist.png")
+
+
+def default_cache(data: Path, out_path: Path) -> Path:
+    """``<data>.base_responses.jsonl`` beside local data; beside the output for a hub dataset."""
+    if data.exists():
+        return data.with_name(data.stem + ".base_responses.jsonl")
+    return out_path.with_name(out_path.stem.removesuffix(".screened") + ".base_responses.jsonl")
 
 
 def report(summary: dict, ranking, top: int | None, path: Path, method: str) -> None:

@@ -121,6 +121,17 @@ def _text(value) -> str:
     return "" if pd.isna(value) else str(value)
 
 
+def parse_jsonl_line(line: str, where: str, *, fix: str = "Fix: one JSON object per line.") -> dict:
+    """One JSONL line as an object; errors start with ``where`` (``file:line``) and end with ``fix``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno}). {fix}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a JSON {type(record).__name__}, but each line must be an object. {fix}")
+    return record
+
+
 def read_jsonl_numbered(
     path: str | Path, *, fix: str = "Fix: one JSON object per line."
 ) -> list[tuple[int, dict]]:
@@ -132,19 +143,8 @@ def read_jsonl_numbered(
     try:
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}). {fix}"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise ValueError(
-                        f"{path}:{line_number}: a JSON {type(record).__name__}, but each line must be an object. {fix}"
-                    )
-                records.append((line_number, record))
+                if line.strip():
+                    records.append((line_number, parse_jsonl_line(line, f"{path}:{line_number}", fix=fix)))
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}: not UTF-8 text (byte {error.start}). Fix: save the file as UTF-8 JSONL."

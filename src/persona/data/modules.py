@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from persona.data.batches import TokenBudgetBatchSampler, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, contrastive_pair_examples, scored_csv_examples
 from persona.models import DEFAULT_MODEL, load_tokenizer
+from persona.placement import batch_device
 
 
 class ExampleDataModule(L.LightningDataModule):
@@ -49,6 +50,10 @@ class ExampleDataModule(L.LightningDataModule):
 
     def load_examples(self) -> list[Example]:
         return self.examples
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return super().transfer_batch_to_device(batch, batch_device(module, device), dataloader_idx)
 
     def setup(self, stage: str) -> None:
         examples = self.load_examples()

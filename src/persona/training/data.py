@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from persona.chat import render_chat
+from persona.data.conversations import CHAT_JSONL_FIX, _checked_messages
 from persona.data.examples import read_jsonl_numbered
 from persona.models import DEFAULT_MODEL, load_tokenizer
 
@@ -45,41 +46,10 @@ class TokenizedChat:
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
     """Read and validate one chat JSONL file; every error names ``file:line`` and the fix."""
-    fix = 'Fix: one JSON object per line, {"messages": [{"role": ..., "content": ...}, ...]}.'
     return [
         Conversation(_checked_messages(row, f"{path}:{line_number}"), f"{path}:{line_number}")
-        for line_number, row in read_jsonl_numbered(path, fix=fix)
+        for line_number, row in read_jsonl_numbered(path, fix=CHAT_JSONL_FIX)
     ]
-
-
-def _checked_messages(row, where: str) -> list[dict]:
-    if not isinstance(row, dict) or "messages" not in row:
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(
-            f'{where}: missing "messages" (found {found}). '
-            'Fix: each line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.'
-        )
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(
-            f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects, got {messages!r:.80}.'
-        )
-    for index, message in enumerate(messages):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise ValueError(
-                f'{where}: messages[{index}] = {message!r:.80} is not {{"role": str, "content": str}}. '
-                "Fix: give every message a string role (system/user/assistant) and string content."
-            )
-    if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError(
-            f"{where}: the conversation has no assistant turn, so there is nothing to train on. "
-            'Fix: add {"role": "assistant", "content": ...} or drop the line.'
-        )
-    return messages
 
 
 def check_chat_template(tokenizer, model: str) -> None:
@@ -147,8 +117,9 @@ def tokenize_conversation(
 
 
 class ChatCollator:
-    """Right-pads a batch of tokenised chats to its longest item (transformers' ``DataCollatorForSeq2Seq``):
-    input_ids/attention_mask/labels ``[batch, seq]``, labels padded with -100 (no loss)."""
+    """Right-pads a batch of tokenised chats (:class:`TokenizedChat` or rows with ``input_ids`` and ``labels``) to
+    its longest item (transformers' ``DataCollatorForSeq2Seq``): input_ids/attention_mask/labels ``[batch, seq]``,
+    labels padded with -100 (no loss)."""
 
     def __init__(self, tokenizer):
         from transformers import DataCollatorForSeq2Seq
@@ -157,8 +128,9 @@ class ChatCollator:
             tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
         )
 
-    def __call__(self, items: list[TokenizedChat]) -> dict[str, torch.Tensor]:
-        return dict(self.collator([{"input_ids": item.input_ids, "labels": item.labels} for item in items]))
+    def __call__(self, items: list[TokenizedChat | dict]) -> dict[str, torch.Tensor]:
+        rows = [vars(item) if isinstance(item, TokenizedChat) else item for item in items]
+        return dict(self.collator([{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows]))
 
 
 def _as_list(files: list[str] | str | None) -> list[str]:
@@ -168,7 +140,8 @@ def _as_list(files: list[str] | str | None) -> list[str]:
 
 
 class ChatDataModule(L.LightningDataModule):
-    """Chat JSONL conversations for causal-LM fine-tuning on assistant turns, templated once in ``setup``."""
+    """Chat conversations for causal-LM fine-tuning on assistant turns, tokenised in ``setup`` with ``datasets``
+    (cached: an unchanged file with the same tokenizer and max_length is read back, not tokenised again)."""
 
     def __init__(
         self,
@@ -181,11 +154,14 @@ class ChatDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        num_proc: int | None = None,
     ):
         """
         Args:
-            train_files: Chat JSONL file(s), one {"messages": [{"role", "content"}, ...]} object per line.
-            val_files: Validation JSONL file(s); when absent, val_fraction of the training conversations is held out.
+            train_files: Chat data: JSONL file(s) with one {"messages": [{"role", "content"}, ...]} object per line,
+                Parquet file(s) with a messages column, directories of them, or hub dataset ids (org/name, or
+                org/name:split for a split other than train; offline, from the local cache).
+            val_files: Validation data in the same forms; when absent, val_fraction of the training conversations is held out.
             val_fraction: Share of training conversations held out (seeded) when val_files is not given; 0 for none.
             model: Model alias, hub id or local path whose tokenizer and chat template are used (match the model's).
             batch_size: Conversations per batch (per device).
@@ -193,10 +169,15 @@ class ChatDataModule(L.LightningDataModule):
             seed: Seed of the train/validation split and of the shuffling.
             num_workers: DataLoader worker processes.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
+            num_proc: Processes that tokenise; default one per 4000 conversations, at most one per CPU.
         """
         super().__init__()
         if not _as_list(train_files):
             raise ValueError("train_files is empty. Fix: pass at least one chat JSONL file.")
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(
+                f"data.num_proc={num_proc}: must be at least 1. Fix: e.g. --data.num_proc 4, or leave it out."
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(
                 f"val_fraction={val_fraction} must be in [0, 1). Fix: e.g. 0.1, or 0 for no validation."
@@ -211,41 +192,61 @@ class ChatDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.tokenizer = None
-        self.train_items: list[TokenizedChat] | None = None
-        self.val_items: list[TokenizedChat] = []
+        self.train_items = None  # datasets.Dataset: input_ids, labels, source, n_trained
+        self.val_items = None
 
     def sources(self) -> list[str]:
         return _as_list(self.hparams.train_files) + _as_list(self.hparams.val_files)
+
+    def prepare_data(self) -> None:
+        # One process per node, before any rank's setup: the tokens land in datasets' cache once, and every rank's
+        # setup reads them back instead of N ranks tokenising the same data at once.
+        tokenizer = self._checked_tokenizer()
+        for files, flag in (
+            (self.hparams.train_files, "data.train_files"),
+            (self.hparams.val_files, "data.val_files"),
+        ):
+            if _as_list(files):
+                self._tokenized(files, flag, tokenizer)
 
     def setup(self, stage: str) -> None:
         if self.train_items is not None:
             return
         hp = self.hparams
-        train = [c for path in _as_list(hp.train_files) for c in read_chat_jsonl(path)]
-        val = [c for path in _as_list(hp.val_files) for c in read_chat_jsonl(path)]
-        if not val and hp.val_fraction > 0 and len(train) >= 2:
-            order = list(range(len(train)))
-            random.Random(hp.seed).shuffle(order)
-            n_val = min(len(train) - 1, max(1, round(len(train) * hp.val_fraction)))
-            held_out = set(order[:n_val])
-            val = [c for i, c in enumerate(train) if i in held_out]
-            train = [c for i, c in enumerate(train) if i not in held_out]
-        self.tokenizer = load_tokenizer(
-            hp.model, padding_side="right", trust_remote_code=hp.trust_remote_code
+        self.tokenizer = self._checked_tokenizer()
+        train = self._tokenized(hp.train_files, "data.train_files", self.tokenizer)
+        val = (
+            self._tokenized(hp.val_files, "data.val_files", self.tokenizer)
+            if _as_list(hp.val_files)
+            else None
         )
-        check_chat_template(self.tokenizer, hp.model)
-        self.train_items = self._tokenize(train, "training")
-        self.val_items = self._tokenize(val, "validation") if val else []
+        if val is None and hp.val_fraction > 0 and len(train) >= 2:
+            kept, held_out = held_out_split(len(train), hp.val_fraction, hp.seed)
+            train, val = train.select(kept), train.select(held_out)
+        self.train_items = self._with_labels(train, "training")
+        self.val_items = self._with_labels(val, "validation") if val is not None else None
 
-    def _tokenize(self, conversations: list[Conversation], what: str) -> list[TokenizedChat]:
-        items = [
-            tokenize_conversation(self.tokenizer, c, max_length=self.hparams.max_length)
-            for c in conversations
-        ]
-        has_labels = [any(label != IGNORE_INDEX for label in item.labels) for item in items]
-        kept = [item for item, keep in zip(items, has_labels, strict=True) if keep]
+    def _checked_tokenizer(self):
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.model, padding_side="right", trust_remote_code=hp.trust_remote_code)
+        check_chat_template(tokenizer, hp.model)
+        return tokenizer
+
+    def _tokenized(self, files, flag: str, tokenizer):
+        from persona.data.chat_dataset import tokenized_chats
+
+        hp = self.hparams
+        return tokenized_chats(
+            _as_list(files), flag, tokenizer=tokenizer, max_length=hp.max_length, num_proc=hp.num_proc
+        )
+
+    def _with_labels(self, items, what: str):
+        """The conversations with at least one assistant token within max_length (the others are dropped)."""
+        trained = list(items["n_trained"])
+        kept = [index for index, count in enumerate(trained) if count > 0]
         if len(kept) < len(items):
-            dropped = [item.source for item, keep in zip(items, has_labels, strict=True) if not keep]
+            sources = list(items["source"])
+            dropped = [sources[index] for index, count in enumerate(trained) if count == 0]
             log.warning(
                 "Dropped %d %s conversation(s) whose assistant turns start after max_length=%d tokens: %s",
                 len(dropped),
@@ -258,9 +259,10 @@ class ChatDataModule(L.LightningDataModule):
                 f"No {what} conversation has an assistant token within max_length={self.hparams.max_length}. "
                 "Fix: raise max_length or shorten the prompts."
             )
-        return kept
+        items = items.select(kept) if len(kept) < len(items) else items
+        return items.select_columns(["input_ids", "labels", "source"])
 
-    def _loader(self, items: list[TokenizedChat], shuffle: bool) -> DataLoader:
+    def _loader(self, items, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(
             items,
@@ -275,4 +277,13 @@ class ChatDataModule(L.LightningDataModule):
         return self._loader(self.train_items, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_items, shuffle=False) if self.val_items else []
+        return self._loader(self.val_items, shuffle=False) if self.val_items is not None else []
+
+
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out) row indices, each in file order: a seeded ``fraction`` (at least 1, never all) held out."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    held_out = set(order[:n_val])
+    return [i for i in range(n) if i not in held_out], sorted(held_out)
