@@ -182,6 +182,16 @@ def test_conversations_cut_before_the_answer_are_dropped(tiny_model_dirs, tmp_pa
     assert all(len(i.input_ids) <= 32 for i in module.train_items)
 
 
+def test_conversations_are_cut_to_the_models_context_and_counted(tiny_model_dirs, tmp_path, caplog):
+    """Issue 20.1's class in fit: max_length=1024 passed the tiny model's 256 positions, uncounted."""
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("short?", "ok."), chat("long?", "word " * 600)])
+    module = ChatDataModule(train_files=path, val_fraction=0.0, model=tiny_model_dirs["llama"])
+    with caplog.at_level("WARNING", logger="persona.training.data"):
+        module.setup("fit")
+    assert max(len(i.input_ids) for i in module.train_items) == 256
+    assert "1 of 2 training conversations are longer than max_length=256 tokens" in caplog.text
+
+
 def test_constructor_is_cheap_and_checks_arguments():
     ChatDataModule(train_files="does/not/exist/yet.jsonl")  # files are read in setup, not here
     with pytest.raises(ValueError, match="val_fraction"):

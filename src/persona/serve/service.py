@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from persona.chat import encode_chat, user_turn
-from persona.data.batches import context_length
 from persona.hooks import locate_blocks
-from persona.models import text_config_value
+from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull
 from persona.serve.engine import Engine, GenerationJob
 from persona.serve.metrics import ServerMetrics
@@ -53,15 +52,11 @@ class ServeSettings:
 
 
 def model_context_length(model, tokenizer) -> int:
-    """Positions the model can attend over: its config's, else the tokenizer's declared maximum."""
-    names = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-    value = text_config_value(model.config, names)
-    if value is not None:
-        return value
-    declared = context_length(tokenizer)
-    if declared is not None:
-        return declared
-    raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
+    """Positions the model can attend over (:func:`persona.models.context_length` of its config and tokenizer)."""
+    value = context_length(tokenizer, model.config)
+    if value is None:
+        raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
+    return value
 
 
 class PersonaService:

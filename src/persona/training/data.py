@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from persona.chat import render_chat
 from persona.data.examples import read_jsonl_numbered
-from persona.models import DEFAULT_MODEL, load_tokenizer
+from persona.models import DEFAULT_MODEL, context_length, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class ChatDataModule(L.LightningDataModule):
             val_fraction: Share of training conversations held out (seeded) when val_files is not given; 0 for none.
             model: Model alias, hub id or local path whose tokenizer and chat template are used (match the model's).
             batch_size: Conversations per batch (per device).
-            max_length: Truncate templated conversations to this many tokens.
+            max_length: Cut templated conversations to this many tokens (at most the model's context), with a warning.
             seed: Seed of the train/validation split and of the shuffling.
             num_workers: DataLoader worker processes.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
@@ -238,10 +238,16 @@ class ChatDataModule(L.LightningDataModule):
         self.val_items = self._tokenize(val, "validation") if val else []
 
     def _tokenize(self, conversations: list[Conversation], what: str) -> list[TokenizedChat]:
-        items = [
-            tokenize_conversation(self.tokenizer, c, max_length=self.hparams.max_length)
-            for c in conversations
-        ]
+        limit = min(self.hparams.max_length, context_length(self.tokenizer) or self.hparams.max_length)
+        whole = [tokenize_conversation(self.tokenizer, c) for c in conversations]
+        cut = sum(len(item.input_ids) > limit for item in whole)
+        if cut:
+            log.warning(
+                "%d of %d %s conversations are longer than max_length=%d tokens and were cut there. "
+                "Fix: raise --data.max_length if the model's context allows it.",
+                cut, len(whole), what, limit,
+            )  # fmt: skip
+        items = [TokenizedChat(i.input_ids[:limit], i.labels[:limit], i.source) for i in whole]
         has_labels = [any(label != IGNORE_INDEX for label in item.labels) for item in items]
         kept = [item for item, keep in zip(items, has_labels, strict=True) if keep]
         if len(kept) < len(items):
@@ -250,12 +256,12 @@ class ChatDataModule(L.LightningDataModule):
                 "Dropped %d %s conversation(s) whose assistant turns start after max_length=%d tokens: %s",
                 len(dropped),
                 what,
-                self.hparams.max_length,
+                limit,
                 ", ".join(dropped[:5]),
             )
         if not kept:
             raise ValueError(
-                f"No {what} conversation has an assistant token within max_length={self.hparams.max_length}. "
+                f"No {what} conversation has an assistant token within max_length={limit}. "
                 "Fix: raise max_length or shorten the prompts."
             )
         return kept
