@@ -141,9 +141,31 @@ def test_val_files_replace_the_split(tiny_model_dirs, tmp_path):
             "no assistant turn",
         ),
         ([chat("a", "b"), chat("c", "d"), '{"messages": [oops'], 3, "malformed JSON"),
-        ([{"messages": [{"role": "user"}]}], 1, 'is not {"role": str, "content": str}'),
+        ([{"messages": [{"role": "user"}]}], 1, "content is None, not a string"),
+        # Issue 20.3: the rule of persona.chat.checked_messages, as project, screen, dataset and serve apply it
+        (
+            [{"messages": [{"role": "usr", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+            1,
+            "role 'usr'",
+        ),
+        ([{"messages": [{"role": "assistant", "content": "b"}]}], 1, "out of order"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]}],
+            1,
+            "out of order",
+        ),
+        ([{"messages": ["hi"]}], 1, "messages[0] is 'hi', not an object"),
     ],
-    ids=["missing-messages", "no-assistant", "malformed-json", "bad-message"],
+    ids=[
+        "missing-messages",
+        "no-assistant",
+        "malformed-json",
+        "bad-message",
+        "unknown-role",
+        "assistant-first",
+        "late-system",
+        "string-message",
+    ],  # fmt: skip
 )
 def test_bad_lines_name_file_and_line(tmp_path, rows, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)

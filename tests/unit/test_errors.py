@@ -89,6 +89,13 @@ def work(tmp_path_factory, tiny_model_dirs):
         for i in range(3)
     ]
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    # Issue 20.3: a misspelt role was templated anyway (exit 0); a null content died in jinja2 (42 lines).
+    usr = [{"role": "usr", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (root / "usr_chat.jsonl").write_text(json.dumps({"messages": usr}) + "\n")
+    null = [{"role": "user", "content": None}, {"role": "assistant", "content": "Hello"}]
+    (root / "null_chat.jsonl").write_text(json.dumps({"messages": null}) + "\n")
+    usr_pair = {"messages": usr[:1], "positive": "Cruel.", "negative": "Kind."}
+    (root / "usr_pairs.jsonl").write_text(json.dumps(usr_pair) + "\n")
     (root / "data.csv").write_text('prompt,answer\n"p","a"\n')
     (root / "data.csv").chmod(0o644)
     (root / "a_file").write_text("")
@@ -104,6 +111,9 @@ def work(tmp_path_factory, tiny_model_dirs):
         "text_score.csv",
         "latin1.csv",
         "chat.jsonl",
+        "usr_chat.jsonl",
+        "null_chat.jsonl",
+        "usr_pairs.jsonl",
         "data.csv",
         "broken.yaml",
     ):
@@ -153,6 +163,12 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "filter everything away": (["screen", "--data", f["chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m, "--filtered_out", "f.jsonl", "--filter_top", "5"], r"drops 5 of 3 samples"),
         # 6. list flags take a,b,c / [a,b] / a b
         "project vector list with spaces": (["project", "--file_path", f["data.csv"], "--vector_path", v, "missing2.pt", "--layer", "1,2", "--model", m], r"missing2.pt: no such vector file"),
+        # 7. chat records: one rule (persona.chat.checked_messages) in every command that reads them
+        "project unknown role": (["project", "--file_path", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr' is not one of system, user, assistant"),
+        "project null content": (["project", "--file_path", f["null_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"null_chat.jsonl: record 1: messages\[0\] \(user\): content is None, not a string"),
+        "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr'"),
+        "dataset pairs unknown role": (["dataset", "build", "--trait", "evil", "--out_dir", "ds_usr", "--pairs_path", f["usr_pairs.jsonl"], "--split", "null"], r"usr_pairs.jsonl: record 1: messages\[0\]: role 'usr'"),
+        "layers pairs unknown role": (["layers", "--vector_path", v, "--pairs_path", f["usr_pairs.jsonl"], "--model", m], r"usr_pairs.jsonl:1: messages\[0\]: role 'usr'"),
         # LightningCLI's commands: the config file, before Lightning loads
         "fit missing config": (["fit", "-c", "missing.yaml"], r"-c missing.yaml: no such config file\. Fix:"),
         "predict broken config": (["predict", "--config", f["broken.yaml"]], r"broken.yaml: not a YAML file \(line 3\)"),
@@ -168,6 +184,8 @@ CASES = [
     "hub id offline", "output under a regular file", "truncated results.json", "results.json missing a key",
     "empty vector file", "truncated vector file", "pickled object as vector", "both csvs and pairs",
     "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
+    "project unknown role", "project null content", "screen unknown role", "dataset pairs unknown role",
+    "layers pairs unknown role",
 ]  # fmt: skip
 
 

@@ -170,6 +170,9 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(server):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"n": 2}, 400, "n"),
         ({"temperature": 3}, 400, "temperature"),
+        # Issue 20.3: the CLI's chat-record rule (persona.chat.checked_messages), not only pydantic's roles
+        ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages"),
+        ({"messages": [*HI, {"role": "system", "content": "Late."}]}, 400, "messages"),
     ],
 )
 def test_bad_requests_get_openai_errors_with_their_status(server, kwargs, status, param):

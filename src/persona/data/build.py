@@ -27,7 +27,7 @@ import pandas as pd
 
 from persona import checks
 from persona.chat import user_turn
-from persona.data.examples import read_csv_checked, read_pair_records
+from persona.data.examples import prompt_messages, read_csv_checked, read_pair_records
 from persona.errors import PersonaError
 from persona.store import write_csv, write_json, write_jsonl
 from persona.traits import datasets_dir
@@ -88,12 +88,7 @@ def pair_pools(path: Path, split: str | None) -> tuple[list[dict], list[dict]]:
         for field in ("positive", "negative"):
             if not isinstance(record.get(field), str) or not record[field].strip():
                 raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
-        if isinstance(record.get("messages"), list):
-            prompt = [dict(message) for message in record["messages"]]
-        elif isinstance(record.get("prompt"), str):
-            prompt = user_turn(record["prompt"])
-        else:
-            raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
+        prompt = prompt_messages(record, where)
         trait.append(chat_sample(prompt, record["positive"], 1, f"{path.name}:{line}:positive"))
         normal.append(chat_sample(prompt, record["negative"], 0, f"{path.name}:{line}:negative"))
     if not trait:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.chat import has_chat_template, render_chat, user_turn
+from persona.chat import checked_messages, has_chat_template, render_chat, user_turn
 from persona.errors import NoPairsLeft
 
 
@@ -160,15 +160,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def format_prompt(tokenizer, record: dict, *, where: str) -> str:
     """The chat-formatted prompt of a record with ``messages`` (chat) or ``prompt`` (a user turn)."""
-    if "messages" in record:
-        messages = record["messages"]
-    elif "prompt" in record:
-        messages = user_turn(record["prompt"])
-    else:
-        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
+    messages = prompt_messages(record, where)
     if not has_chat_template(tokenizer) and "messages" in record:
         raise ValueError(f"{where}: 'messages' given but the tokenizer has no chat template.")
     return render_chat(tokenizer, messages)
+
+
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """A record's prompt as chat messages ending in a user turn: its ``messages``, or its ``prompt`` string."""
+    if "messages" in record:
+        return checked_messages(record["messages"], where, last="user")
+    if isinstance(record.get("prompt"), str):
+        return user_turn(record["prompt"])
+    raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
 
 
 def read_pair_records(path: str | Path) -> list[dict]:
@@ -193,7 +197,8 @@ def check_example_files(
 ) -> None:
     """Read the example files' rows and columns (no tokenizer, no torch): bad input fails in well under a second."""
     if pairs_path is not None:
-        read_pair_records(pairs_path)
+        for line_number, record in enumerate(read_pair_records(pairs_path), start=1):
+            prompt_messages(record, f"{pairs_path}:{line_number}")
         return
     required = ("prompt", "answer") if no_filter else ("prompt", "answer", trait or "", "coherence")
     numeric = () if no_filter else (trait or "", "coherence")

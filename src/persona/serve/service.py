@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from persona.chat import encode_chat, user_turn
+from persona.chat import checked_messages, encode_chat, user_turn
 from persona.hooks import locate_blocks
 from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull
@@ -116,7 +116,11 @@ class PersonaService:
             )
         resolved = resolve_persona(request.persona, self.traits, self.num_layers)
         try:
-            prompt_ids = encode_chat(self.request_tokenizer, [m.as_chat_turn() for m in request.messages])
+            turns = checked_messages([m.as_chat_turn() for m in request.messages], "request")
+        except ValueError as error:  # the CLI's rule for chat records (roles, content, order)
+            raise ApiError(400, str(error), param="messages") from None
+        try:
+            prompt_ids = encode_chat(self.request_tokenizer, turns)
         except ValueError as error:
             raise ApiError(400, f"messages: {error}", param="messages") from None
         job = GenerationJob(

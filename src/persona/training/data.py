@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from persona.chat import render_chat
+from persona.chat import checked_messages, render_chat
 from persona.data.examples import read_jsonl_numbered
 from persona.models import DEFAULT_MODEL, context_length, load_tokenizer
 
@@ -53,27 +53,14 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
 
 
 def _checked_messages(row, where: str) -> list[dict]:
+    """A fit record's messages: :func:`persona.chat.checked_messages`' rule, and an assistant turn to train on."""
     if not isinstance(row, dict) or "messages" not in row:
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ValueError(
             f'{where}: missing "messages" (found {found}). '
             'Fix: each line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.'
         )
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(
-            f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects, got {messages!r:.80}.'
-        )
-    for index, message in enumerate(messages):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise ValueError(
-                f'{where}: messages[{index}] = {message!r:.80} is not {{"role": str, "content": str}}. '
-                "Fix: give every message a string role (system/user/assistant) and string content."
-            )
+    messages = checked_messages(row["messages"], where)
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(
             f"{where}: the conversation has no assistant turn, so there is nothing to train on. "
