@@ -151,11 +151,14 @@ def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    from persona.signals import StopOnSigterm
+
     LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_defaults={"callbacks": [StopOnSigterm()]},
         # LightningCLI warns when given the process's own argv; it reads that itself.
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
@@ -288,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             run_lightning_cli(argv)
         else:
             run_function(name, sub.target, rest)
+    except SystemExit as stop:
+        from persona.errors import SIGTERM_EXIT, stopped_by_sigterm
+
+        if not stopped_by_sigterm(stop):
+            raise
+        print(f"persona {name}: stopped by SIGTERM (outputs written per batch are kept)", file=sys.stderr)
+        return SIGTERM_EXIT
     except Exception as error:
         from persona.errors import USER_ERRORS, one_line
 
