@@ -105,6 +105,10 @@ def work(tmp_path_factory, tiny_model_dirs):
     (root / "run" / "results.json").write_text('{"model": "x"')  # truncated
     (root / "run_old").mkdir()
     (root / "run_old" / "results.json").write_text('{"model": "x"}')  # a key missing
+    (root / "run_list").mkdir()  # issue 20.5: "'list' object has no attribute 'items'" in report and compare
+    (root / "run_list" / "results.json").write_text(
+        '{"trait": "evil", "model": {"model": "m", "layers": 2, "hidden": 8, "answer": ""}, "traits": [], "timings": {}}'
+    )
     for name in (
         "pos.csv",
         "neg.csv",
@@ -155,6 +159,8 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "output under a regular file": (["layers", "--vector_path", v, "--pairs_path", f["pairs"], "--model", m, "--output_dir", root / "a_file" / "sub"], r"a_file is a file, so nothing can be written under it"),
         "truncated results.json": (["report", "--run_dir", root / "run"], r"results.json: not valid JSON"),
         "results.json missing a key": (["report", "--run_dir", root / "run_old"], r"results.json: incomplete"),
+        "results.json traits a list": (["report", "--run_dir", root / "run_list"], r"run_list/results.json: incomplete or from another version \(traits: input should be a valid dictionary"),
+        "compare traits a list": (["report", "compare", "--runs", f"{root / 'run_list'},{root / 'run_old'}"], r"run_list/results.json: incomplete or from another version \(traits:"),
         "empty vector file": (["layers", "--vector_path", f["empty_vector"], "--pairs_path", f["pairs"], "--model", m], r"empty.pt: not a vector file: the file is empty"),
         "truncated vector file": (["layers", "--vector_path", f["truncated_vector"], "--pairs_path", f["pairs"], "--model", m], r"truncated.pt: not a vector file"),
         "pickled object as vector": (["layers", "--vector_path", f["pickled_vector"], "--pairs_path", f["pairs"], "--model", m], r"pickled.pt: not a vector file"),
@@ -185,7 +191,7 @@ CASES = [
     "empty vector file", "truncated vector file", "pickled object as vector", "both csvs and pairs",
     "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
     "project unknown role", "project null content", "screen unknown role", "dataset pairs unknown role",
-    "layers pairs unknown role",
+    "layers pairs unknown role", "results.json traits a list", "compare traits a list",
 ]  # fmt: skip
 
 

@@ -13,11 +13,12 @@ import pandas as pd
 
 from persona.errors import PersonaError
 from persona.report import markdown_table
-from persona.store import read_json, write_csv, write_figure, write_text
+from persona.store import write_csv, write_figure, write_text
+from persona.study.results import read_results
 
 
 def study_rows(run: Path) -> list[dict]:
-    results = read_json(run / "results.json", what="study results file")
+    results = read_results(run)
     model = results["model"]["model"]
     depth = results["model"]["layers"]
     finetune = results.get("finetune") or {}
@@ -54,6 +55,8 @@ def compare_studies(runs: list[str], output_dir: str) -> Path:
         raise PersonaError(
             f"--runs: {', '.join(missing)} has no results.json. Fix: point at directories `persona study` wrote."
         )
+    for run in runs:
+        read_results(Path(run))  # every file checked before anything is written
     table = pd.DataFrame([row for run in runs for row in study_rows(Path(run))])
     out = Path(output_dir)
     write_csv(out / "compare.csv", table.drop(columns=["metrics_csv"]))

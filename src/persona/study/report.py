@@ -9,7 +9,8 @@ import pandas as pd
 
 from persona.errors import PersonaError
 from persona.report import markdown_table, relative
-from persona.store import read_json, write_csv, write_text
+from persona.store import write_csv, write_text
+from persona.study.results import read_results
 
 TARGET_AUC = 0.95
 TARGET_R = 0.9
@@ -155,7 +156,7 @@ def finetune_section(study: dict, run: Path) -> list[str]:
 
 
 def write_report(run: Path) -> Path:
-    results = read_json(run / "results.json", what="study results file")
+    results = read_results(run)
     info, trait = results["model"], results["trait"]
     lines = [
         f"# {results.get('title', 'persona study')} report",
@@ -340,10 +341,6 @@ def report(
     if action != "write":
         raise PersonaError(f"persona report: unknown action {action!r}. Fix: use write or compare.")
     run = Path(run_dir)
-    if not (run / "results.json").is_file():
-        raise PersonaError(
-            f"{run / 'results.json'} not found. Fix: run `persona study` (or `persona demo`) with --run_dir {run_dir} first."
-        )
     try:
         path = write_report(run)
     except (KeyError, TypeError, IndexError) as error:
