@@ -148,6 +148,7 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "export nan": (["export-gguf", "--vector_path", f["nan_vector"], "--out", "o.gguf"], r"row\(s\) 2 hold NaN"),
         # 3. data loss
         "export onto its input": (["export-gguf", "--vector_path", v, "--out", v], r"--output_path .* is also --vector_path"),
+        "export onto its sidecar": (["export-gguf", "--vector_path", v, "--out", Path(v).with_suffix(".json"), "--overwrite"], r"--output_path .*evil_response_avg_diff.json is also the sidecar of --vector_path"),
         "extract over shipped vectors": (["extract", "--pairs_path", f["pairs"], "--trait", "evil", "--save_dir", root, "--model", m], r"evil_response_avg_diff.pt exists there.*--overwrite"),
         # 4. library failures, in our words
         "text in a score column": (["extract", "--pos_path", f["text_score.csv"], "--neg_path", f["neg.csv"], "--trait", "evil", "--model", m], r"column 'evil' holds non-numbers, e.g. 'high' in row 1"),
@@ -191,7 +192,7 @@ CASES = [
     "empty vector file", "truncated vector file", "pickled object as vector", "both csvs and pairs",
     "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
     "project unknown role", "project null content", "screen unknown role", "dataset pairs unknown role",
-    "layers pairs unknown role", "results.json traits a list", "compare traits a list",
+    "layers pairs unknown role", "results.json traits a list", "compare traits a list", "export onto its sidecar",
 ]  # fmt: skip
 
 

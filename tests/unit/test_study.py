@@ -233,6 +233,17 @@ def test_reports_of_two_studies_compare_side_by_side(tmp_path):
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert list(table["model"]) == ["model-a", "model-b"] and list(table["relative_depth"]) == [0.5, 0.5]
     assert (tmp_path / "cmp" / "auc_by_depth.png").stat().st_size > 0 and "model-b" in path.read_text()
+    # Issue 20.6: a second comparison silently replaced the first; now only with overwrite, as every command.
+    from persona.errors import PersonaError
+
+    runs = [str(tmp_path / "b"), str(tmp_path / "a")]
+    with pytest.raises(
+        PersonaError, match=r"--output_dir .*cmp: compare.csv exists there\. Fix: pass --overwrite"
+    ):
+        compare_studies(runs, str(tmp_path / "cmp"))
+    assert list(pd.read_csv(tmp_path / "cmp" / "compare.csv")["model"]) == ["model-a", "model-b"]
+    compare_studies(runs, str(tmp_path / "cmp"), overwrite=True)
+    assert list(pd.read_csv(tmp_path / "cmp" / "compare.csv")["model"]) == ["model-b", "model-a"]
 
 
 @pytest.mark.slow

@@ -78,7 +78,13 @@ def layers(
     )  # fmt: skip
     checks.model_source(model)
     out = Path(output_dir) if output_dir else layers_dir(vector_path)
-    checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
+    inputs = {
+        "--vector_path": vector_path,
+        "--pos_path": pos_path,
+        "--neg_path": neg_path,
+        "--pairs_path": pairs_path,
+    }
+    checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs=inputs)
     vector = checks.vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
     if pairs_path is None and trait is None and not no_filter:
         trait = load_metadata(vector_path).get("trait")

@@ -322,6 +322,7 @@ def report(
     run_dir: str = "runs/demo",
     runs: list[str] | None = None,
     output_dir: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Rewrite report.md (and summary.csv) of a study run from its results.json, or compare studies.
 
@@ -333,11 +334,12 @@ def report(
         run_dir: With write: a run directory written by `persona study` or `persona demo`.
         runs: With compare: the run directories, a,b or [a,b].
         output_dir: With compare: where the comparison goes; default runs/compare.
+        overwrite: With compare: replace an earlier comparison in output_dir (refused otherwise).
     """
     if action == "compare":
         from persona.study.compare import compare_studies
 
-        return str(compare_studies(runs or [], output_dir or "runs/compare"))
+        return str(compare_studies(runs or [], output_dir or "runs/compare", overwrite=overwrite))
     if action != "write":
         raise PersonaError(f"persona report: unknown action {action!r}. Fix: use write or compare.")
     run = Path(run_dir)
