@@ -24,6 +24,12 @@ def test_a_run_directory_is_deleted_only_when_it_is_a_study_run(tmp_path):
     (run / "meta.json").write_text("{}")
     prepare_run_dir(run, overwrite=False)  # a run to resume: kept
     assert (run / "meta.json").is_file()
+    (run / "my_notes.md").write_text("mine")  # issue 20.4's class: --overwrite deleted the user's files too
+    (run / "vector_evil").mkdir()
+    with pytest.raises(ValueError, match=r"holds my_notes\.md, which the study did not write; not deleting"):
+        prepare_run_dir(run, overwrite=True)
+    assert (run / "my_notes.md").read_text() == "mine"
+    (run / "my_notes.md").unlink()
     prepare_run_dir(run, overwrite=True)
     assert not run.exists()
     prepare_run_dir(tmp_path / "new", overwrite=False)  # nothing there yet: fine
