@@ -58,6 +58,20 @@ def _check_message(message, where: str) -> None:
         raise PersonaError(
             f'{where} ({role}): content is {content!r:.40}, not a string. {MESSAGE_FIX} (use "" for none).'
         )
+    checked_text(content, f"{where} ({role}) content")
+
+
+def checked_text(text: str, where: str) -> str:
+    """``text``, if UTF-8 can encode it: a JSON ``\\ud800`` escape reads as a lone surrogate, which tokenizers refuse
+    with a TypeError deep inside their Rust code."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PersonaError(
+            f"{where}: holds a lone UTF-16 surrogate ({text[error.start]!r} at character {error.start}), which is "
+            "not text. Fix: repair the escape (a \\ud83d\\ude00 pair makes one emoji) or remove it."
+        ) from None
+    return text
 
 
 def has_chat_template(tokenizer) -> bool:

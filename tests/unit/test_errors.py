@@ -95,6 +95,14 @@ def work(tmp_path_factory, tiny_model_dirs):
     null = [{"role": "user", "content": None}, {"role": "assistant", "content": "Hello"}]
     (root / "null_chat.jsonl").write_text(json.dumps({"messages": null}) + "\n")
     usr_pair = {"messages": usr[:1], "positive": "Cruel.", "negative": "Kind."}
+    # Issue 20.7's class on the command line: a JSON "\ud800" escape reads as a lone surrogate (a tokenizer TypeError)
+    lone = (
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad \\ud800"}]}\n'
+    )
+    (root / "surrogate_chat.jsonl").write_text(lone)
+    (root / "surrogate_pairs.jsonl").write_text(
+        '{"prompt": "Hi?", "positive": "\\ud800", "negative": "Kind."}\n'
+    )
     (root / "usr_pairs.jsonl").write_text(json.dumps(usr_pair) + "\n")
     (root / "data.csv").write_text('prompt,answer\n"p","a"\n')
     (root / "data.csv").chmod(0o644)
@@ -118,6 +126,8 @@ def work(tmp_path_factory, tiny_model_dirs):
         "usr_chat.jsonl",
         "null_chat.jsonl",
         "usr_pairs.jsonl",
+        "surrogate_chat.jsonl",
+        "surrogate_pairs.jsonl",
         "data.csv",
         "broken.yaml",
     ):
@@ -176,6 +186,8 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr'"),
         "dataset pairs unknown role": (["dataset", "build", "--trait", "evil", "--out_dir", "ds_usr", "--pairs_path", f["usr_pairs.jsonl"], "--split", "null"], r"usr_pairs.jsonl: record 1: messages\[0\]: role 'usr'"),
         "layers pairs unknown role": (["layers", "--vector_path", v, "--pairs_path", f["usr_pairs.jsonl"], "--model", m], r"usr_pairs.jsonl:1: messages\[0\]: role 'usr'"),
+        "project lone surrogate": (["project", "--file_path", f["surrogate_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"surrogate_chat.jsonl: record 1: messages\[1\] \(assistant\) content: holds a lone UTF-16 surrogate"),
+        "extract lone surrogate": (["extract", "--pairs_path", f["surrogate_pairs.jsonl"], "--trait", "evil", "--model", m, "--save_dir", "sv"], r"surrogate_pairs.jsonl:1: field 'positive': holds a lone UTF-16 surrogate"),
         # LightningCLI's commands: the config file, before Lightning loads
         "fit missing config": (["fit", "-c", "missing.yaml"], r"-c missing.yaml: no such config file\. Fix:"),
         "predict broken config": (["predict", "--config", f["broken.yaml"]], r"broken.yaml: not a YAML file \(line 3\)"),
@@ -193,6 +205,7 @@ CASES = [
     "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
     "project unknown role", "project null content", "screen unknown role", "dataset pairs unknown role",
     "layers pairs unknown role", "results.json traits a list", "compare traits a list", "export onto its sidecar",
+    "project lone surrogate", "extract lone surrogate",
 ]  # fmt: skip
 
 

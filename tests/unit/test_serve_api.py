@@ -208,6 +208,15 @@ def test_unknown_model_is_404(server):
             b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"persona":{"steer":[{"trait":"evil","coef":1e999}]}}',
             "invalid_value",
         ),
+        # Issue 20.7: 200 KB of nested brackets was a RecursionError and a 500 (its traceback logged twice)
+        (b"[" * 200_000, "invalid_json"),
+        (
+            b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"x":'
+            + b"[" * 40
+            + b"]" * 40
+            + b"}",
+            "invalid_json",
+        ),
     ],
 )
 def test_malformed_json_and_non_finite_coefficients_are_400(server, body, code):
@@ -215,6 +224,19 @@ def test_malformed_json_and_non_finite_coefficients_are_400(server, body, code):
     status, text = http(f"{url}/v1/chat/completions", body)
     assert status == 400
     assert json.loads(text)["error"]["code"] == code
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(server):
+    """Issue 20.7: JSON's "\\ud800" escape reads as a lone surrogate; the tokenizer's TypeError was a 500."""
+    url, _, _ = server
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"hi \\ud800 there"}]}'
+    status, text = http(f"{url}/v1/chat/completions", body)
+    error = json.loads(text)["error"]
+    assert (
+        status == 400
+        and error["param"] == "messages.0.content"
+        and "lone UTF-16 surrogate" in error["message"]
+    )
 
 
 def test_unknown_routes_and_oversized_bodies_get_error_objects(server):

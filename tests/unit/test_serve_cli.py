@@ -90,3 +90,31 @@ def _status(url: str) -> int | None:
         return http(url)[0]
     except OSError:
         return None
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    """Issue 20.7: found only after the model loaded and the baseline ran (exit 3 with uvicorn's message)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that does not exist: were it loaded first, its error would come, not the port's.
+        command = [
+            sys.executable,
+            "-m",
+            "persona.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "no_model"),
+            "--port",
+            str(port),
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**os.environ, "PERSONA_DEBUG": ""}
+        )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"persona serve: error: --port {port}: cannot listen on 127.0.0.1:{port}"), (
+        lines[0]
+    )
+    assert "Fix: choose another --port" in lines[0]

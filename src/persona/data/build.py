@@ -27,7 +27,7 @@ import pandas as pd
 
 from persona import checks
 from persona.chat import user_turn
-from persona.data.examples import prompt_messages, read_csv_checked, read_pair_records
+from persona.data.examples import checked_pair, read_csv_checked, read_pair_records
 from persona.errors import PersonaError
 from persona.store import read_json, write_csv, write_json, write_jsonl
 from persona.traits import datasets_dir
@@ -85,10 +85,7 @@ def pair_pools(path: Path, split: str | None) -> tuple[list[dict], list[dict]]:
         where = f"{path}: record {line}"
         if split is not None and record.get("split", split) != split:
             continue
-        for field in ("positive", "negative"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
-        prompt = prompt_messages(record, where)
+        prompt = checked_pair(record, where)
         trait.append(chat_sample(prompt, record["positive"], 1, f"{path.name}:{line}:positive"))
         normal.append(chat_sample(prompt, record["negative"], 0, f"{path.name}:{line}:negative"))
     if not trait:

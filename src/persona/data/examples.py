@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.chat import checked_messages, has_chat_template, render_chat, user_turn
+from persona.chat import checked_messages, checked_text, has_chat_template, render_chat, user_turn
 from persona.errors import NoPairsLeft
 
 
@@ -171,7 +171,7 @@ def prompt_messages(record: dict, where: str) -> list[dict]:
     if "messages" in record:
         return checked_messages(record["messages"], where, last="user")
     if isinstance(record.get("prompt"), str):
-        return user_turn(record["prompt"])
+        return user_turn(checked_text(record["prompt"], f"{where}: field 'prompt'"))
     raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
 
 
@@ -192,13 +192,22 @@ def read_pair_records(path: str | Path) -> list[dict]:
     return records
 
 
+def checked_pair(record: dict, where: str) -> list[dict]:
+    """A contrastive pair's prompt as chat messages (:func:`prompt_messages`), its two answers checked as text."""
+    for field in ("positive", "negative"):
+        if not isinstance(record.get(field), str) or not record[field].strip():
+            raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
+        checked_text(record[field], f"{where}: field {field!r}")
+    return prompt_messages(record, where)
+
+
 def check_example_files(
     pos_path: str | None, neg_path: str | None, pairs_path: str | None, trait: str | None, no_filter: bool
 ) -> None:
     """Read the example files' rows and columns (no tokenizer, no torch): bad input fails in well under a second."""
     if pairs_path is not None:
         for line_number, record in enumerate(read_pair_records(pairs_path), start=1):
-            prompt_messages(record, f"{pairs_path}:{line_number}")
+            checked_pair(record, f"{pairs_path}:{line_number}")
         return
     required = ("prompt", "answer") if no_filter else ("prompt", "answer", trait or "", "coherence")
     numeric = () if no_filter else (trait or "", "coherence")
@@ -213,9 +222,7 @@ def contrastive_pair_examples(path: str | Path, tokenizer, *, split: str | None 
         where = f"{path}:{line_number}"
         if split is not None and record.get("split", split) != split:
             continue
-        for field in ("positive", "negative"):
-            if not isinstance(record.get(field), str) or not record[field]:
-                raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
+        checked_pair(record, where)
         prompt = format_prompt(tokenizer, record, where=where)
         examples.append(Example(prompt, record["positive"], 1, f"{Path(path).name}:{line_number}:pos"))
         examples.append(Example(prompt, record["negative"], 0, f"{Path(path).name}:{line_number}:neg"))

@@ -63,7 +63,7 @@ def serve(
     from persona.hooks import locate_blocks
     from persona.models import load_model_and_tokenizer
     from persona.serve.app import create_app
-    from persona.serve.server import run_server
+    from persona.serve.server import bind_socket, run_server
     from persona.serve.service import PersonaService, ServeSettings
     from persona.serve.traits import load_traits
     from persona.steering import hidden_size
@@ -88,6 +88,7 @@ def serve(
         api_key=api_key,
     )
     vectors = vectors or str(default_save_dir(model))
+    sock = bind_socket(host, port)  # before the model loads: a port in use is answered at once
     lm, tokenizer = load_model_and_tokenizer(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
     )
@@ -112,6 +113,4 @@ def serve(
         port,
         f"required, from ${api_key_env}" if api_key else "not required",
     )
-    run_server(
-        create_app(service), host=host, port=port, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s
-    )
+    run_server(create_app(service), sock=sock, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s)
