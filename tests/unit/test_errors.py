@@ -309,6 +309,24 @@ def test_fit_names_the_bad_config_field_not_jsonargparse_dump(work, tmp_path, ov
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_a_class_path_that_does_not_resolve_is_one_line_naming_the_right_one(work, tmp_path):
+    """Issue 20.8's class: a class_path that does not import got jsonargparse's 65-line usage-and-union dump."""
+    root, files = work
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  class_path: persona.training.LoRAFineTune\n  init_args:\n"
+        f"    model: {files['model']}\n"
+        "trainer:\n  callbacks:\n    - class_path: persona.training.Preventative_Steering\n"
+    )
+    code, out, err, _ = persona(["fit", "-c", config], tmp_path, HF_HUB_OFFLINE="1")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0] == (
+        f"persona fit: error: -c {config}: trainer.callbacks[0].class_path 'persona.training.Preventative_Steering' "
+        "does not resolve. Fix: use persona.training.PreventativeSteering."
+    )
+
+
 def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):
     """Lightning logs a "💡 Tip" for a cloud logger whenever a Trainer starts; persona's entry point filters it."""
     import logging

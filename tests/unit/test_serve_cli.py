@@ -118,3 +118,19 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
         lines[0]
     )
     assert "Fix: choose another --port" in lines[0]
+
+
+def test_bare_serve_finds_the_shipped_vectors_from_any_directory(tmp_path, monkeypatch):
+    """Issue 20.8: the default --vectors persona_vectors/smollm2-135m was read relative to the working directory."""
+    from pathlib import Path
+
+    from persona.vectors import vectors_to_read
+
+    monkeypatch.chdir(tmp_path)
+    shipped = vectors_to_read("smollm2-135m")
+    assert shipped.is_absolute() and (shipped / "evil_response_avg_diff.pt").is_file()
+    assert shipped == Path(cli.__file__).resolve().parents[2] / "persona_vectors" / "smollm2-135m"
+    (tmp_path / "persona_vectors" / "smollm2-135m").mkdir(
+        parents=True
+    )  # vectors you extracted here come first
+    assert vectors_to_read("smollm2-135m") == Path("persona_vectors") / "smollm2-135m"
