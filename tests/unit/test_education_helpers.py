@@ -143,3 +143,24 @@ def test_compare_tolerates_runs_without_grades():
     assert empty.empty and list(empty.columns) == ["a", "b"]
     table = pd.DataFrame({"run": ["a", "b"], "grader": ["unsteered", "unsteered"], "qwk": [0.5, 0.7]})
     assert by_run(table, "grader", "qwk", ["b", "a"]).loc["unsteered"].tolist() == [0.7, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            '{"model": 3, "sets_path": "s.json"}',
+            r"settings\.json: field 'model' is 3, not a str\. Fix: re-run",
+        ),
+        ('{"model": "m"}', r"settings\.json: field 'sets_path' is None, not a str"),
+        ("[1]", r"settings\.json: expected a JSON object, found list"),
+        ('{"model": "m"', r"settings\.json: not valid JSON"),
+    ],
+)
+def test_report_and_compare_read_settings_json_through_one_checked_reader(tmp_path, settings, message):
+    """Issue 20.5's class in the education study: settings["model"] was a KeyError (or a TypeError) traceback."""
+    from persona.education.report import load_results
+
+    (tmp_path / "settings.json").write_text(settings)
+    with pytest.raises(ValueError, match=message):
+        load_results(tmp_path)
