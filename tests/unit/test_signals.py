@@ -26,7 +26,7 @@ from persona.vectors import save_vector
 # Slows the named predict_step, prints each batch index, and (for generate) judges without a server.
 PROBE = """
 import sys, time
-from persona import generation_loop, projection, training
+from persona import extraction, generation_loop, projection, training
 from persona.judges import JudgeScore
 
 class Judge:
@@ -36,7 +36,7 @@ class Judge:
 
 generation_loop.build_judge = lambda **kwargs: Judge()
 slowed = {"project": projection.ExampleProjector, "generate": generation_loop.ResponseGenerator,
-          "fit": training.LoRAFineTune}[sys.argv[1]]
+          "fit": training.LoRAFineTune, "predict": extraction.VectorExtractor}[sys.argv[1]]
 name = "training_step" if sys.argv[1] == "fit" else "predict_step"
 step = getattr(slowed, name)
 
@@ -127,3 +127,23 @@ def test_sigterm_ends_fit_with_143_not_0(tiny_model_dirs, tmp_path):
     assert (
         err.strip().splitlines()[-1] == "persona fit: stopped by SIGTERM (outputs written per batch are kept)"
     )
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_stops_persona_predict_and_writes_no_vectors(tiny_model_dirs, tmp_path):
+    """LightningCLI's loops get the same callback (trainer_defaults), so `persona predict -c` stops too."""
+    pairs = [{"prompt": f"Question {i}?", "positive": "Cruel.", "negative": "Kind."} for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    model = tiny_model_dirs["llama"]
+    (tmp_path / "extract.yaml").write_text(
+        f"model:\n  class_path: persona.extraction.VectorExtractor\n  init_args:\n    model: {model}\n"
+        f"    trait: evil\n    save_dir: {tmp_path / 'vectors'}\n"
+        f"data:\n  class_path: persona.data.modules.ResponseDataModule\n  init_args:\n    model: {model}\n"
+        f"    pairs_path: {tmp_path / 'pairs.jsonl'}\n    batch_size: 1\n"
+        "trainer:\n  accelerator: cpu\n  logger: false\n  enable_checkpointing: false\n"
+    )
+    code, batches, err = persona_until_batch(
+        ["predict", "-c", tmp_path / "extract.yaml"], tmp_path, stop_after=1
+    )
+    assert code == SIGTERM_EXIT and batches == [0, 1], err
+    assert not (tmp_path / "vectors").exists()  # vectors are written at the end of the loop, which never came
