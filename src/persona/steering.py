@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from persona.chat import Messages, answer_text, encode_chat
 from persona.constants import POSITIONS
+from persona.data.batches import bounded_batches
 from persona.hardware import input_device
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
@@ -284,7 +285,7 @@ def generate_steered(
 
     A ``str`` is used as-is (the tokenizer's special tokens added); a message list ``[{"role", "content"}]``
     goes through the chat template with the generation prompt. Batches are left-padded, similar lengths
-    grouped together (longest first), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
+    grouped together (longest first, no prompt padded past twice its length), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
     means greedy; the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to
     ``model.generate``.
 
@@ -323,8 +324,9 @@ def generate_steered(
             generator = fast
         else:
             generator = stack.enter_context(FastGenerator(model, fast))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        lengths = [len(encoded[i]) for i in order]
+        for rows in bounded_batches(range(len(order)), lengths, max_rows=batch_size):
+            chunk = [order[row] for row in rows]
             input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if generator is None:
