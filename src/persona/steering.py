@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from persona.chat import Messages, answer_text, encode_chat
 from persona.constants import POSITIONS
 from persona.data.batches import bounded_batches
+from persona.errors import PersonaError
 from persona.hardware import input_device
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-from persona.models import text_config_value
+from persona.models import context_length, text_config_value
 
 
 @dataclass
@@ -270,6 +271,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return input_ids, attention_mask
 
 
+def check_room(encoded: Sequence[list[int]], max_new_tokens: int, context: int | None) -> None:
+    """Every prompt leaves ``max_new_tokens`` within the model's context (past it, positions run out or repeat)."""
+    over = [i for i, ids in enumerate(encoded) if context is not None and len(ids) + max_new_tokens > context]
+    if over:
+        raise PersonaError(
+            f"{len(over)} of {len(encoded)} prompts (the first: #{over[0]}, {len(encoded[over[0]])} tokens) plus "
+            f"{max_new_tokens} new tokens pass the model's context of {context} tokens. Fix: shorten those prompts "
+            "or ask for fewer new tokens."
+        )
+
+
 def generate_steered(
     model: nn.Module,
     tokenizer,
@@ -310,6 +322,7 @@ def generate_steered(
     device = input_device(model)
     mode = fast_mode(fast, device)
     encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]
+    check_room(encoded, max_new_tokens, context_length(tokenizer, getattr(model, "config", None)))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad_id}
     if temperature > 0:

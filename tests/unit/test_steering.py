@@ -356,3 +356,17 @@ def test_generate_steered_runs_a_prompt_far_longer_than_the_rest_alone(tiny_llam
     ]
     out = generate_steered(tiny_llama, tokenizer, prompts, max_new_tokens=2, temperature=0.0, batch_size=4)
     assert [rows for rows, _ in widths] == [1, 3] and len(out) == 4
+
+
+def test_a_prompt_with_no_room_for_its_answer_is_one_line(tiny_model_dirs):
+    """Issue 20.1's class in generation: a prompt past the model's positions (256 here) failed deep in the model."""
+    from persona.errors import PersonaError
+    from persona.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dirs["gpt2"])
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "kind words " * 200}]]
+    with pytest.raises(
+        PersonaError, match=r"1 of 2 prompts \(the first: #1, \d+ tokens\) plus 4 new tokens pass"
+    ):
+        generate_steered(model, tok, prompts, max_new_tokens=4, temperature=0.0)
+    assert len(generate_steered(model, tok, prompts[:1], max_new_tokens=4, temperature=0.0)) == 1
