@@ -88,7 +88,7 @@ def bounded_batches(
     longest = shortest = 0
     for index in order:
         length = lengths[index]
-        width, narrowest = max(longest, length), min(shortest, length) if batch else length
+        width, narrowest = max(longest, length), (min(shortest, length) if batch else length)
         if batch and (
             (max_rows is not None and len(batch) >= max_rows)
             or (max_tokens is not None and width * (len(batch) + 1) > max_tokens)
