@@ -239,6 +239,36 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(server):
     )
 
 
+def test_a_server_error_is_a_500_whose_traceback_is_logged_once(server, monkeypatch, caplog):
+    """Issue 20.7: our handler logged the traceback, then uvicorn logged it again (Starlette re-raises it)."""
+    import logging
+
+    url, _, service = server
+
+    def broken(request):
+        raise RuntimeError("a bug, not the client's fault")
+
+    monkeypatch.setattr(service, "prepare", broken)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to the root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR):
+            status, text = http(
+                f"{url}/v1/chat/completions", json.dumps({"model": "tiny", "messages": HI}).encode()
+            )
+            deadline = time.monotonic() + 10  # the server thread logs after the reply
+            while not any(r.exc_info for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert status == 500 and json.loads(text)["error"]["message"] == "Internal server error."
+    tracebacks = {
+        id(r) for r in caplog.records if r.exc_info
+    }  # a record can reach the handler by two loggers
+    assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]
+
+
 def test_unknown_routes_and_oversized_bodies_get_error_objects(server):
     url, _, _ = server
     status, text = http(f"{url}/v1/nothing")
