@@ -179,12 +179,10 @@ def _tokenizer_config(tokenizer):
         return None
     from transformers import AutoConfig
 
+    # A tokenizer-only folder or an uncached hub id (OSError), a config that needs remote code (ValueError).
     try:
         return AutoConfig.from_pretrained(name)
-    except (
-        OSError,
-        ValueError,
-    ) as error:  # a tokenizer-only folder, or a repo whose config needs remote code
+    except (OSError, ValueError) as error:
         log.debug("no model config beside the tokenizer %s: %s", name, error)
         return None
 
