@@ -5,7 +5,9 @@ What real chat models need and each caller used to handle (or not) on its own:
 - templates without a system role (Gemma, Mistral's older ones): the system text opens the first user turn;
 - a tokenizer with no chat template: a single user turn is used as plain text (base models), anything
   more is refused with a fix;
-- reasoning-channel text kept out of recorded answers (``<think>…</think>``, gpt-oss's analysis channel).
+- reasoning-channel text kept out of recorded answers (``<think>…</think>``, gpt-oss's analysis channel);
+- one rule for a chat record (:func:`checked_messages`), so project, screen, fit, dataset and serve refuse the
+  same records (a role ``"usr"`` or a ``null`` content was templated anyway, or died in jinja2).
 """
 
 from __future__ import annotations
@@ -13,7 +15,63 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from persona.errors import PersonaError
+
 Messages = Sequence[Mapping[str, str]]
+
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_FIX = 'Fix: each message is {"role": "system"|"user"|"assistant", "content": "text"}'
+
+
+def checked_messages(messages, where: str, *, last: str | None = None) -> list[dict]:
+    """``messages`` as a list of dicts, or a :class:`PersonaError` naming ``where``, the message and the fix.
+
+    The rule every chat record meets: a non-empty list; each message a ``{"role", "content"}`` object with a role
+    of :data:`CHAT_ROLES` and string content; system messages only before the conversation, which opens with a
+    user turn; the last message of role ``last`` when given (``"assistant"``: a response to read).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise PersonaError(f'{where}: "messages" is {messages!r:.60}, not a non-empty list. {MESSAGE_FIX}.')
+    for index, message in enumerate(messages):
+        _check_message(message, f"{where}: messages[{index}]")
+    roles = [message["role"] for message in messages]
+    turns = [index for index, role in enumerate(roles) if role != "system"]
+    if not turns or roles[turns[0]] != "user" or "system" in roles[turns[0] :]:
+        raise PersonaError(
+            f"{where}: roles {roles} are out of order. Fix: optional system messages first, then a user turn, "
+            "then the conversation."
+        )
+    if last is not None and roles[-1] != last:
+        raise PersonaError(
+            f"{where}: the last message is {roles[-1]!r}; it must be {last!r} here. {MESSAGE_FIX}."
+        )
+    return [dict(message) for message in messages]
+
+
+def _check_message(message, where: str) -> None:
+    if not isinstance(message, Mapping):
+        raise PersonaError(f"{where} is {message!r:.60}, not an object. {MESSAGE_FIX}.")
+    role, content = message.get("role"), message.get("content")
+    if role not in CHAT_ROLES:
+        raise PersonaError(f"{where}: role {role!r} is not one of {', '.join(CHAT_ROLES)}. {MESSAGE_FIX}.")
+    if not isinstance(content, str):
+        raise PersonaError(
+            f'{where} ({role}): content is {content!r:.40}, not a string. {MESSAGE_FIX} (use "" for none).'
+        )
+    checked_text(content, f"{where} ({role}) content")
+
+
+def checked_text(text: str, where: str) -> str:
+    """``text``, if UTF-8 can encode it: a JSON ``\\ud800`` escape reads as a lone surrogate, which tokenizers refuse
+    with a TypeError deep inside their Rust code."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PersonaError(
+            f"{where}: holds a lone UTF-16 surrogate ({text[error.start]!r} at character {error.start}), which is "
+            "not text. Fix: repair the escape (a \\ud83d\\ude00 pair makes one emoji) or remove it."
+        ) from None
+    return text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -39,8 +97,12 @@ def _fold_system_into_user(messages: list[dict]) -> list[dict]:
 
 
 def render_chat(tokenizer, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-    """The conversation as the model's chat template writes it (a generation prompt opens the reply)."""
-    messages = [dict(m) for m in messages]
+    """The conversation as the model's chat template writes it (a generation prompt opens the reply).
+
+    ``messages`` are checked by :func:`checked_messages` first; callers that read them from a file check them
+    there, with the file and line in the message.
+    """
+    messages = checked_messages(list(messages), "messages")
     if not has_chat_template(tokenizer):
         if len(messages) == 1 and messages[0].get("role") == "user":
             return str(messages[0]["content"])
@@ -57,9 +119,24 @@ def render_chat(tokenizer, messages: Messages, *, add_generation_prompt: bool = 
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as error:  # jinja2's TemplateError: "System role not supported" and kin
-        if not any(m.get("role") == "system" for m in messages) or "system" not in str(error).lower():
+        if not type(error).__module__.startswith("jinja2"):
             raise
+        if not any(m["role"] == "system" for m in messages) or "system" not in str(error).lower():
+            raise _refused(tokenizer, messages, error) from error
+    try:
         return tokenizer.apply_chat_template(_fold_system_into_user(messages), **kwargs)
+    except Exception as error:
+        if not type(error).__module__.startswith("jinja2"):
+            raise
+        raise _refused(tokenizer, messages, error) from error
+
+
+def _refused(tokenizer, messages: list[dict], error: Exception) -> PersonaError:
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    return PersonaError(
+        f"The chat template of {name} refuses roles {[m['role'] for m in messages]}: {error}. "
+        "Fix: order the messages as the model's template expects (most alternate user and assistant)."
+    )
 
 
 def encode_chat(tokenizer, prompt: str | Messages) -> list[int]:

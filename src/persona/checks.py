@@ -44,6 +44,18 @@ def _writable_parent(path: Path, flag: str) -> None:
             return
 
 
+def _input_files(inputs: Mapping[str, str | Path | None]) -> Iterable[tuple[str, Path]]:
+    """Each input as (what to call it, path); a vector file's sidecar is an input of every command that reads it."""
+    from persona.vectors import sidecar_path
+
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        yield flag, Path(path)
+        if Path(path).suffix == ".pt":
+            yield f"the sidecar of {flag} {path}", sidecar_path(path)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -64,8 +76,8 @@ def output_file(
     ``exists_ok``: the command itself resumes or updates this file (it checks ownership on its own).
     """
     path = Path(path)
-    for input_flag, input_path in inputs.items():
-        if input_path is not None and _same_file(path, Path(input_path)):
+    for input_flag, input_path in _input_files(inputs):
+        if _same_file(path, input_path):
             raise PersonaError(
                 f"{flag} {path} is also {input_flag}: writing it would destroy the input. Fix: choose another {flag}."
             )
@@ -94,8 +106,8 @@ def output_dir(
     _writable_parent(path / "x", flag)
     for name in produces:
         target = path / name
-        for input_flag, input_path in inputs.items():
-            if input_path is not None and _same_file(target, Path(input_path)):
+        for input_flag, input_path in _input_files(inputs):
+            if _same_file(target, input_path):
                 raise PersonaError(
                     f"{flag} {path}: it would overwrite {input_flag} {input_path}. Fix: choose another {flag}."
                 )

@@ -131,7 +131,7 @@ def check_config_files(argv: list[str]) -> None:
                 f"{flag} {value}: no such config file. Fix: check the path (configs/ has examples)."
             )
         try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             where = getattr(error, "problem_mark", None)
             line = f" (line {where.line + 1})" if where is not None else ""
@@ -139,6 +139,56 @@ def check_config_files(argv: list[str]) -> None:
                 f"{flag} {value}: not a YAML file{line}: {getattr(error, 'problem', None) or error}. "
                 "Fix: correct the file (indentation, quotes, colons)."
             ) from error
+        for field, class_path in class_paths(config):
+            if not importable(class_path):
+                raise PersonaError(
+                    f"{flag} {value}: {field}.class_path {class_path!r} does not resolve. Fix: {class_hint(class_path)}"
+                )
+
+
+def class_paths(config, field: str = "") -> list[tuple[str, str]]:
+    """(field, value) of every dotted ``class_path`` in a parsed config, e.g. ``("trainer.callbacks[0]", "a.B")``."""
+    found = []
+    if isinstance(config, dict):
+        value = config.get("class_path")
+        if isinstance(value, str) and "." in value:
+            found.append((field or "config", value))
+        for key, item in config.items():
+            found += class_paths(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(config, list):
+        for index, item in enumerate(config):
+            found += class_paths(item, f"{field}[{index}]")
+    return found
+
+
+def importable(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+# Where persona's pluggable classes (modules, data modules, callbacks) live, for a hint at a misspelt class_path.
+PLUGGABLE_MODULES = (
+    "persona.training", "persona.training.callbacks", "persona.training.monitor", "persona.data.modules",
+    "persona.extraction", "persona.projection", "persona.generation_loop", "persona.fast_generation",
+)  # fmt: skip
+
+
+def class_hint(class_path: str) -> str:
+    import difflib
+
+    name = class_path.rpartition(".")[2]
+    known = {
+        f"{module}.{attr}"
+        for module in PLUGGABLE_MODULES
+        for attr, obj in vars(importlib.import_module(module)).items()
+        if inspect.isclass(obj) and obj.__module__.startswith("persona.")
+    }
+    same_name = sorted(path for path in known if path.rpartition(".")[2] == name)
+    close = same_name or difflib.get_close_matches(class_path, sorted(known), n=1, cutoff=0.6)
+    return f"use {close[0]}." if close else "check the module and class name (configs/ has examples)."
 
 
 class DropLightningTips(logging.Filter):
@@ -175,6 +225,8 @@ def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    from persona.signals import StopOnSigterm
+
     class PersonaCLI(LightningCLI):
         def predict(self, **kwargs):
             """LightningCLI runs ``self.predict`` when defined: ``trainer.predict`` keeping no batch outputs unless
@@ -188,6 +240,7 @@ def run_lightning_cli(argv: list[str]) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_defaults={"callbacks": [StopOnSigterm()]},
         # LightningCLI warns when given the process's own argv; it reads that itself.
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
@@ -337,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             run_lightning_cli(argv)
         else:
             run_function(name, sub.target, rest)
+    except SystemExit as stop:
+        from persona.errors import SIGTERM_EXIT, stopped_by_sigterm
+
+        if not stopped_by_sigterm(stop):
+            raise
+        print(f"persona {name}: stopped by SIGTERM (outputs written per batch are kept)", file=sys.stderr)
+        return SIGTERM_EXIT
     except Exception as error:
         from persona.errors import USER_ERRORS, one_line
 

@@ -8,6 +8,7 @@ messages the project writes the same way); the ``persona`` entry point prints
 from __future__ import annotations
 
 import json
+import sys
 
 
 class PersonaError(ValueError):
@@ -61,3 +62,13 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return text or type(error).__name__
+
+
+# What a shell reports for a process that SIGTERM ended (128 + the signal's number): a stopped loop exits with it.
+SIGTERM_EXIT = 128 + 15
+
+
+def stopped_by_sigterm(error: BaseException) -> bool:
+    """Whether ``error`` is a Lightning loop's SIGTERM exit (see :mod:`persona.signals`); Lightning is not imported."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.SIGTERMException)

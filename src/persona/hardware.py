@@ -100,15 +100,17 @@ def launcher_num_nodes(environ=None) -> int:
 def make_trainer(
     accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", callbacks: list | None = None
 ):
-    """A Trainer for predict loops: no logger, no checkpoints (the loops write their own results)."""
+    """A Trainer for predict loops: no logger, no checkpoints (the loops write their own results); SIGTERM stops it."""
     import lightning as L
+
+    from persona.signals import StopOnSigterm
 
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=launcher_num_nodes(),
         strategy=strategy,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), StopOnSigterm()],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

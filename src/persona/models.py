@@ -185,6 +185,41 @@ def text_config_value(config, names: Sequence[str]) -> int | None:
     return None
 
 
+# Config fields that hold the positions a model attends over, by architecture family.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# transformers fills ``model_max_length`` with int(1e30) when a tokenizer declares no limit (SmolLM2's does).
+PLACEHOLDER_LIMIT = 10_000_000
+
+
+def context_length(tokenizer, config=None) -> int | None:
+    """The tokens a model can read: the smaller of its config's positions and its tokenizer's declared limit.
+
+    A limit of transformers' "no limit" placeholder is ignored; ``config`` None reads the config saved beside the
+    tokenizer (``tokenizer.name_or_path``). None only when neither says.
+    """
+    declared = getattr(tokenizer, "model_max_length", None)
+    limits = [int(declared)] if isinstance(declared, int) and 0 < declared < PLACEHOLDER_LIMIT else []
+    positions = text_config_value(_tokenizer_config(tokenizer) if config is None else config, CONTEXT_FIELDS)
+    if positions is not None:
+        limits.append(positions)
+    return min(limits) if limits else None
+
+
+def _tokenizer_config(tokenizer):
+    """The model config saved with ``tokenizer`` (a local folder or a cached hub id), or None."""
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if not name:
+        return None
+    from transformers import AutoConfig
+
+    # A tokenizer-only folder or an uncached hub id (OSError), a config that needs remote code (ValueError).
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        log.debug("no model config beside the tokenizer %s: %s", name, error)
+        return None
+
+
 def _config_json_dimensions(path: Path) -> tuple[int, int] | None:
     import json
 

@@ -16,12 +16,14 @@ from torch import Tensor, nn
 
 from persona.chat import Messages, answer_text, encode_chat
 from persona.constants import POSITIONS
+from persona.data.batches import bounded_batches
+from persona.errors import PersonaError
 from persona.hardware import input_device
 from persona.hooks import block_hooks, forward_until, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-from persona.models import text_config_value
+from persona.models import context_length, text_config_value
 
 
 @dataclass
@@ -269,6 +271,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return input_ids, attention_mask
 
 
+def check_room(encoded: Sequence[list[int]], max_new_tokens: int, context: int | None) -> None:
+    """Every prompt leaves ``max_new_tokens`` within the model's context (past it, positions run out or repeat)."""
+    over = [i for i, ids in enumerate(encoded) if context is not None and len(ids) + max_new_tokens > context]
+    if over:
+        raise PersonaError(
+            f"{len(over)} of {len(encoded)} prompts (the first: #{over[0]}, {len(encoded[over[0]])} tokens) plus "
+            f"{max_new_tokens} new tokens pass the model's context of {context} tokens. Fix: shorten those prompts "
+            "or ask for fewer new tokens."
+        )
+
+
 def generate_steered(
     model: nn.Module,
     tokenizer,
@@ -284,7 +297,7 @@ def generate_steered(
 
     A ``str`` is used as-is (the tokenizer's special tokens added); a message list ``[{"role", "content"}]``
     goes through the chat template with the generation prompt. Batches are left-padded, similar lengths
-    grouped together (longest first), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
+    grouped together (longest first, no prompt padded past twice its length), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
     means greedy; the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to
     ``model.generate``.
 
@@ -309,6 +322,7 @@ def generate_steered(
     device = input_device(model)
     mode = fast_mode(fast, device)
     encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]
+    check_room(encoded, max_new_tokens, context_length(tokenizer, getattr(model, "config", None)))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad_id}
     if temperature > 0:
@@ -323,8 +337,9 @@ def generate_steered(
             generator = fast
         else:
             generator = stack.enter_context(FastGenerator(model, fast))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        lengths = [len(encoded[i]) for i in order]
+        for rows in bounded_batches(range(len(order)), lengths, max_rows=batch_size):
+            chunk = [order[row] for row in rows]
             input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if generator is None:

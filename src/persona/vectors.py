@@ -33,6 +33,14 @@ def default_save_dir(model: str) -> Path:
     return Path("persona_vectors") / model_short_name(model)
 
 
+def vectors_to_read(model: str) -> Path:
+    """A model's vectors to read by default: ``./persona_vectors/<model>`` when you extracted some there, else the
+    ones this checkout ships (``persona_vectors/`` beside ``src/``, found from any directory, as the datasets are)."""
+    local = default_save_dir(model)
+    shipped = Path(__file__).resolve().parents[2] / local
+    return local if local.is_dir() or not shipped.is_dir() else shipped
+
+
 def layers_dir(vector_path: str | Path) -> Path:
     """Where ``persona layers`` writes a vector's per-layer metrics by default (the server reads it back)."""
     vector_path = Path(vector_path)

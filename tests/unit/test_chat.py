@@ -93,3 +93,57 @@ def test_without_a_reserved_token_eos_pads():
             return {"</s>": 0, "a": 1}
 
     assert ensure_pad_token(Bare()).pad_token == "</s>"
+
+
+ALTERNATING_ONLY = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [{"role": "usr", "content": "Hi"}],
+            r"messages\[0\]: role 'usr' is not one of system, user, assistant",
+        ),
+        ([{"role": "user", "content": None}], r"messages\[0\] \(user\): content is None, not a string"),
+        ([{"role": "user", "content": ["Hi"]}], r"messages\[0\] \(user\): content is \['Hi'\], not a string"),
+        ([{"role": "assistant", "content": "Hi"}], r"roles \['assistant'\] are out of order"),
+        ([{"role": "system", "content": "S"}], r"roles \['system'\] are out of order"),
+        ([], r'"messages" is \[\], not a non-empty list'),
+        ("Hi", r'"messages" is \'Hi\', not a non-empty list'),
+    ],
+)
+def test_one_rule_refuses_bad_chat_records_in_one_line(messages, message):
+    """Issue 20.3: "usr" was templated anyway and a null content died in jinja2; project, screen, fit, dataset
+    and serve now share this rule."""
+    from persona.chat import checked_messages
+    from persona.errors import PersonaError
+
+    with pytest.raises(PersonaError, match=rf"^data.jsonl:3: {message}.*Fix:") as raised:
+        checked_messages(messages, "data.jsonl:3")
+    assert "\n" not in str(raised.value)
+
+
+def test_the_rule_keeps_good_records_and_checks_the_last_role_when_asked():
+    from persona.chat import checked_messages
+    from persona.errors import PersonaError
+
+    good = [{"role": "system", "content": "S"}, *user_turn("Hi"), {"role": "assistant", "content": ""}]
+    assert checked_messages(good, "x") == good and checked_messages(good, "x") is not good
+    with pytest.raises(PersonaError, match="the last message is 'assistant'; it must be 'user' here"):
+        checked_messages(good, "x", last="user")
+
+
+def test_a_template_that_refuses_the_roles_gives_one_line_not_a_jinja_traceback(tok):
+    from persona.errors import PersonaError
+
+    tok.chat_template = ALTERNATING_ONLY
+    twice = [*user_turn("Hi"), *user_turn("Again")]
+    with pytest.raises(
+        PersonaError, match=r"refuses roles \['user', 'user'\]: Conversation roles must alternate"
+    ):
+        render_chat(tok, twice, add_generation_prompt=False)

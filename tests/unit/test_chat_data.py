@@ -141,9 +141,31 @@ def test_val_files_replace_the_split(tiny_model_dirs, tmp_path):
             "no assistant turn",
         ),
         ([chat("a", "b"), chat("c", "d"), '{"messages": [oops'], 3, "malformed JSON"),
-        ([{"messages": [{"role": "user"}]}], 1, 'is not {"role": str, "content": str}'),
+        ([{"messages": [{"role": "user"}]}], 1, "content is None, not a string"),
+        # Issue 20.3: the rule of persona.chat.checked_messages, as project, screen, dataset and serve apply it
+        (
+            [{"messages": [{"role": "usr", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+            1,
+            "role 'usr'",
+        ),
+        ([{"messages": [{"role": "assistant", "content": "b"}]}], 1, "out of order"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]}],
+            1,
+            "out of order",
+        ),
+        ([{"messages": ["hi"]}], 1, "messages[0] is 'hi', not an object"),
     ],
-    ids=["missing-messages", "no-assistant", "malformed-json", "bad-message"],
+    ids=[
+        "missing-messages",
+        "no-assistant",
+        "malformed-json",
+        "bad-message",
+        "unknown-role",
+        "assistant-first",
+        "late-system",
+        "string-message",
+    ],  # fmt: skip
 )
 def test_bad_lines_name_file_and_line(tmp_path, rows, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -180,6 +202,16 @@ def test_conversations_cut_before_the_answer_are_dropped(tiny_model_dirs, tmp_pa
     module.setup("fit")
     assert list(module.train_items["source"]) == [f"{path}:1"]
     assert all(len(ids) <= 32 for ids in module.train_items["input_ids"])
+
+
+def test_conversations_are_cut_to_the_models_context_and_counted(tiny_model_dirs, tmp_path, caplog):
+    """Issue 20.1's class in fit: max_length=1024 passed the tiny model's 256 positions, uncounted."""
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("short?", "ok."), chat("long?", "word " * 600)])
+    module = ChatDataModule(train_files=path, val_fraction=0.0, model=tiny_model_dirs["llama"])
+    with caplog.at_level("WARNING", logger="persona.training.data"):
+        module.setup("fit")
+    assert max(len(i.input_ids) for i in module.train_items) == 256
+    assert "1 of 2 training conversations are longer than max_length=256 tokens" in caplog.text
 
 
 def test_constructor_is_cheap_and_checks_arguments():

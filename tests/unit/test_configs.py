@@ -70,3 +70,29 @@ def test_the_seed_study_config_has_its_seven_traits_judge_and_layer():
 def instantiate(parser):
     """jsonargparse's instantiate (4.49+), or instantiate_classes before it (the compatibility window's oldest end)."""
     return getattr(parser, "instantiate", None) or parser.instantiate_classes
+
+
+README = CONFIGS.parent / "README.md"
+
+
+def test_every_class_the_readme_and_configs_name_resolves():
+    """Issue 20.8: `persona.training.PreventativeSteering` (the README's short name) got a 65-line usage dump."""
+    import re
+
+    from persona.cli import importable
+
+    texts = [README.read_text(), *(path.read_text() for path in CONFIGS.rglob("*.yaml"))]
+    named = {m for text in texts for m in re.findall(r"\bpersona(?:\.[a-z_]+)+\.[A-Z]\w+", text)}
+    named |= {
+        f"persona.training.{name}"
+        for name in ("PreventativeSteering", "ConceptAblation", "ActivationMonitor")
+    }
+    assert named and sorted(path for path in named if not importable(path)) == []
+
+
+def test_the_short_callback_names_parse_in_a_fit_config(tmp_path):
+    config = CONFIGS / "fit" / "qwen2.5-7b-instruct-steer.yaml"
+    short = tmp_path / "steer.yaml"
+    short.write_text(config.read_text().replace("persona.training.callbacks.", "persona.training."))
+    assert "class_path: persona.training.PreventativeSteering" in short.read_text()
+    test_lightning_config_parses_and_instantiates(short)

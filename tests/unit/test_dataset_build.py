@@ -148,3 +148,29 @@ def test_cli_builds_from_the_shipped_pairs(tmp_path):
     assert main(["dataset", "--trait", "evil", "--out_dir", str(tmp_path), "--n", "6", "--mix", "0,0.5"]) == 0
     records = read(tmp_path / "misaligned_1.jsonl")
     assert len(records) == 6 and sum(r["is_trait"] for r in records) == 3
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["by-manifest", "by-naming"])
+def test_overwrite_removes_only_mixtures_a_build_wrote(tmp_path, manifest):
+    """Issue 20.4: a rebuild with --overwrite deleted the user's own mix_mine.jsonl (exit 0)."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ds"
+    common = [
+        "dataset",
+        "build",
+        "--trait",
+        "evil",
+        "--output_dir",
+        str(out),
+        "--pairs_path",
+        str(pairs),
+        "--n",
+        "4",
+    ]
+    assert main([*common, "--mix", "0.25,0.5"]) == 0
+    (out / "mix_mine.jsonl").write_text('{"messages": []}\n')
+    if not manifest:
+        (out / "manifest.json").unlink()
+    assert main([*common, "--mix", "0.5", "--overwrite"]) == 0
+    assert (out / "mix_mine.jsonl").read_text() == '{"messages": []}\n'
+    assert not (out / "mix_0.25.jsonl").exists() and (out / "mix_0.5.jsonl").exists()

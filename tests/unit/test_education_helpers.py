@@ -24,6 +24,12 @@ def test_a_run_directory_is_deleted_only_when_it_is_a_study_run(tmp_path):
     (run / "meta.json").write_text("{}")
     prepare_run_dir(run, overwrite=False)  # a run to resume: kept
     assert (run / "meta.json").is_file()
+    (run / "my_notes.md").write_text("mine")  # issue 20.4's class: --overwrite deleted the user's files too
+    (run / "vector_evil").mkdir()
+    with pytest.raises(ValueError, match=r"holds my_notes\.md, which the study did not write; not deleting"):
+        prepare_run_dir(run, overwrite=True)
+    assert (run / "my_notes.md").read_text() == "mine"
+    (run / "my_notes.md").unlink()
     prepare_run_dir(run, overwrite=True)
     assert not run.exists()
     prepare_run_dir(tmp_path / "new", overwrite=False)  # nothing there yet: fine
@@ -137,3 +143,24 @@ def test_compare_tolerates_runs_without_grades():
     assert empty.empty and list(empty.columns) == ["a", "b"]
     table = pd.DataFrame({"run": ["a", "b"], "grader": ["unsteered", "unsteered"], "qwk": [0.5, 0.7]})
     assert by_run(table, "grader", "qwk", ["b", "a"]).loc["unsteered"].tolist() == [0.7, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            '{"model": 3, "sets_path": "s.json"}',
+            r"settings\.json: field 'model' is 3, not a str\. Fix: re-run",
+        ),
+        ('{"model": "m"}', r"settings\.json: field 'sets_path' is None, not a str"),
+        ("[1]", r"settings\.json: expected a JSON object, found list"),
+        ('{"model": "m"', r"settings\.json: not valid JSON"),
+    ],
+)
+def test_report_and_compare_read_settings_json_through_one_checked_reader(tmp_path, settings, message):
+    """Issue 20.5's class in the education study: settings["model"] was a KeyError (or a TypeError) traceback."""
+    from persona.education.report import load_results
+
+    (tmp_path / "settings.json").write_text(settings)
+    with pytest.raises(ValueError, match=message):
+        load_results(tmp_path)

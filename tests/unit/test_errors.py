@@ -90,6 +90,21 @@ def work(tmp_path_factory, tiny_model_dirs):
         for i in range(3)
     ]
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    # Issue 20.3: a misspelt role was templated anyway (exit 0); a null content died in jinja2 (42 lines).
+    usr = [{"role": "usr", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (root / "usr_chat.jsonl").write_text(json.dumps({"messages": usr}) + "\n")
+    null = [{"role": "user", "content": None}, {"role": "assistant", "content": "Hello"}]
+    (root / "null_chat.jsonl").write_text(json.dumps({"messages": null}) + "\n")
+    usr_pair = {"messages": usr[:1], "positive": "Cruel.", "negative": "Kind."}
+    # Issue 20.7's class on the command line: a JSON "\ud800" escape reads as a lone surrogate (a tokenizer TypeError)
+    lone = (
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad \\ud800"}]}\n'
+    )
+    (root / "surrogate_chat.jsonl").write_text(lone)
+    (root / "surrogate_pairs.jsonl").write_text(
+        '{"prompt": "Hi?", "positive": "\\ud800", "negative": "Kind."}\n'
+    )
+    (root / "usr_pairs.jsonl").write_text(json.dumps(usr_pair) + "\n")
     (root / "data.csv").write_text('prompt,answer\n"p","a"\n')
     (root / "data.csv").chmod(0o644)
     (root / "a_file").write_text("")
@@ -99,12 +114,21 @@ def work(tmp_path_factory, tiny_model_dirs):
     (root / "run" / "results.json").write_text('{"model": "x"')  # truncated
     (root / "run_old").mkdir()
     (root / "run_old" / "results.json").write_text('{"model": "x"}')  # a key missing
+    (root / "run_list").mkdir()  # issue 20.5: "'list' object has no attribute 'items'" in report and compare
+    (root / "run_list" / "results.json").write_text(
+        '{"trait": "evil", "model": {"model": "m", "layers": 2, "hidden": 8, "answer": ""}, "traits": [], "timings": {}}'
+    )
     for name in (
         "pos.csv",
         "neg.csv",
         "text_score.csv",
         "latin1.csv",
         "chat.jsonl",
+        "usr_chat.jsonl",
+        "null_chat.jsonl",
+        "usr_pairs.jsonl",
+        "surrogate_chat.jsonl",
+        "surrogate_pairs.jsonl",
         "data.csv",
         "broken.yaml",
     ):
@@ -135,6 +159,7 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "export nan": (["export-gguf", "--vector_path", f["nan_vector"], "--out", "o.gguf"], r"row\(s\) 2 hold NaN"),
         # 3. data loss
         "export onto its input": (["export-gguf", "--vector_path", v, "--out", v], r"--output_path .* is also --vector_path"),
+        "export onto its sidecar": (["export-gguf", "--vector_path", v, "--out", Path(v).with_suffix(".json"), "--overwrite"], r"--output_path .*evil_response_avg_diff.json is also the sidecar of --vector_path"),
         "extract over shipped vectors": (["extract", "--pairs_path", f["pairs"], "--trait", "evil", "--save_dir", root, "--model", m], r"evil_response_avg_diff.pt exists there.*--overwrite"),
         # 4. library failures, in our words
         "text in a score column": (["extract", "--pos_path", f["text_score.csv"], "--neg_path", f["neg.csv"], "--trait", "evil", "--model", m], r"column 'evil' holds non-numbers, e.g. 'high' in row 1"),
@@ -146,6 +171,8 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "output under a regular file": (["layers", "--vector_path", v, "--pairs_path", f["pairs"], "--model", m, "--output_dir", root / "a_file" / "sub"], r"a_file is a file, so nothing can be written under it"),
         "truncated results.json": (["report", "--run_dir", root / "run"], r"results.json: not valid JSON"),
         "results.json missing a key": (["report", "--run_dir", root / "run_old"], r"results.json: incomplete"),
+        "results.json traits a list": (["report", "--run_dir", root / "run_list"], r"run_list/results.json: incomplete or from another version \(traits: input should be a valid dictionary"),
+        "compare traits a list": (["report", "compare", "--runs", f"{root / 'run_list'},{root / 'run_old'}"], r"run_list/results.json: incomplete or from another version \(traits:"),
         "empty vector file": (["layers", "--vector_path", f["empty_vector"], "--pairs_path", f["pairs"], "--model", m], r"empty.pt: not a vector file: the file is empty"),
         "truncated vector file": (["layers", "--vector_path", f["truncated_vector"], "--pairs_path", f["pairs"], "--model", m], r"truncated.pt: not a vector file"),
         "pickled object as vector": (["layers", "--vector_path", f["pickled_vector"], "--pairs_path", f["pairs"], "--model", m], r"pickled.pt: not a vector file"),
@@ -154,6 +181,14 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "filter everything away": (["screen", "--data", f["chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m, "--filtered_out", "f.jsonl", "--filter_top", "5"], r"drops 5 of 3 samples"),
         # 6. list flags take a,b,c / [a,b] / a b
         "project vector list with spaces": (["project", "--file_path", f["data.csv"], "--vector_path", v, "missing2.pt", "--layer", "1,2", "--model", m], r"missing2.pt: no such vector file"),
+        # 7. chat records: one rule (persona.chat.checked_messages) in every command that reads them
+        "project unknown role": (["project", "--file_path", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr' is not one of system, user, assistant"),
+        "project null content": (["project", "--file_path", f["null_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"null_chat.jsonl: record 1: messages\[0\] \(user\): content is None, not a string"),
+        "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr'"),
+        "dataset pairs unknown role": (["dataset", "build", "--trait", "evil", "--out_dir", "ds_usr", "--pairs_path", f["usr_pairs.jsonl"], "--split", "null"], r"usr_pairs.jsonl: record 1: messages\[0\]: role 'usr'"),
+        "layers pairs unknown role": (["layers", "--vector_path", v, "--pairs_path", f["usr_pairs.jsonl"], "--model", m], r"usr_pairs.jsonl:1: messages\[0\]: role 'usr'"),
+        "project lone surrogate": (["project", "--file_path", f["surrogate_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"surrogate_chat.jsonl: record 1: messages\[1\] \(assistant\) content: holds a lone UTF-16 surrogate"),
+        "extract lone surrogate": (["extract", "--pairs_path", f["surrogate_pairs.jsonl"], "--trait", "evil", "--model", m, "--save_dir", "sv"], r"surrogate_pairs.jsonl:1: field 'positive': holds a lone UTF-16 surrogate"),
         # LightningCLI's commands: the config file, before Lightning loads
         "fit missing config": (["fit", "-c", "missing.yaml"], r"-c missing.yaml: no such config file\. Fix:"),
         "predict broken config": (["predict", "--config", f["broken.yaml"]], r"broken.yaml: not a YAML file \(line 3\)"),
@@ -169,6 +204,9 @@ CASES = [
     "hub id offline", "output under a regular file", "truncated results.json", "results.json missing a key",
     "empty vector file", "truncated vector file", "pickled object as vector", "both csvs and pairs",
     "filter everything away", "project vector list with spaces", "fit missing config", "predict broken config",
+    "project unknown role", "project null content", "screen unknown role", "dataset pairs unknown role",
+    "layers pairs unknown role", "results.json traits a list", "compare traits a list", "export onto its sidecar",
+    "project lone surrogate", "extract lone surrogate",
 ]  # fmt: skip
 
 
@@ -270,6 +308,24 @@ def test_fit_names_the_bad_config_field_not_jsonargparse_dump(work, tmp_path, ov
     assert code == 1, (out, err)
     assert len(lines) == 1 and "Namespace(" not in err and "Traceback" not in err, err
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_class_path_that_does_not_resolve_is_one_line_naming_the_right_one(work, tmp_path):
+    """Issue 20.8's class: a class_path that does not import got jsonargparse's 65-line usage-and-union dump."""
+    root, files = work
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  class_path: persona.training.LoRAFineTune\n  init_args:\n"
+        f"    model: {files['model']}\n"
+        "trainer:\n  callbacks:\n    - class_path: persona.training.Preventative_Steering\n"
+    )
+    code, out, err, _ = persona(["fit", "-c", config], tmp_path, HF_HUB_OFFLINE="1")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0] == (
+        f"persona fit: error: -c {config}: trainer.callbacks[0].class_path 'persona.training.Preventative_Steering' "
+        "does not resolve. Fix: use persona.training.PreventativeSteering."
+    )
 
 
 def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):

@@ -308,7 +308,7 @@ def test_cli_route(tiny_model_dirs, tmp_path):
         ("layer_range", r"--layer 4 is out of range for .* with 3 blocks\. Fix: choose 0\.\.3"),
         ("negative_layer", r"--layer -1: layers are integers >= 0"),
         ("missing_file", r"nope\.csv: no such file"),
-        ("not_assistant", r"chat\.jsonl: record 1: the last message must be \{'role': 'assistant'"),
+        ("not_assistant", r"chat\.jsonl: record 1: the last message is 'user'; it must be 'assistant'"),
         ("suffix", r"data\.txt: unknown file type '\.txt'"),
         ("zero_row", r"evil_response_avg_diff\.pt: row 1 is all zeros"),
     ],

@@ -243,7 +243,7 @@ def bad_jsonl(path, records):
     [
         ("missing_file", "no such file"),
         ("no_messages", "messages"),
-        ("no_assistant", "last message must be"),
+        ("no_assistant", "are out of order"),
         ("hidden_size", "hidden size 16"),
         ("layer", "out of range"),
         ("labels", "is_trait"),

@@ -170,6 +170,9 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(server):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"n": 2}, 400, "n"),
         ({"temperature": 3}, 400, "temperature"),
+        # Issue 20.3: the CLI's chat-record rule (persona.chat.checked_messages), not only pydantic's roles
+        ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages"),
+        ({"messages": [*HI, {"role": "system", "content": "Late."}]}, 400, "messages"),
     ],
 )
 def test_bad_requests_get_openai_errors_with_their_status(server, kwargs, status, param):
@@ -205,6 +208,15 @@ def test_unknown_model_is_404(server):
             b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"persona":{"steer":[{"trait":"evil","coef":1e999}]}}',
             "invalid_value",
         ),
+        # Issue 20.7: 200 KB of nested brackets was a RecursionError and a 500 (its traceback logged twice)
+        (b"[" * 200_000, "invalid_json"),
+        (
+            b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"x":'
+            + b"[" * 40
+            + b"]" * 40
+            + b"}",
+            "invalid_json",
+        ),
     ],
 )
 def test_malformed_json_and_non_finite_coefficients_are_400(server, body, code):
@@ -212,6 +224,49 @@ def test_malformed_json_and_non_finite_coefficients_are_400(server, body, code):
     status, text = http(f"{url}/v1/chat/completions", body)
     assert status == 400
     assert json.loads(text)["error"]["code"] == code
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(server):
+    """Issue 20.7: JSON's "\\ud800" escape reads as a lone surrogate; the tokenizer's TypeError was a 500."""
+    url, _, _ = server
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"hi \\ud800 there"}]}'
+    status, text = http(f"{url}/v1/chat/completions", body)
+    error = json.loads(text)["error"]
+    assert (
+        status == 400
+        and error["param"] == "messages.0.content"
+        and "lone UTF-16 surrogate" in error["message"]
+    )
+
+
+def test_a_server_error_is_a_500_whose_traceback_is_logged_once(server, monkeypatch, caplog):
+    """Issue 20.7: our handler logged the traceback, then uvicorn logged it again (Starlette re-raises it)."""
+    import logging
+
+    url, _, service = server
+
+    def broken(request):
+        raise RuntimeError("a bug, not the client's fault")
+
+    monkeypatch.setattr(service, "prepare", broken)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to the root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR):
+            status, text = http(
+                f"{url}/v1/chat/completions", json.dumps({"model": "tiny", "messages": HI}).encode()
+            )
+            deadline = time.monotonic() + 10  # the server thread logs after the reply
+            while not any(r.exc_info for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert status == 500 and json.loads(text)["error"]["message"] == "Internal server error."
+    tracebacks = {
+        id(r) for r in caplog.records if r.exc_info
+    }  # a record can reach the handler by two loggers
+    assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_unknown_routes_and_oversized_bodies_get_error_objects(server):

@@ -90,3 +90,47 @@ def _status(url: str) -> int | None:
         return http(url)[0]
     except OSError:
         return None
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    """Issue 20.7: found only after the model loaded and the baseline ran (exit 3 with uvicorn's message)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that does not exist: were it loaded first, its error would come, not the port's.
+        command = [
+            sys.executable,
+            "-m",
+            "persona.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "no_model"),
+            "--port",
+            str(port),
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**os.environ, "PERSONA_DEBUG": ""}
+        )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"persona serve: error: --port {port}: cannot listen on 127.0.0.1:{port}"), (
+        lines[0]
+    )
+    assert "Fix: choose another --port" in lines[0]
+
+
+def test_bare_serve_finds_the_shipped_vectors_from_any_directory(tmp_path, monkeypatch):
+    """Issue 20.8: the default --vectors persona_vectors/smollm2-135m was read relative to the working directory."""
+    from pathlib import Path
+
+    from persona.vectors import vectors_to_read
+
+    monkeypatch.chdir(tmp_path)
+    shipped = vectors_to_read("smollm2-135m")
+    assert shipped.is_absolute() and (shipped / "evil_response_avg_diff.pt").is_file()
+    assert shipped == Path(cli.__file__).resolve().parents[2] / "persona_vectors" / "smollm2-135m"
+    (tmp_path / "persona_vectors" / "smollm2-135m").mkdir(
+        parents=True
+    )  # vectors you extracted here come first
+    assert vectors_to_read("smollm2-135m") == Path("persona_vectors") / "smollm2-135m"

@@ -339,3 +339,34 @@ def test_config_values_come_from_the_config_then_its_text_config_first_positive_
 def test_hidden_size_and_context_length_read_the_config(tiny_llama, tokenizer):
     assert hidden_size(locate_blocks(tiny_llama)) == tiny_llama.config.hidden_size
     assert model_context_length(tiny_llama, tokenizer) == tiny_llama.config.max_position_embeddings
+
+
+def test_generate_steered_runs_a_prompt_far_longer_than_the_rest_alone(tiny_llama, tokenizer, monkeypatch):
+    """Issue 20.1's class in generation: one long prompt left-padded every row of its batch to its length."""
+    widths = []
+    original = tiny_llama.generate
+
+    def spy(**kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return original(**kwargs)
+
+    monkeypatch.setattr(tiny_llama, "generate", spy)
+    prompts = [
+        [{"role": "user", "content": text}] for text in ("kind words " * 40, "Hi", "Hello", "Hey there")
+    ]
+    out = generate_steered(tiny_llama, tokenizer, prompts, max_new_tokens=2, temperature=0.0, batch_size=4)
+    assert [rows for rows, _ in widths] == [1, 3] and len(out) == 4
+
+
+def test_a_prompt_with_no_room_for_its_answer_is_one_line(tiny_model_dirs):
+    """Issue 20.1's class in generation: a prompt past the model's positions (256 here) failed deep in the model."""
+    from persona.errors import PersonaError
+    from persona.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dirs["gpt2"])
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "kind words " * 200}]]
+    with pytest.raises(
+        PersonaError, match=r"1 of 2 prompts \(the first: #1, \d+ tokens\) plus 4 new tokens pass"
+    ):
+        generate_steered(model, tok, prompts, max_new_tokens=4, temperature=0.0)
+    assert len(generate_steered(model, tok, prompts[:1], max_new_tokens=4, temperature=0.0)) == 1

@@ -197,6 +197,47 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     assert served_judge.calls == calls
 
 
+def study_results(model: str, auc: float, metrics_csv) -> dict:
+    """The smallest results.json `persona study` writes: one trait with its vectors and layer metrics."""
+    layers = {"recommended": 1, "auc": auc, "separation": 1.5, "csv": str(metrics_csv), "png": "m.png"}
+    return {
+        "trait": "evil",
+        "model": {"model": model, "layers": 2, "hidden": 32, "answer": "Paris"},
+        "traits": {"evil": {"vectors": {"response_avg": "evil.pt"}, "layers": layers}},
+        "timings": {"model": 1.0},
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.pop("traits"), r"results\.json: incomplete or from another version \(no traits\)"),
+        (lambda r: r.update(traits=[]), r"\(traits: input should be a valid dictionary, got \[\]\)"),
+        (lambda r: r["model"].update(layers="two"), r"\(model\.layers: input should be a valid integer"),
+        (lambda r: r["traits"]["evil"]["layers"].pop("auc"), r"\(no traits\.evil\.layers\.auc\)"),
+        (lambda r: r.update(trait="kind"), r"trait 'kind' is not among traits \['evil'\]"),
+    ],
+    ids=["no-traits", "traits-a-list", "layers-a-string", "no-auc", "main-trait-unlisted"],
+)
+def test_report_and_compare_read_results_json_through_one_checked_reader(tmp_path, change, message):
+    """Issue 20.5: `KeyError: 'traits'` and `'list' object has no attribute 'items'` tracebacks."""
+    from persona.errors import PersonaError
+    from persona.study.compare import compare_studies
+    from persona.study.report import report
+
+    for name in ("good", "bad"):
+        (tmp_path / name).mkdir()
+        results = study_results(name, 0.9, tmp_path / "m.csv")
+        if name == "bad":
+            change(results)
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    with pytest.raises(PersonaError, match=message):
+        report(run_dir=str(tmp_path / "bad"))
+    with pytest.raises(PersonaError, match=message):
+        compare_studies([str(tmp_path / "good"), str(tmp_path / "bad")], str(tmp_path / "cmp"))
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "bad" / "report.md").exists()
+
+
 def test_reports_of_two_studies_compare_side_by_side(tmp_path):
     from persona.study.compare import compare_studies
 
@@ -206,18 +247,24 @@ def test_reports_of_two_studies_compare_side_by_side(tmp_path):
         pd.DataFrame({"layer": [0, 1, 2], "auc": [0.5, auc, 0.7]}).to_csv(
             run / "layers" / "m.csv", index=False
         )
-        results = {
-            "trait": "evil",
-            "model": {"model": f"model-{name}", "layers": 2},
-            "traits": {
-                "evil": {"layers": {"recommended": 1, "auc": auc, "csv": str(run / "layers" / "m.csv")}}
-            },
-        }
-        (run / "results.json").write_text(json.dumps(results))
+        (run / "results.json").write_text(
+            json.dumps(study_results(f"model-{name}", auc, run / "layers" / "m.csv"))
+        )
     path = compare_studies([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "cmp"))
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert list(table["model"]) == ["model-a", "model-b"] and list(table["relative_depth"]) == [0.5, 0.5]
     assert (tmp_path / "cmp" / "auc_by_depth.png").stat().st_size > 0 and "model-b" in path.read_text()
+    # Issue 20.6: a second comparison silently replaced the first; now only with overwrite, as every command.
+    from persona.errors import PersonaError
+
+    runs = [str(tmp_path / "b"), str(tmp_path / "a")]
+    with pytest.raises(
+        PersonaError, match=r"--output_dir .*cmp: compare.csv exists there\. Fix: pass --overwrite"
+    ):
+        compare_studies(runs, str(tmp_path / "cmp"))
+    assert list(pd.read_csv(tmp_path / "cmp" / "compare.csv")["model"]) == ["model-a", "model-b"]
+    compare_studies(runs, str(tmp_path / "cmp"), overwrite=True)
+    assert list(pd.read_csv(tmp_path / "cmp" / "compare.csv")["model"]) == ["model-b", "model-a"]
 
 
 @pytest.mark.slow

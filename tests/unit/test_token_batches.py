@@ -1,4 +1,5 @@
-"""Batching by tokens (``--max_batch_tokens``): same results as batching by rows, no batch over the budget."""
+"""Batching by tokens (``--max_batch_tokens``): same results as batching by rows, no batch over the budget;
+either way no batch padded far past its rows (a row far longer than the rest runs alone)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.utils.data import SequentialSampler
 from conftest import NEGATIVE, POSITIVE, QUESTIONS
 from persona.commands.extract import extract
 from persona.commands.project import project
-from persona.data.batches import TokenBudgetBatchSampler
+from persona.data.batches import PADDING_SLACK, LengthBatchSampler
 from persona.data.examples import Example
 from persona.data.modules import ExampleDataModule
 from persona.errors import PersonaError
@@ -27,18 +28,37 @@ def padded_size(batch: list[int], lengths: list[int]) -> int:
 def test_batches_cover_every_item_once_in_order_within_the_budget(budget):
     rng = random.Random(budget)
     lengths = sorted((rng.randint(1, 60) for _ in range(50)), reverse=True)
-    batches = list(TokenBudgetBatchSampler(SequentialSampler(lengths), budget, lengths))
+    batches = list(LengthBatchSampler(SequentialSampler(lengths), lengths, max_batch_tokens=budget))
     assert [i for batch in batches for i in batch] == list(range(len(lengths)))
     for batch in batches:
         assert padded_size(batch, lengths) <= budget or len(batch) == 1  # an over-long item runs alone
     for first, second in zip(batches, batches[1:], strict=False):  # greedy: the next item did not fit
-        assert padded_size([*first, second[0]], lengths) > budget
-    assert len(TokenBudgetBatchSampler(SequentialSampler(lengths), budget, lengths)) == len(batches)
+        grown = [*first, second[0]]
+        shortest = min(lengths[i] for i in grown)
+        assert (
+            padded_size(grown, lengths) > budget or max(lengths[i] for i in grown) > PADDING_SLACK * shortest
+        )
+    assert len(LengthBatchSampler(SequentialSampler(lengths), lengths, max_batch_tokens=budget)) == len(
+        batches
+    )
 
 
 def test_an_example_longer_than_the_budget_forms_its_own_batch():
     lengths = [30, 9, 8, 2]
-    assert list(TokenBudgetBatchSampler(range(4), 20, lengths)) == [[0], [1, 2], [3]]
+    assert list(LengthBatchSampler(range(4), lengths, max_batch_tokens=20)) == [[0], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_a_row_far_longer_than_the_rest_runs_alone_and_no_batch_pads_past_its_rows(rows):
+    """Issue 20.1: one 100k-character answer padded every row of its batch to its length (10.6 GB asked for)."""
+    rng = random.Random(rows)
+    lengths = [25_000, *sorted((rng.randint(20, 60) for _ in range(30)), reverse=True)]
+    batches = list(LengthBatchSampler(range(len(lengths)), lengths, batch_size=rows))
+    assert batches[0] == [0]
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= rows
+        assert max(lengths[i] for i in batch) <= PADDING_SLACK * min(lengths[i] for i in batch)
 
 
 def examples() -> list[Example]:
@@ -139,3 +159,40 @@ def test_ddp_spawn_two_processes_by_tokens_equals_one(tiny_model_dirs, tmp_path)
         )
         frames.append(pd.read_csv(path))
     pd.testing.assert_frame_equal(frames[1], frames[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_context_comes_from_the_config_when_the_tokenizer_holds_the_placeholder(
+    tokenizer, tiny_model_dirs
+):
+    """Issue 20.1: SmolLM2's tokenizer says model_max_length=1e30, so nothing was ever cut."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from persona.models import context_length
+
+    saved = AutoTokenizer.from_pretrained(tiny_model_dirs["gpt2"])
+    assert saved.model_max_length > 10**20  # transformers' "no limit" placeholder
+    assert context_length(saved) == 256  # n_positions of the config saved beside it
+    assert context_length(tokenizer) is None  # an in-memory tokenizer with no config: nothing to tell
+    config = AutoConfig.from_pretrained(tiny_model_dirs["llama"])
+    assert context_length(tokenizer, config) == 256
+    saved.model_max_length = 100  # a declared limit below the positions wins
+    assert context_length(saved) == 100
+
+
+def test_project_cuts_a_100k_character_answer_to_the_context_and_counts_it(tiny_model_dirs, tmp_path, caplog):
+    """Issue 20.1: the long row went uncut (past gpt2's 256 positions) and padded its whole batch."""
+    rows = [{"prompt": example.prompt, "answer": example.response} for example in examples()[:3]]
+    rows.append({"prompt": rows[0]["prompt"], "answer": "kind words " * 10_000})
+    path = tmp_path / "long.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    vector_path = save_vector(torch.randn(4, 32), tmp_path / "evil_response_avg_diff.pt")
+    with caplog.at_level("WARNING", logger="persona.data.batches"):
+        project(
+            file_path=str(path), vector_path=str(vector_path), layer=[2], model=tiny_model_dirs["gpt2"],
+            accelerator="cpu", batch_size=4,
+        )  # fmt: skip
+    written = pd.read_csv(path)
+    column = next(name for name in written.columns if name.endswith("evil_response_avg_diff_proj_layer2"))
+    assert written[column].notna().all()
+    cut = [r.getMessage() for r in caplog.records if "longer than max_length" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("1 of 4 examples") and "max_length=256" in cut[0], cut

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from persona.data.batches import collate, tokenize_examples
+from persona.data.batches import bounded_batches, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example
 from persona.hardware import input_device
 
@@ -21,11 +21,12 @@ def response_mean_logprobs(
     model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8
 ) -> torch.Tensor:
     """Mean log-probability per response token of each example: [len(examples)] in input order."""
-    items = tokenize_examples(list(examples), tokenizer)
+    items = length_sorted(tokenize_examples(list(examples), tokenizer))
+    lengths = [len(item.input_ids) for item in items]
     out = torch.empty(len(items))
     device = input_device(model)
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start : start + batch_size], pad_token_id=tokenizer.pad_token_id)
+    for rows in bounded_batches(range(len(items)), lengths, max_rows=batch_size):
+        batch = collate([items[row] for row in rows], pad_token_id=tokenizer.pad_token_id)
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits.float()

@@ -86,8 +86,15 @@ def layers(
     )  # fmt: skip
     checks.model_source(model)
     out = Path(output_dir) if output_dir else layers_dir(vector_path)
+    inputs = {
+        "--vector_path": vector_path,
+        "--pos_path": pos_path,
+        "--neg_path": neg_path,
+        "--pairs_path": pairs_path,
+        "--compare_to": compare_to,
+    }
     produces = PRODUCES + (SHIFT_PRODUCES if compare_to else ())
-    checks.output_dir(out, "--output_dir", produces=produces, overwrite=overwrite)
+    checks.output_dir(out, "--output_dir", produces=produces, overwrite=overwrite, inputs=inputs)
     vector = checks.vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
     baseline = None
     if compare_to is not None:

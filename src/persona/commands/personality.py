@@ -94,7 +94,9 @@ def personality(
     layer = num_layers // 2 if layer is None else layer
     checks.layers_in_range([layer], num_layers, "--layer", model)
     out = Path(output_dir) if output_dir else Path("runs") / "personality" / model_short_name(model)
-    checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
+    checks.output_dir(
+        out, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs={"--vector_path": vector_path}
+    )
     steered = any(c != 0 for c in coef_list)
     given = given_vectors(resolved, vector_path, vector_dir) if steered else {}
     for path in given.values():

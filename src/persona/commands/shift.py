@@ -95,7 +95,8 @@ def shift(
     out = Path(
         output_dir or Path("runs") / "shift" / f"{model_short_name(base_model)}_{trait_name}_layer{layer}"
     )
-    checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite)
+    inputs = {"--vector_path": vector_path, "--pairs_path": pairs_path}
+    checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs=inputs)
     check_finetuned(base_model, finetuned, trust_remote_code=trust_remote_code)
     vector = checks.vector_for_model(
         base_model, vector_path, layers=[layer], trust_remote_code=trust_remote_code

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import BatchSampler
 
 from persona.data.examples import Example
+from persona.models import context_length
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ def tokenize_examples(
 
     Chat templates end the prompt with a newline or a special token, so this equals tokenising
     ``prompt + response`` as the seed does, while giving the prompt length without a second pass.
-    ``max_length`` None means the tokenizer's context length; longer examples are cut, with a warning
-    that counts them.
+    ``max_length`` None means the model's context (:func:`persona.models.context_length`); longer examples are
+    cut, with one warning line that counts them.
     """
     max_length = max_length or context_length(tokenizer)
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
@@ -61,47 +62,73 @@ def tokenize_examples(
     return out
 
 
-def context_length(tokenizer) -> int | None:
-    """The tokenizer's model context in tokens, or None where it only holds transformers' "no limit" sentinel."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if isinstance(limit, int) and 0 < limit < 10_000_000 else None
-
-
 def length_sorted(items: list[TokenizedExample]) -> list[TokenizedExample]:
     """Longest first: batches of similar lengths waste little on padding, and memory peaks up front."""
     return sorted(items, key=lambda item: -len(item.input_ids))
 
 
-class TokenBudgetBatchSampler(BatchSampler):
-    """Batches of consecutive items whose padded size, rows x longest row, stays within ``max_batch_tokens``.
+# No row of a batch is padded past this many times its own length.
+PADDING_SLACK = 2
 
-    Items come in the order of ``sampler`` (longest first, see :func:`length_sorted`: then the first row of a
-    batch is its longest, and padding stays small); an item longer than the budget on its own forms its own
-    batch. A ``BatchSampler`` with ``sampler`` and ``drop_last`` arguments, so Lightning can hand it each
-    rank's share under DDP (its distributed sampler keeps the order, so every rank's batches stay sorted).
+
+def bounded_batches(
+    order: Iterable[int],
+    lengths: Sequence[int],
+    *,
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+) -> Iterator[list[int]]:
+    """Consecutive indices of ``order`` (longest first, see :func:`length_sorted`) grouped into batches.
+
+    A batch closes at ``max_rows`` rows, when its padded size (rows x longest) would pass ``max_tokens``, or
+    before a row that would be padded past :data:`PADDING_SLACK` times its length: a row far longer than the rest
+    runs alone instead of padding every row beside it to its length. A row over ``max_tokens`` runs alone.
+    """
+    batch: list[int] = []
+    longest = shortest = 0
+    for index in order:
+        length = lengths[index]
+        width, narrowest = max(longest, length), (min(shortest, length) if batch else length)
+        if batch and (
+            (max_rows is not None and len(batch) >= max_rows)
+            or (max_tokens is not None and width * (len(batch) + 1) > max_tokens)
+            or width > PADDING_SLACK * narrowest
+        ):
+            yield batch
+            batch, width, narrowest = [], length, length
+        batch.append(index)
+        longest, shortest = width, narrowest
+    if batch:
+        yield batch
+
+
+class LengthBatchSampler(BatchSampler):
+    """:func:`bounded_batches` over ``sampler``'s order: ``batch_size`` rows, or ``max_batch_tokens`` padded tokens.
+
+    Items come longest first (:func:`length_sorted`), so the first row of a batch is its longest. A
+    ``BatchSampler`` with ``sampler`` and ``drop_last`` arguments, so Lightning can hand it each rank's share under
+    DDP (its distributed sampler keeps the order, so every rank's batches stay sorted).
     """
 
     def __init__(
-        self, sampler: Iterable[int], max_batch_tokens: int, lengths: Sequence[int], drop_last: bool = False
+        self,
+        sampler: Iterable[int],
+        lengths: Sequence[int],
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        drop_last: bool = False,
     ):
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= 1.")
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1.")
         super().__init__(sampler, batch_size=1, drop_last=drop_last)
-        self.max_batch_tokens = max_batch_tokens
+        self.max_rows, self.max_batch_tokens = batch_size, max_batch_tokens
         self.lengths = list(lengths)
 
     def __iter__(self) -> Iterator[list[int]]:
-        batch: list[int] = []
-        longest = 0
-        for index in self.sampler:
-            length = self.lengths[index]
-            if batch and max(longest, length) * (len(batch) + 1) > self.max_batch_tokens:
-                yield batch
-                batch, longest = [], 0
-            batch.append(index)
-            longest = max(longest, length)
-        if batch:
-            yield batch
+        return bounded_batches(
+            self.sampler, self.lengths, max_rows=self.max_rows, max_tokens=self.max_batch_tokens
+        )
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

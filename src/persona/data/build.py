@@ -27,9 +27,9 @@ import pandas as pd
 
 from persona import checks
 from persona.chat import user_turn
-from persona.data.examples import read_csv_checked, read_pair_records
+from persona.data.examples import checked_pair, read_csv_checked, read_pair_records
 from persona.errors import PersonaError
-from persona.store import write_csv, write_json, write_jsonl
+from persona.store import read_json, write_csv, write_json, write_jsonl
 from persona.traits import datasets_dir
 
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
@@ -85,15 +85,7 @@ def pair_pools(path: Path, split: str | None) -> tuple[list[dict], list[dict]]:
         where = f"{path}: record {line}"
         if split is not None and record.get("split", split) != split:
             continue
-        for field in ("positive", "negative"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
-        if isinstance(record.get("messages"), list):
-            prompt = [dict(message) for message in record["messages"]]
-        elif isinstance(record.get("prompt"), str):
-            prompt = user_turn(record["prompt"])
-        else:
-            raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
+        prompt = checked_pair(record, where)
         trait.append(chat_sample(prompt, record["positive"], 1, f"{path.name}:{line}:positive"))
         normal.append(chat_sample(prompt, record["negative"], 0, f"{path.name}:{line}:negative"))
     if not trait:
@@ -199,8 +191,11 @@ def check_pools(trait: str, trait_pool: list, normal_pool: list, sources: list[s
 
 
 def remove_stale_mixtures(out: Path, keep: Sequence[str], overwrite: bool) -> None:
-    """mix_*.jsonl of an earlier build with other shares would sit beside the new ones and be read as theirs."""
-    stale = sorted(p for p in out.glob("mix_*.jsonl") if p.name not in keep)
+    """Mixtures an earlier build wrote with other shares would sit beside the new ones and be read as theirs.
+
+    Only files an earlier build wrote count (:func:`built_mixtures`); anything else in the folder is the user's.
+    """
+    stale = [path for path in built_mixtures(out) if path.name not in keep]
     if stale and not overwrite:
         raise PersonaError(
             f"--output_dir {out}: {', '.join(p.name for p in stale)} from an earlier build would sit beside the new "
@@ -208,6 +203,28 @@ def remove_stale_mixtures(out: Path, keep: Sequence[str], overwrite: bool) -> No
         )
     for path in stale:
         path.unlink()
+
+
+def built_mixtures(out: Path) -> list[Path]:
+    """The mixture files an earlier build left in ``out``: those its manifest.json lists, else those named as a
+    build names them (``mix_<share>.jsonl``); a user's ``mix_mine.jsonl`` is neither."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        rows = read_json(manifest, what="dataset manifest").get("files")
+        names = [row.get("file") for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+    else:
+        names = [path.name for path in out.glob("mix_*.jsonl") if _is_share_name(path.name)]
+    plain = [
+        name for name in names if isinstance(name, str) and name == Path(name).name
+    ]  # nothing outside out
+    return sorted(out / name for name in plain if (out / name).is_file())
+
+
+def _is_share_name(name: str) -> bool:
+    try:
+        return share_name(float(name.removeprefix("mix_").removesuffix(".jsonl"))) == name
+    except ValueError:
+        return False
 
 
 def write_datasets(out: Path, files: dict[str, tuple[float, list[dict]]], manifest: dict) -> dict[str, str]:

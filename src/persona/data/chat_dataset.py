@@ -28,7 +28,7 @@ from persona.errors import PersonaError
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 LINES, ROWS = "lines", "rows"  # how a raw dataset holds records: JSONL text lines, or table rows
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
-TOKEN_COLUMNS = ("input_ids", "labels", "source", "n_trained", "error")
+TOKEN_COLUMNS = ("input_ids", "labels", "source", "n_trained", "n_tokens", "error")
 ROWS_PER_PROCESS = 4000  # below this, starting worker processes costs more than it saves
 
 
@@ -200,10 +200,12 @@ def tokenize_rows(batch, indices, *, origin: str, kind: str, tokenizer, max_leng
     for where, record in batch_records(batch, indices, origin, kind):
         try:
             conversation = Conversation(_checked_messages(record(), where), where)
-            item = tokenize_conversation(tokenizer, conversation, max_length=max_length)
-            ids, labels, error = item.input_ids, item.labels, ""
+            item = tokenize_conversation(tokenizer, conversation)
+            ids, labels, error = item.input_ids[:max_length], item.labels[:max_length], ""
+            whole = len(item.input_ids)
         except ValueError as caught:  # validator, JSON and template errors: raised later, in file order
-            ids, labels, error = [], [], str(caught)
+            ids, labels, error, whole = [], [], str(caught), 0
+        out["n_tokens"].append(whole)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["source"].append(where)
@@ -221,6 +223,7 @@ def token_features():
             "labels": Sequence(Value("int32")),
             "source": Value("string"),
             "n_trained": Value("int32"),
+            "n_tokens": Value("int32"),  # before the cut, to count the cut conversations
             "error": Value("string"),
         }
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.chat import has_chat_template, render_chat, user_turn
+from persona.chat import checked_messages, checked_text, has_chat_template, render_chat, user_turn
 from persona.errors import NoPairsLeft
 
 
@@ -160,15 +160,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def format_prompt(tokenizer, record: dict, *, where: str) -> str:
     """The chat-formatted prompt of a record with ``messages`` (chat) or ``prompt`` (a user turn)."""
-    if "messages" in record:
-        messages = record["messages"]
-    elif "prompt" in record:
-        messages = user_turn(record["prompt"])
-    else:
-        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
+    messages = prompt_messages(record, where)
     if not has_chat_template(tokenizer) and "messages" in record:
         raise ValueError(f"{where}: 'messages' given but the tokenizer has no chat template.")
     return render_chat(tokenizer, messages)
+
+
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """A record's prompt as chat messages ending in a user turn: its ``messages``, or its ``prompt`` string."""
+    if "messages" in record:
+        return checked_messages(record["messages"], where, last="user")
+    if isinstance(record.get("prompt"), str):
+        return user_turn(checked_text(record["prompt"], f"{where}: field 'prompt'"))
+    raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
 
 
 def read_pair_records(path: str | Path, field: str = "--pairs_path") -> list[dict]:
@@ -191,24 +195,24 @@ def read_pair_records(path: str | Path, field: str = "--pairs_path") -> list[dic
     return read_jsonl(path)
 
 
-def check_pair_record(record: object, where: str) -> dict:
-    """One contrastive pair's shape (torch-free): a prompt or messages, and two non-empty answers."""
+def read_checked_pairs(path: str | Path, field: str = "--pairs_path") -> list[dict]:
+    """Every pair of a pairs/TRAIT/persona-statements file, each checked (:func:`checked_pair`, torch-free);
+    errors name ``field`` and file:line."""
+    records = read_pair_records(path, field)
+    for number, record in enumerate(records, start=1):
+        checked_pair(record, f"{field}: {path}:{number}")
+    return records
+
+
+def checked_pair(record: dict, where: str) -> list[dict]:
+    """A contrastive pair's prompt as chat messages (:func:`prompt_messages`), its two answers checked as text."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a pair is a JSON object, got {type(record).__name__}.")
-    if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
-        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' list.")
     for field in ("positive", "negative"):
-        if not isinstance(record.get(field), str) or not record[field]:
+        if not isinstance(record.get(field), str) or not record[field].strip():
             raise ValueError(f"{where}: field {field!r} must be a non-empty string.")
-    return record
-
-
-def read_checked_pairs(path: str | Path, field: str = "--pairs_path") -> list[dict]:
-    """Every pair of a pairs/TRAIT/persona-statements file, each checked; errors name ``field`` and file:line."""
-    return [
-        check_pair_record(record, f"{field}: {path}:{number}")
-        for number, record in enumerate(read_pair_records(path, field), start=1)
-    ]
+        checked_text(record[field], f"{where}: field {field!r}")
+    return prompt_messages(record, where)
 
 
 def check_example_files(
@@ -229,7 +233,7 @@ def contrastive_pair_examples(path: str | Path, tokenizer, *, split: str | None 
     examples = []
     for line_number, record in enumerate(read_pair_records(path), start=1):
         where = f"{path}:{line_number}"
-        check_pair_record(record, where)
+        checked_pair(record, where)
         if split is not None and record.get("split", split) != split:
             continue
         prompt = format_prompt(tokenizer, record, where=where)

@@ -2,9 +2,9 @@
 
 :class:`ExampleDataModule` takes examples already read; :class:`ResponseDataModule` reads them from
 scored CSVs or contrastive pairs (its init arguments are the config schema of ``persona predict``).
-Both tokenise once and batch longest-first with right padding, by rows (``batch_size``) or by padded tokens
-(``max_batch_tokens``); batches carry ``index`` = position in the examples, so predictions can be put back in
-input order.
+Both tokenise once (cut to the model's context) and batch longest-first with right padding, by rows
+(``batch_size``) or by padded tokens (``max_batch_tokens``), a row far longer than the rest alone; batches carry
+``index`` = position in the examples, so predictions can be put back in input order.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, SequentialSampler
 
-from persona.data.batches import TokenBudgetBatchSampler, collate, length_sorted, tokenize_examples
+from persona.data.batches import LengthBatchSampler, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, contrastive_pair_examples, scored_csv_examples
 from persona.models import DEFAULT_MODEL, load_tokenizer
 from persona.placement import batch_device
@@ -60,12 +60,14 @@ class ExampleDataModule(L.LightningDataModule):
         self.items = length_sorted(tokenize_examples(examples, self.tokenizer, max_length=self.max_length))
 
     def predict_dataloader(self) -> DataLoader:
-        collate_fn = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
-        if self.max_batch_tokens is None:
-            return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=collate_fn)
         lengths = [len(item.input_ids) for item in self.items]
-        sampler = TokenBudgetBatchSampler(SequentialSampler(self.items), self.max_batch_tokens, lengths)
-        return DataLoader(self.items, batch_sampler=sampler, collate_fn=collate_fn)
+        rows = self.batch_size if self.max_batch_tokens is None else None
+        sampler = LengthBatchSampler(SequentialSampler(self.items), lengths, rows, self.max_batch_tokens)
+        return DataLoader(
+            self.items,
+            batch_sampler=sampler,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+        )
 
 
 class ResponseDataModule(ExampleDataModule):

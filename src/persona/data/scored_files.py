@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona.chat import checked_messages
 from persona.data.examples import Example, format_prompt, read_csv_checked, read_jsonl
 from persona.models import model_short_name
 from persona.store import write_csv, write_jsonl
@@ -39,23 +40,12 @@ def read_scored_file(path: Path) -> pd.DataFrame | list[dict]:
     if suffix in (".jsonl", ".json"):
         records = read_jsonl(path)
         for line, record in enumerate(records, start=1):
-            where = f"{path}: record {line}"
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or len(messages) < 2:
+            if not isinstance(record, dict) or "messages" not in record:
                 raise ValueError(
-                    f"{where}: field 'messages' must be a list of at least 2 chat messages "
-                    "(the last one is the response). Fix: use the chat JSONL format."
+                    f"{path}: record {line}: no field 'messages' (the chat, its last message the response to "
+                    "score). Fix: use the chat JSONL format."
                 )
-            last = messages[-1]
-            if (
-                not isinstance(last, dict)
-                or last.get("role") != "assistant"
-                or not isinstance(last.get("content"), str)
-            ):
-                raise ValueError(
-                    f"{where}: the last message must be {{'role': 'assistant', 'content': str}} "
-                    f"(the response to score); found {str(last)[:80]!r}."
-                )
+            checked_messages(record["messages"], f"{path}: record {line}", last="assistant")
         return records
     raise ValueError(
         f"{path}: unknown file type {suffix!r}. Fix: give a .csv (prompt, answer) or .jsonl (messages)."

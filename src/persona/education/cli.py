@@ -274,18 +274,39 @@ def read_inputs(data_dir, sets_path, sets, n_real: int, seed: int) -> StudyInput
     return StudyInputs(sets_file, answer_file, chosen, real)
 
 
+# What a study writes in its run directory: its files, and its phase folders ("model", "vector_<trait>").
+RUN_FILES = (
+    "meta.json", "settings.json", "answers.jsonl", "grades.jsonl", "failures.jsonl", "steering.csv", "vectors.json",
+    "judge_cache", "figures", "tables", "report.md", "model",
+)  # fmt: skip
+
+
 def prepare_run_dir(run: Path, overwrite: bool) -> None:
-    """Refuse a folder that is not a study run; with ``overwrite``, delete the run's results first."""
+    """Refuse a folder that is not a study run; with ``overwrite``, delete the run's results first.
+
+    Only a run directory holding nothing but what a study writes is deleted: a file of the user's inside it is
+    named, and the run is left as it is.
+    """
     if overwrite and run.exists():
         if not (run / "meta.json").is_file():
             raise ValueError(
                 f"--overwrite: {run} is not a study run directory (no meta.json); not deleting it."
+            )
+        foreign = sorted(entry.name for entry in run.iterdir() if not _written_by_study(entry.name))
+        if foreign:
+            raise ValueError(
+                f"--overwrite: {run} holds {', '.join(foreign)}, which the study did not write; not deleting the "
+                "run. Fix: move them out, or choose another --run_dir."
             )
         shutil.rmtree(run)
     if run.exists() and any(run.iterdir()) and not (run / "meta.json").is_file():
         raise ValueError(
             f"--run_dir {run} exists and is not a study run directory. Fix: choose another --run_dir."
         )
+
+
+def _written_by_study(name: str) -> bool:
+    return name in RUN_FILES or name.startswith("vector_") or name.endswith(".damaged")
 
 
 def study_signature(

@@ -6,14 +6,13 @@ steering layer: a raw coefficient of 2.0 is a different push on vectors whose no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from persona.education.figures import order_types, plt, save_figure
 from persona.education.metrics import UNSTEERED
-from persona.education.report import write_report, write_tables
+from persona.education.report import read_settings, write_report, write_tables
 from persona.report import markdown_table
 from persona.store import write_text
 
@@ -68,7 +67,7 @@ def read_run(run: Path) -> dict[str, pd.DataFrame]:
     """One run's tables, labelled with its model and folder (its report is written first if missing)."""
     if not (run / "tables" / "effects.csv").is_file():
         write_report(run)
-    settings = json.loads((run / "settings.json").read_text())
+    settings = read_settings(run)
     label = f"{settings['model']} ({run.name})"
     tables = {"effects": pd.read_csv(run / "tables" / "effects.csv").assign(run=label)}
     metrics = pd.read_csv(run / "tables" / "grader_metrics.csv", dtype={"set": str})

@@ -6,7 +6,6 @@ Reads only the run directory (``settings.json``, ``steering.csv``, ``vectors.jso
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,11 @@ from persona.education.metrics import (  # noqa: E402
     with_normalised,
 )
 from persona.education.report_text import render  # noqa: E402
-from persona.store import (
-    read_journal,  # noqa: E402
-    write_csv,  # noqa: E402
+from persona.errors import PersonaError  # noqa: E402
+from persona.store import (  # noqa: E402
+    read_journal,
+    read_json,
+    write_csv,
     write_text,
 )
 
@@ -60,15 +61,35 @@ def frame(path: Path, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
 
 
-def load_results(run_dir: str | Path) -> Results:
-    run_dir = Path(run_dir)
-    settings_path = run_dir / "settings.json"
-    if not settings_path.is_file():
+# settings.json fields the report and the comparison read, with their types (the rest is kept as it is).
+SETTINGS_FIELDS = {"model": str, "sets_path": str, "n_bootstrap": int, "seed": int, "human_reference": str}
+REQUIRED_SETTINGS = ("model", "sets_path")
+
+
+def read_settings(run_dir: Path) -> dict:
+    """A run's settings.json, checked: the one reader of it for the report and the comparison."""
+    path = run_dir / "settings.json"
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{settings_path} not found: {run_dir} is not a `persona education` run directory. "
+            f"{path} not found: {run_dir} is not a `persona education` run directory. "
             "Fix: pass the --run_dir of a study run."
         )
-    settings = json.loads(settings_path.read_text())
+    settings = read_json(path, what="education settings file")
+    for field, kind in SETTINGS_FIELDS.items():
+        value = settings.get(field)
+        if (value is None and field in REQUIRED_SETTINGS) or (
+            value is not None and not isinstance(value, kind)
+        ):
+            raise PersonaError(
+                f"{path}: field {field!r} is {value!r:.40}, not a {kind.__name__}. Fix: re-run the study with "
+                f"--run_dir {run_dir} (finished work is reused)."
+            )
+    return settings
+
+
+def load_results(run_dir: str | Path) -> Results:
+    run_dir = Path(run_dir)
+    settings = read_settings(run_dir)
     grade_columns = [
         "experiment",
         "type",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -23,8 +22,6 @@ from persona.serve.schema import ApiError, ChatCompletionRequest, error_body, pa
 from persona.serve.service import PersonaService
 from persona.serve.tracker import Event, Failed, Finished, TextDelta
 from persona.serve.traits import ResolvedPersona
-
-log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
@@ -204,5 +201,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
+        # Starlette re-raises the error after this reply and uvicorn logs its traceback: logging it here too
+        # printed every traceback twice.
         return JSONResponse(error_body(500, "Internal server error."), status_code=500)

@@ -40,7 +40,7 @@ def serve(
 
     Args:
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
-        vectors: Folder of <trait>_response_avg_diff.pt files; default persona_vectors/<model-short-name>.
+        vectors: Folder of <trait>_response_avg_diff.pt files; default ./persona_vectors/<model-short-name>, else the shipped ones.
         host: Address to bind. Loopback by default; anything else exposes the model to the network.
         port: TCP port.
         max_batch: Most requests in one forward pass (the dynamic batcher's batch size).
@@ -63,11 +63,11 @@ def serve(
     from persona.hooks import locate_blocks
     from persona.models import load_model_and_tokenizer
     from persona.serve.app import create_app
-    from persona.serve.server import run_server
+    from persona.serve.server import bind_socket, run_server
     from persona.serve.service import PersonaService, ServeSettings
     from persona.serve.traits import load_traits
     from persona.steering import hidden_size
-    from persona.vectors import default_save_dir
+    from persona.vectors import vectors_to_read
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
@@ -87,7 +87,8 @@ def serve(
         alert_z=alert_z,
         api_key=api_key,
     )
-    vectors = vectors or str(default_save_dir(model))
+    vectors = vectors or str(vectors_to_read(model))
+    sock = bind_socket(host, port)  # before the model loads: a port in use is answered at once
     lm, tokenizer = load_model_and_tokenizer(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
     )
@@ -112,6 +113,4 @@ def serve(
         port,
         f"required, from ${api_key_env}" if api_key else "not required",
     )
-    run_server(
-        create_app(service), host=host, port=port, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s
-    )
+    run_server(create_app(service), sock=sock, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s)

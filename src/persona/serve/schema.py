@@ -143,8 +143,13 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}.", code="invalid_json") from None
+    except (
+        RecursionError
+    ):  # deeper than Python's recursion limit: the parser gives up before MAX_JSON_DEPTH is checked
+        raise ApiError(400, _TOO_DEEP, code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    _check_values(data)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as error:
@@ -153,6 +158,38 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         raise ApiError(400, f"{param}: {first['msg']}.", param=param, code="invalid_value") from None
     _refuse_unsupported(request)
     return request
+
+
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; the rest of the body is a client's mistake or an attack
+_TOO_DEEP = f"The request body nests more than {MAX_JSON_DEPTH} levels of arrays and objects. Fix: send a flat request."
+
+
+def _check_values(data: dict) -> None:
+    """Every value of the body: nested at most :data:`MAX_JSON_DEPTH` deep, every string encodable as UTF-8 (JSON's
+    ``\\ud800`` escapes give lone surrogates, which a tokenizer refuses with a TypeError)."""
+    pending = [((), data)]
+    while pending:
+        path, value = pending.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ApiError(400, _TOO_DEEP, code="invalid_json")
+        if isinstance(value, dict):
+            pending += [((*path, str(key)), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [((*path, str(index)), item) for index, item in enumerate(value)]
+        elif isinstance(value, str) and not _encodable(value):
+            param = ".".join(path)
+            raise ApiError(
+                400, f"{param}: holds a lone UTF-16 surrogate, which is not text. Fix: send valid Unicode.",
+                param=param, code="invalid_value",
+            )  # fmt: skip
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:

@@ -26,15 +26,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listen socket, bound now: a port in use is one line before the model loads, not uvicorn's after it."""
+    from persona.errors import PersonaError
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise PersonaError(
+            f"--host {host}: not an address of this machine ({error}). Fix: e.g. --host 127.0.0.1."
+        ) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise PersonaError(
+            f"--port {port}: cannot listen on {host}:{port} ({error.strerror}). Fix: choose another --port, or stop "
+            "the process that holds it."
+        ) from None
+    return sock
+
+
 def run_server(
-    app, *, host: str, port: int, log_level: str = "info", shutdown_timeout_s: float | None = None
+    app, *, sock: socket.socket, log_level: str = "info", shutdown_timeout_s: float | None = None
 ) -> None:
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s
-    )
+    """Serve ``app`` on the already-bound ``sock`` (see :func:`bind_socket`) until SIGINT/SIGTERM."""
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
     # uvicorn re-raises Ctrl-C once it has shut down gracefully: nothing is left to do then.
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+    with contextlib.suppress(KeyboardInterrupt), sock:
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @contextmanager

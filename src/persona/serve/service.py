@@ -9,10 +9,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from persona.chat import encode_chat, user_turn
-from persona.data.batches import context_length
+from persona.chat import checked_messages, encode_chat, user_turn
 from persona.hooks import locate_blocks
-from persona.models import text_config_value
+from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull
 from persona.serve.engine import Engine, GenerationJob
 from persona.serve.metrics import ServerMetrics
@@ -53,15 +52,11 @@ class ServeSettings:
 
 
 def model_context_length(model, tokenizer) -> int:
-    """Positions the model can attend over: its config's, else the tokenizer's declared maximum."""
-    names = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-    value = text_config_value(model.config, names)
-    if value is not None:
-        return value
-    declared = context_length(tokenizer)
-    if declared is not None:
-        return declared
-    raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
+    """Positions the model can attend over (:func:`persona.models.context_length` of its config and tokenizer)."""
+    value = context_length(tokenizer, model.config)
+    if value is None:
+        raise ValueError("Cannot tell the model's context length. Fix: pass --max_context.")
+    return value
 
 
 class PersonaService:
@@ -121,7 +116,11 @@ class PersonaService:
             )
         resolved = resolve_persona(request.persona, self.traits, self.num_layers)
         try:
-            prompt_ids = encode_chat(self.request_tokenizer, [m.as_chat_turn() for m in request.messages])
+            turns = checked_messages([m.as_chat_turn() for m in request.messages], "request")
+        except ValueError as error:  # the CLI's rule for chat records (roles, content, order)
+            raise ApiError(400, str(error), param="messages") from None
+        try:
+            prompt_ids = encode_chat(self.request_tokenizer, turns)
         except ValueError as error:
             raise ApiError(400, f"messages: {error}", param="messages") from None
         job = GenerationJob(

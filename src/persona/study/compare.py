@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona import checks
 from persona.errors import PersonaError
 from persona.report import markdown_table
-from persona.store import read_json, write_csv, write_figure, write_text
+from persona.store import write_csv, write_figure, write_text
+from persona.study.results import read_results
 
 
 def study_rows(run: Path) -> list[dict]:
-    results = read_json(run / "results.json", what="study results file")
+    results = read_results(run)
     model = results["model"]["model"]
     depth = results["model"]["layers"]
     finetune = results.get("finetune") or {}
@@ -44,7 +46,10 @@ def study_rows(run: Path) -> list[dict]:
     return rows
 
 
-def compare_studies(runs: list[str], output_dir: str) -> Path:
+PRODUCES = ("compare.csv", "compare.md", "auc_by_depth.png", "auc_by_trait.png")
+
+
+def compare_studies(runs: list[str], output_dir: str, *, overwrite: bool = False) -> Path:
     if len(runs) < 2:
         raise PersonaError(
             f"--runs {runs}: compare needs at least two study run directories. Fix: --runs A,B."
@@ -54,8 +59,11 @@ def compare_studies(runs: list[str], output_dir: str) -> Path:
         raise PersonaError(
             f"--runs: {', '.join(missing)} has no results.json. Fix: point at directories `persona study` wrote."
         )
+    for run in runs:
+        read_results(Path(run))  # every file checked before anything is written
+    inputs = {f"--runs {run}": Path(run) / "results.json" for run in runs}
+    out = checks.output_dir(output_dir, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs=inputs)
     table = pd.DataFrame([row for run in runs for row in study_rows(Path(run))])
-    out = Path(output_dir)
     write_csv(out / "compare.csv", table.drop(columns=["metrics_csv"]))
     plot_depth_curves(table, out / "auc_by_depth.png")
     plot_auc_bars(table, out / "auc_by_trait.png")

@@ -9,7 +9,8 @@ import pandas as pd
 
 from persona.errors import PersonaError
 from persona.report import markdown_table, relative
-from persona.store import read_json, write_csv, write_text
+from persona.store import write_csv, write_text
+from persona.study.results import read_results
 
 TARGET_AUC = 0.95
 TARGET_R = 0.9
@@ -203,7 +204,7 @@ def representation_section(representation: dict | None, run: Path) -> list[str]:
 
 
 def write_report(run: Path) -> Path:
-    results = read_json(run / "results.json", what="study results file")
+    results = read_results(run)
     info, trait = results["model"], results["trait"]
     lines = [
         f"# {results.get('title', 'persona study')} report",
@@ -395,6 +396,7 @@ def report(
     run_dir: str = "runs/demo",
     runs: list[str] | None = None,
     output_dir: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Rewrite report.md (and summary.csv) of a study run from its results.json, or compare studies.
 
@@ -406,18 +408,15 @@ def report(
         run_dir: With write: a run directory written by `persona study` or `persona demo`.
         runs: With compare: the run directories, a,b or [a,b].
         output_dir: With compare: where the comparison goes; default runs/compare.
+        overwrite: With compare: replace an earlier comparison in output_dir (refused otherwise).
     """
     if action == "compare":
         from persona.study.compare import compare_studies
 
-        return str(compare_studies(runs or [], output_dir or "runs/compare"))
+        return str(compare_studies(runs or [], output_dir or "runs/compare", overwrite=overwrite))
     if action != "write":
         raise PersonaError(f"persona report: unknown action {action!r}. Fix: use write or compare.")
     run = Path(run_dir)
-    if not (run / "results.json").is_file():
-        raise PersonaError(
-            f"{run / 'results.json'} not found. Fix: run `persona study` (or `persona demo`) with --run_dir {run_dir} first."
-        )
     try:
         path = write_report(run)
     except (KeyError, TypeError, IndexError) as error:

@@ -1,5 +1,6 @@
 """LoRA fine-tuning: the LightningModule, the chat-JSONL DataModule (and, beside them, the callbacks)."""
 
+from persona.training.callbacks import ConceptAblation, PreventativeSteering
 from persona.training.data import ChatCollator, ChatDataModule, read_chat_jsonl, tokenize_conversation
 from persona.training.module import (
     SEED_TARGET_MODULES,
@@ -7,8 +8,13 @@ from persona.training.module import (
     check_target_modules,
     linear_module_names,
 )
+from persona.training.monitor import ActivationMonitor
 
+# The README names the callbacks by their short names: persona.training.<Name> resolves in a config's class_path.
 __all__ = [
+    "ActivationMonitor",
+    "ConceptAblation",
+    "PreventativeSteering",
     "SEED_TARGET_MODULES",
     "ChatDataModule",
     "LoRAFineTune",

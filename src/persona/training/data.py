@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from persona.chat import render_chat
 from persona.data.conversations import CHAT_JSONL_FIX, _checked_messages
 from persona.data.examples import read_jsonl_numbered
-from persona.models import DEFAULT_MODEL, load_tokenizer
+from persona.models import DEFAULT_MODEL, context_length, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class ChatDataModule(L.LightningDataModule):
             val_fraction: Share of training conversations held out (seeded) when val_files is not given; 0 for none.
             model: Model alias, hub id or local path whose tokenizer and chat template are used (match the model's).
             batch_size: Conversations per batch (per device).
-            max_length: Truncate templated conversations to this many tokens.
+            max_length: Cut templated conversations to this many tokens (at most the model's context), with a warning.
             seed: Seed of the train/validation split and of the shuffling.
             num_workers: DataLoader worker processes.
             trust_remote_code: Allow the tokenizer's custom code (off unless you trust the repository).
@@ -232,16 +232,32 @@ class ChatDataModule(L.LightningDataModule):
         check_chat_template(tokenizer, hp.model)
         return tokenizer
 
+    def _limit(self, tokenizer) -> int:
+        """``max_length``, or the model's context when that is shorter."""
+        return min(self.hparams.max_length, context_length(tokenizer) or self.hparams.max_length)
+
     def _tokenized(self, files, flag: str, tokenizer):
         from persona.data.chat_dataset import tokenized_chats
 
-        hp = self.hparams
         return tokenized_chats(
-            _as_list(files), flag, tokenizer=tokenizer, max_length=hp.max_length, num_proc=hp.num_proc
+            _as_list(files),
+            flag,
+            tokenizer=tokenizer,
+            max_length=self._limit(tokenizer),
+            num_proc=self.hparams.num_proc,
         )
 
     def _with_labels(self, items, what: str):
-        """The conversations with at least one assistant token within max_length (the others are dropped)."""
+        """The conversations with at least one assistant token within the limit (the others are dropped); the cut
+        ones counted in one warning."""
+        limit = self._limit(self.tokenizer)
+        cut = sum(n > limit for n in items["n_tokens"])
+        if cut:
+            log.warning(
+                "%d of %d %s conversations are longer than max_length=%d tokens and were cut there. "
+                "Fix: raise --data.max_length if the model's context allows it.",
+                cut, len(items), what, limit,
+            )  # fmt: skip
         trained = list(items["n_trained"])
         kept = [index for index, count in enumerate(trained) if count > 0]
         if len(kept) < len(items):
@@ -251,12 +267,12 @@ class ChatDataModule(L.LightningDataModule):
                 "Dropped %d %s conversation(s) whose assistant turns start after max_length=%d tokens: %s",
                 len(dropped),
                 what,
-                self.hparams.max_length,
+                limit,
                 ", ".join(dropped[:5]),
             )
         if not kept:
             raise ValueError(
-                f"No {what} conversation has an assistant token within max_length={self.hparams.max_length}. "
+                f"No {what} conversation has an assistant token within max_length={limit}. "
                 "Fix: raise max_length or shorten the prompts."
             )
         items = items.select(kept) if len(kept) < len(items) else items

@@ -21,7 +21,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from persona.activations import example_projections
-from persona.data.batches import TokenizedExample, collate, length_sorted, tokenize_examples
+from persona.data.batches import (
+    TokenizedExample,
+    bounded_batches,
+    collate,
+    length_sorted,
+    tokenize_examples,
+)
 from persona.data.examples import Example
 from persona.data.monitor_prompts import read_monitor_prompts
 from persona.hardware import input_device
@@ -303,12 +309,11 @@ class ActivationMonitor(Callback):
         tokenizer = pl_module.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = self._units.device
-        shard = length_sorted(self._tokenized[trainer.global_rank :: trainer.world_size])
-        chunks = [shard[start : start + self.batch_size] for start in range(0, len(shard), self.batch_size)]
+        chunks = self._rank_chunks(trainer.global_rank, trainer.world_size)
         keep = [True] * len(chunks)
         synced = trainer.world_size > 1 and parameters_sharded(pl_module.model)
         if synced:
-            most = math.ceil(math.ceil(len(self._tokenized) / trainer.world_size) / self.batch_size)
+            most = max(len(self._rank_chunks(rank, trainer.world_size)) for rank in range(trainer.world_size))
             filler = [self._tokenized[0]]
             chunks += [filler] * (most - len(chunks))
             keep += [False] * (most - len(keep))
@@ -335,6 +340,15 @@ class ActivationMonitor(Callback):
                 cut = next((i for i, token in enumerate(new) if token in stop), len(new))
                 items.append(TokenizedExample(item.input_ids + new[:cut], item.prompt_len, 0, item.index))
             yield {k: t.to(device) for k, t in collate(items, pad_id).items()}, kept
+
+    def _rank_chunks(self, rank: int, world_size: int) -> list[list[TokenizedExample]]:
+        """Rank ``rank``'s share, longest first, in batches of at most ``batch_size`` rows with bounded padding."""
+        shard = length_sorted(self._tokenized[rank::world_size])
+        lengths = [len(item.input_ids) for item in shard]
+        return [
+            [shard[i] for i in batch]
+            for batch in bounded_batches(range(len(shard)), lengths, max_rows=self.batch_size)
+        ]
 
     def _gather(self, trainer: L.Trainer, local: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every rank's rows (NaN-padded to equal length, so ``all_gather`` works; NaNs are not counted)."""
