@@ -109,7 +109,8 @@ def plot_runs(tables: dict[str, pd.DataFrame], path: Path, trait: str) -> None:
         first = next(iter(tables.values()))
         auc_axes.plot(first["layer"], first["auc_base"], color="black", linestyle="--", label="base model")
     cosine_axes.set_ylabel("cosine with the base's vector")
-    cosine_axes.set_ylim(-1.05, 1.05)
+    lowest = min((float(t["cosine"].min()) for t in tables.values()), default=-1.0)
+    cosine_axes.set_ylim(max(-1.05, lowest - 0.05), 1.01)  # the spread, not the whole [-1, 1]
     auc_axes.set_ylabel("held-out AUC")
     auc_axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     auc_axes.set_xlabel("layer (0 = embeddings, L = output of block L-1)")
