@@ -35,8 +35,15 @@ def default_save_dir(model: str) -> Path:
 
 def vectors_to_read(model: str) -> Path:
     """A model's vectors to read by default: ``./persona_vectors/<model>`` when you extracted some there, else the
-    ones this checkout ships (``persona_vectors/`` beside ``src/``, found from any directory, as the datasets are)."""
+    ones this checkout ships (``persona_vectors/`` beside ``src/``, found from any directory, as the datasets are).
+    A LoRA adapter without vectors of its own (``persona_vectors/<base>+<run>``) reads its base model's."""
+    from persona.checks import is_adapter
+
     local = default_save_dir(model)
+    if is_adapter(model) and not local.is_dir():  # a fine-tuned model without vectors of its own: its base's
+        from persona.models import adapter_base
+
+        return vectors_to_read(adapter_base(model))
     shipped = Path(__file__).resolve().parents[2] / local
     return local if local.is_dir() or not shipped.is_dir() else shipped
 

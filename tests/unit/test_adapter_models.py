@@ -209,3 +209,25 @@ def test_compare_to_without_a_known_base_is_refused_before_any_model_loads(
             pairs_path=str(pairs_file),
             compare_to=str(vec),
         )
+
+
+def test_serving_an_adapter_reads_its_own_vectors_or_its_bases_and_refuses_another_bases(
+    tiny_model_dirs, tmp_path, pairs_file, monkeypatch
+):
+    from persona.serve.traits import check_vectors_fit_adapter
+    from persona.vectors import vectors_to_read
+
+    monkeypatch.chdir(tmp_path)
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    extract(model=tiny_model_dirs["llama"], **common)  # persona_vectors/llama/
+    assert vectors_to_read(str(adapter)) == Path("persona_vectors/llama")  # no vectors of its own: the base's
+    assert check_vectors_fit_adapter("persona_vectors/llama", str(adapter)) == "the base model's"
+    extract(model=str(adapter), **common)  # persona_vectors/llama+run_a/
+    assert vectors_to_read(str(adapter)) == Path("persona_vectors/llama+run_a")
+    assert check_vectors_fit_adapter("persona_vectors/llama+run_a", str(adapter)) == "the adapter's own"
+    extract(model=tiny_model_dirs["qwen2"], save_dir="other", **common)
+    with pytest.raises(
+        PersonaError, match=r"--vectors other: cruel_response_avg_diff.pt was extracted from .*qwen2"
+    ):
+        check_vectors_fit_adapter("other", str(adapter))

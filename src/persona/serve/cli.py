@@ -39,7 +39,7 @@ def serve(
     monitoring projections, z-scored against a baseline measured at start-up on built-in neutral prompts.
 
     Args:
-        model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        model: Model alias (smollm2-135m, the embedded default), hub id, local path or LoRA adapter directory (served with its own vectors when persona_vectors/<base>+<run> exists, else its base model's).
         vectors: Folder of <trait>_response_avg_diff.pt files; default ./persona_vectors/<model-short-name>, else the shipped ones.
         host: Address to bind. Loopback by default; anything else exposes the model to the network.
         port: TCP port.
@@ -59,13 +59,14 @@ def serve(
         trust_remote_code: Allow custom model code from the hub.
         log_level: uvicorn and persona log level (debug, info, warning, error).
     """
+    from persona.checks import is_adapter
     from persona.hardware import resolve_device
     from persona.hooks import locate_blocks
-    from persona.models import load_model_and_tokenizer
+    from persona.models import adapter_base, load_model_and_tokenizer
     from persona.serve.app import create_app
     from persona.serve.server import bind_socket, run_server
     from persona.serve.service import PersonaService, ServeSettings
-    from persona.serve.traits import load_traits
+    from persona.serve.traits import check_vectors_fit_adapter, load_traits
     from persona.steering import hidden_size
     from persona.vectors import vectors_to_read
 
@@ -88,6 +89,15 @@ def serve(
         api_key=api_key,
     )
     vectors = vectors or str(vectors_to_read(model))
+    if is_adapter(model):  # a fine-tuned model: its own vectors or its base's, said; another base's refused
+        origin = check_vectors_fit_adapter(vectors, model)
+        log.info(
+            "serving the LoRA adapter %s on %s with %s vectors from %s",
+            model,
+            adapter_base(model),
+            origin,
+            vectors,
+        )
     sock = bind_socket(host, port)  # before the model loads: a port in use is answered at once
     lm, tokenizer = load_model_and_tokenizer(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code

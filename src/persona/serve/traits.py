@@ -56,6 +56,33 @@ def recommended_layer(vector_path: Path) -> int | None:
     return None
 
 
+def check_vectors_fit_adapter(directory: str | Path, adapter: str) -> str:
+    """Vectors served with a LoRA adapter come from its base model or from the adapter itself (their sidecars say
+    which model they were extracted from); another base's are refused. Returns which they are, for the log."""
+    from persona.checks import is_adapter
+    from persona.errors import PersonaError
+    from persona.models import adapter_base, base_model_name, model_short_name
+    from persona.vectors import load_metadata
+
+    base = adapter_base(adapter)
+    kinds = set()
+    for path in sorted(Path(directory).glob(f"*{VECTOR_SUFFIX}")):
+        meta = load_metadata(path)
+        source = meta.get("base_model") or meta.get("model")
+        if source is None:
+            continue
+        if model_short_name(base_model_name(source) if is_adapter(source) else source) != model_short_name(
+            base
+        ):
+            raise PersonaError(
+                f"--vectors {directory}: {path.name} was extracted from {source!r}, not from {base!r} (the adapter's "
+                f"base) or the adapter. Fix: --vectors with that base's vectors, or extract this model's own: "
+                f"persona extract --model {adapter} ..."
+            )
+        kinds.add("the adapter's own" if meta.get("adapter") else "the base model's")
+    return " and ".join(sorted(kinds)) or "of unrecorded origin"
+
+
 def load_traits(
     directory: str | Path, *, num_layers: int, hidden_size: int, fallback_layer: int | None = None
 ) -> dict[str, Trait]:
