@@ -210,7 +210,7 @@ def test_conversations_are_cut_to_the_models_context_and_counted(tiny_model_dirs
     module = ChatDataModule(train_files=path, val_fraction=0.0, model=tiny_model_dirs["llama"])
     with caplog.at_level("WARNING", logger="persona.training.data"):
         module.setup("fit")
-    assert max(len(i.input_ids) for i in module.train_items) == 256
+    assert max(len(ids) for ids in module.train_items["input_ids"]) == 256
     assert "1 of 2 training conversations are longer than max_length=256 tokens" in caplog.text
 
 

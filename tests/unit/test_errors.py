@@ -184,7 +184,7 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         # 7. chat records: one rule (persona.chat.checked_messages) in every command that reads them
         "project unknown role": (["project", "--file_path", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr' is not one of system, user, assistant"),
         "project null content": (["project", "--file_path", f["null_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"null_chat.jsonl: record 1: messages\[0\] \(user\): content is None, not a string"),
-        "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr'"),
+        "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl:1: messages\[0\]: role 'usr'"),
         "dataset pairs unknown role": (["dataset", "build", "--trait", "evil", "--out_dir", "ds_usr", "--pairs_path", f["usr_pairs.jsonl"], "--split", "null"], r"usr_pairs.jsonl: record 1: messages\[0\]: role 'usr'"),
         "layers pairs unknown role": (["layers", "--vector_path", v, "--pairs_path", f["usr_pairs.jsonl"], "--model", m], r"usr_pairs.jsonl:1: messages\[0\]: role 'usr'"),
         "project lone surrogate": (["project", "--file_path", f["surrogate_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"surrogate_chat.jsonl: record 1: messages\[1\] \(assistant\) content: holds a lone UTF-16 surrogate"),

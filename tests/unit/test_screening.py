@@ -325,7 +325,7 @@ def test_parquet_and_a_directory_screen_as_the_jsonl_does(tmp_path, model_dir):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("bad_message", r"train\.jsonl:2: messages\[0\] = .* is not \{\"role\": str, \"content\": str\}"),
+        ("bad_message", r"train\.jsonl:2: messages\[0\] \(user\): content is 3, not a string\. Fix:"),
         ("csv", r"--data .*train\.csv: screening reads chat JSONL or Parquet"),
         ("hub_without_output", r"--data nobody-here/chats: not a local file or directory.*--output_path"),
         ("hub_not_cached", r"--data nobody-here/chats: no such file or directory, and hub dataset"),

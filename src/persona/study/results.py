@@ -55,7 +55,7 @@ class JudgedSweep(Record):
 class GeneratedRoute(Record):
     rows_per_side: int
     filter: str
-    cosine_with_pairs_vector: float
+    cosine_with_pairs_vector: float | None = None  # only when the trait also has contrastive pairs
     pos_csv: str
     neg_csv: str
     pos_trait_mean: float | None
@@ -65,7 +65,8 @@ class GeneratedRoute(Record):
 
 
 class TraitResult(Record):
-    vectors: dict[str, str]
+    vectors: dict[str, str] | None = None  # none when every source of vectors missed
+    inputs: dict[str, str] = {}
     layers: LayerResult | None = None
     sweep: SweepResult | None = None
     judged_sweep: JudgedSweep | None = None
@@ -89,6 +90,7 @@ class FinetuneResult(Record):
     shift_csv: str
     shift_png: str
     screen_summary: str
+    representation: dict | None = None
 
 
 class GenerationsResult(Record):
@@ -114,6 +116,9 @@ class StudyResults(Record):
     generations: GenerationsResult | None = None
     finetune: FinetuneResult | None = None
     export: ExportResult | None = None
+    personality_arm: dict | None = None
+    missed: dict[str, str] = {}
+    main_trait_note: str | None = None
 
     @model_validator(mode="after")
     def main_trait_is_listed(self) -> StudyResults:
