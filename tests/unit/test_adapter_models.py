@@ -231,3 +231,30 @@ def test_serving_an_adapter_reads_its_own_vectors_or_its_bases_and_refuses_anoth
         PersonaError, match=r"--vectors other: cruel_response_avg_diff.pt was extracted from .*qwen2"
     ):
         check_vectors_fit_adapter("other", str(adapter))
+
+
+def test_a_study_runs_on_an_adapter_and_refuses_to_fine_tune_it(tiny_model_dirs, tmp_path, monkeypatch):
+    from test_study import write_datasets
+
+    from persona.commands.study import study
+    from persona.study.config import Hardware, Phases, Sizes, StudyTrait
+
+    monkeypatch.setenv("PERSONA_DATASETS", str(write_datasets(tmp_path / "datasets")))
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    settings = dict(
+        model=str(adapter), traits=[StudyTrait("kindness")], hardware=Hardware(accelerator="cpu"),
+        sizes=Sizes(batch_size=4, coefs=[-1.0, 1.0]), run_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    with pytest.raises(
+        PersonaError, match="is a LoRA adapter, and the fine-tuning study trains new adapters"
+    ):
+        study(**settings)
+    phases = Phases(generated=False, generations=False, finetune=False, export=False)
+    study(**settings, phases=phases)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["model"]["model"] == str(adapter) and results["traits"]["kindness"]["sweep"][
+        "monotone"
+    ] in (True, False)
+    assert load_metadata(results["traits"]["kindness"]["vectors"]["response_avg"])["adapter"] == str(
+        adapter.resolve()
+    )
