@@ -311,12 +311,13 @@ def shown(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "NO"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return "not measured" if value != value else f"{value:.3f}"  # NaN: pandas' None in a float column
     return "not measured" if value is None else str(value)
 
 
 def trait_summary(results: dict) -> pd.DataFrame:
-    """One row per trait: recommended layer, held-out AUC, steering effect (likelihood), judged effect."""
+    """One row per trait: recommended layer, AUC and what it was measured on, steering effect (likelihood),
+    judged effect."""
     rows = []
     for name, r in results["traits"].items():
         layers, sweep, judged = r.get("layers", {}), r.get("sweep", {}), r.get("judged_sweep") or {}
@@ -324,7 +325,8 @@ def trait_summary(results: dict) -> pd.DataFrame:
             {
                 "trait": name,
                 "recommended layer": layers.get("recommended"),
-                "held-out AUC": layers.get("auc"),
+                "AUC": layers.get("auc"),
+                "AUC measured on": layers.get("examples", "held-out pairs") if layers else None,
                 "steering effect (likelihood, max - min coef)": sweep.get("effect"),
                 "monotone": sweep.get("monotone"),
                 "judged effect (trait score, max - min coef)": judged.get("effect"),

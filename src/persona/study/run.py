@@ -50,7 +50,12 @@ def run_study(
     prepared = [prepare_inputs(plan, run / "inputs") for plan in plans]
     plans, notes = [plan for plan, _ in prepared], {plan.key: note for plan, note in prepared}
     on = {"generations": phases.generations, "finetune": phases.finetune, "export_gguf": phases.export}
-    steps = 1 + sum(1 + phases.layers + phases.sweep + phases.judged_sweep for _ in plans)
+    steps = 1 + sum(
+        (p.pairs is not None) * (1 + phases.sweep)
+        + phases.layers
+        + (phases.judged_sweep and p.artifact is not None)
+        for p in plans
+    )
     steps += sum(p.generate and (phases.generated or p.pairs is None) for p in plans) + sum(on.values())
     steps += personality_arm is not None
     context = StudyContext(model=model, judge=judge, hardware=hardware, sizes=sizes)
