@@ -192,6 +192,22 @@ def is_adapter(name: str | Path) -> bool:
     return (Path(name).expanduser() / "adapter_config.json").is_file()
 
 
+def model_on_base(model: str, base_model: str | None, flag: str = "--base_model") -> str:
+    """``model``; with ``base_model``, the LoRA adapter ``model`` read as applied on ``base_model`` instead of the
+    base its ``adapter_config.json`` records (a view of it in persona's cache; the adapter's files stay as they are)."""
+    if base_model is None:
+        return model
+    if not is_adapter(model):
+        raise PersonaError(
+            f"{flag} {base_model}: --model {model} is not a LoRA adapter directory, so it has no base to replace. "
+            f"Fix: drop {flag}, or give the adapter's directory as --model."
+        )
+    model_source(base_model, flag)
+    from persona.models import adapter_view
+
+    return adapter_view(model, base_model)
+
+
 def model_source(name: str, flag: str = "--model") -> None:
     """An embedded alias that is installed, a local model directory, or a hub id available offline."""
     from persona.models import EMBEDDED_MODELS, adapter_base, embedded_gguf_path

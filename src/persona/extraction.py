@@ -16,7 +16,7 @@ from persona.activations import kind_row_mask, read_example_means
 from persona.checks import is_adapter
 from persona.hardware import input_device
 from persona.hooks import locate_blocks
-from persona.models import DEFAULT_MODEL, adapter_base, load_model
+from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, load_model
 from persona.placement import KeepsDevicePlacement
 from persona.vectors import VECTOR_KINDS, default_save_dir, save_vector, vector_filename
 
@@ -123,7 +123,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "sources": sources,
             }
             if is_adapter(hp.model):  # the fine-tuned model: which base, which adapter
-                meta.update(base_model=adapter_base(hp.model), adapter=str(Path(hp.model).resolve()))
+                meta.update(base_model=adapter_base(hp.model), adapter=adapter_origin(hp.model))
             if datamodule is not None and getattr(datamodule.hparams, "pairs_path", None) is None:
                 meta["threshold"] = None if datamodule.hparams.no_filter else datamodule.hparams.threshold
             self.saved_paths[kind] = save_vector(

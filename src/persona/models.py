@@ -135,6 +135,45 @@ def adapter_base(adapter: str | Path) -> str:
     return cached if cached in EMBEDDED_MODELS and Path(base).name != cached else base
 
 
+VIEW_MARKER = (
+    "persona_adapter_view.json"  # in an adapter view: the adapter it shows, for sidecars and messages
+)
+
+
+def adapter_view(adapter: str | Path, base: str) -> str:
+    """A view of ``adapter`` whose recorded base is ``base``: ``adapter_config.json`` rewritten, every other file
+    linked, under persona's cache (``…/adapter_views/<key>/<run>/adapter``, so short names still say the run).
+    Nothing of the user's adapter changes; the same adapter and base give the same view."""
+    import hashlib
+    import json
+
+    from persona.store import write_json
+
+    source = Path(adapter).expanduser().resolve()
+    run = source.parent.name if source.name == "adapter" else source.name
+    key = hashlib.sha256(f"{source}\n{base}".encode()).hexdigest()[:16]
+    view = cache_root() / "adapter_views" / key / run / "adapter"
+    view.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = view / item.name
+        if item.name != "adapter_config.json" and not link.exists():
+            link.symlink_to(item)
+    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
+    write_json(view / "adapter_config.json", {**config, "base_model_name_or_path": base})
+    write_json(view / VIEW_MARKER, {"adapter": str(source), "base_model": base})
+    return str(view)
+
+
+def adapter_origin(adapter: str | Path) -> str:
+    """The adapter directory the user named: itself, or the one an :func:`adapter_view` shows."""
+    import json
+
+    marker = Path(adapter).expanduser() / VIEW_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text(encoding="utf-8"))["adapter"]
+    return str(Path(adapter).expanduser().resolve())
+
+
 def base_model_name(name: str) -> str:
     """``name`` itself, or the base of a PEFT adapter directory."""
     return adapter_base(name) if is_adapter(name) else name

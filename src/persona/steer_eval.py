@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona import checks
 from persona.models import DEFAULT_MODEL
 from persona.store import write_csv, write_figure
 
@@ -98,6 +99,7 @@ def steer_eval(
     vector_path: str,
     layer: int,
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     coefs: list[float] = (-2.0, -1.0, 0.0, 1.0, 2.0),
     steering_type: str = "response",
     n_per_question: int = 1,
@@ -127,6 +129,7 @@ def steer_eval(
         vector_path: Vector file [num_layers+1, hidden] to steer with.
         layer: Layer to steer at (0 = embeddings, L = output of block L-1).
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         coefs: Coefficients, e.g. "-2,-1,0,1,2" (write --coefs=-2,-1,0,1,2 when it starts with a minus) or [-2, 0, 2].
         steering_type: Positions to steer: response, generated, prompt or all.
         n_per_question: Answers per question and coefficient.
@@ -146,6 +149,7 @@ def steer_eval(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
+    model = checks.model_on_base(model, base_model)
     from persona.commands.generate import generate
     from persona.constants import POSITIONS
     from persona.judges import check_min_mass, check_served_judge

@@ -258,3 +258,34 @@ def test_a_study_runs_on_an_adapter_and_refuses_to_fine_tune_it(tiny_model_dirs,
     assert load_metadata(results["traits"]["kindness"]["vectors"]["response_avg"])["adapter"] == str(
         adapter.resolve()
     )
+
+
+def test_base_model_overrides_the_recorded_base_without_touching_the_adapter(
+    tiny_model_dirs, tmp_path, pairs_file, monkeypatch
+):
+    """An adapter trained on another machine records a base path that isn't here: --base_model applies it on the
+    local copy; the result equals the adapter on its own base, and its files are unchanged."""
+    from persona import checks
+
+    monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
+    adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
+    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    expected = load_vector(
+        extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)["response_avg"]
+    )
+    config = adapter / "adapter_config.json"
+    moved = json.loads(config.read_text())
+    config.write_text(json.dumps({**moved, "base_model_name_or_path": "/home/elsewhere/llama"}))
+    before = config.read_bytes()
+    with pytest.raises(PersonaError, match="a PEFT adapter whose base model can't be used here"):
+        extract(model=str(adapter), save_dir=str(tmp_path / "b"), **common)
+    paths = extract(
+        model=str(adapter), base_model=tiny_model_dirs["llama"], save_dir=str(tmp_path / "c"), **common
+    )
+    torch.testing.assert_close(load_vector(paths["response_avg"]), expected)
+    meta = load_metadata(paths["response_avg"])
+    assert meta["adapter"] == str(adapter.resolve()) and meta["base_model"] == tiny_model_dirs["llama"]
+    assert config.read_bytes() == before
+    assert model_short_name(checks.model_on_base(str(adapter), tiny_model_dirs["llama"])) == "llama+run_a"
+    with pytest.raises(PersonaError, match="--base_model .*: --model .* is not a LoRA adapter directory"):
+        checks.model_on_base(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"])

@@ -12,6 +12,7 @@ from persona.vectors import VECTOR_KINDS, default_save_dir, vector_filename
 
 def extract(
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     pos_path: str | None = None,
     neg_path: str | None = None,
     trait: str = "trait",
@@ -38,6 +39,7 @@ def extract(
 
     Args:
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         pos_path: CSV of responses showing the trait (question, prompt, answer, question_id, <trait>, coherence).
         neg_path: CSV of responses not showing it, row-aligned with pos_path.
         trait: Trait name (the score column, and the output file prefix).
@@ -57,6 +59,7 @@ def extract(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
+    model = checks.model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.run_settings(
         batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,

@@ -25,6 +25,7 @@ def generate(
     trait: str,
     output_path: str,
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     persona_instruction_type: str | None = None,
     assistant_name: str | None = None,
     version: str = "extract",
@@ -61,6 +62,7 @@ def generate(
         trait: Trait name (datasets/traits/<version>/<trait>.json) or a trait file/folder path.
         output_path: The CSV to write (resumed if it exists and was made with the same settings).
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         persona_instruction_type: pos, neg or none: which instruction of each pair goes into the system prompt.
         assistant_name: Name in "You are a/an <name> assistant."; default the trait (pos) or its antonym/"helpful" (neg).
         version: extract or eval: which question set.
@@ -86,6 +88,7 @@ def generate(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
+    model = checks.model_on_base(model, base_model)
     instruction_type = check_flags(
         persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
     )

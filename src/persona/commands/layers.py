@@ -24,6 +24,7 @@ SHIFT_PRODUCES = ("representation_shift.csv", "representation_shift.png")
 def layers(
     vector_path: str,
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     pos_path: str | None = None,
     neg_path: str | None = None,
     trait: str | None = None,
@@ -57,6 +58,7 @@ def layers(
     Args:
         vector_path: Vector file [num_layers+1, hidden] from `persona extract`.
         model: Model alias (smollm2-135m, the embedded default), hub id, local path or PEFT adapter directory.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         pos_path: CSV of responses showing the trait (prompt, answer, <trait>, coherence).
         neg_path: CSV of responses not showing it, row-aligned with pos_path.
         trait: Score column for filtering the CSVs; default: the trait in the vector's sidecar.
@@ -79,6 +81,7 @@ def layers(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
+    model = checks.model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.run_settings(
         batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,

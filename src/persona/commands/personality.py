@@ -33,6 +33,7 @@ def _cached_vector_is_fresh(path: Path, model: str, source: Path) -> bool:
 def personality(
     traits: list[str],
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     vector_dir: str | None = None,
     vector_path: str | None = None,
     layer: int | None = None,
@@ -55,6 +56,7 @@ def personality(
     Args:
         traits: Traits (a,b or [a,b]): shipped names (datasets/personality/<trait>.json) or TRAIT-format JSON/JSONL files.
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         vector_dir: Folder with <trait>_response_avg_diff.pt for every trait.
         vector_path: One vector file [num_layers+1, hidden] (a single trait only).
         layer: Layer to steer at (0 = embeddings, L = output of block L-1); default the middle layer.
@@ -68,6 +70,7 @@ def personality(
         accelerator: cpu, gpu/cuda or auto (extraction and scoring).
         trust_remote_code: Allow custom model code from the hub.
     """
+    model = checks.model_on_base(model, base_model)
     names = [str(t).strip() for t in traits]
     if not names or not all(names):
         raise PersonaError(f"--traits {traits!r}: give trait names, e.g. --traits openness,psychopathy.")

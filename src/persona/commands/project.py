@@ -32,6 +32,7 @@ def project(
     layer: int | list[int],
     projection_type: ProjectionType = "proj",
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
@@ -55,6 +56,7 @@ def project(
         layer: Layer(s) to read (0 = embeddings, L = output of block L-1); a list for several.
         projection_type: proj (response average on the unit vector), prompt_last_proj (last prompt token on the unit vector) or cos_sim (cosine of response average and vector).
         model: Model alias (smollm2-135m, the embedded default), hub id or local path.
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         overwrite: Recompute columns that already exist (otherwise they are skipped).
         batch_size: Examples per forward pass.
         max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
@@ -66,6 +68,7 @@ def project(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
+    model = checks.model_on_base(model, base_model)
     if projection_type not in PROJECTION_TYPES:
         raise ValueError(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."

@@ -18,6 +18,7 @@ from persona.study.config import (
 def study(
     model: str,
     traits: list[StudyTrait | str],
+    base_model: str | None = None,
     judge: JudgeSettings = JudgeSettings(),
     phases: Phases = Phases(),
     hardware: Hardware = Hardware(),
@@ -33,7 +34,8 @@ def study(
     any field can be overridden, e.g. --hardware.accelerator gpu --judge.base_url http://127.0.0.1:8080/v1).
 
     Args:
-        model: Model alias (smollm2-135m, embedded), hub id or local path.
+        model: Model alias (smollm2-135m, embedded), hub id, local path or LoRA adapter directory.
+        base_model: With model a LoRA adapter: the base to apply it on instead of the one its adapter_config.json records.
         traits: Traits to study: shipped names or paths of your own trait files, bare or as entries, e.g.
             [my_traits/pessimistic.json, {name: evil, generate: true}, psychopathy]. The first trait with
             contrastive pairs and a layer gets the steered generations, the fine-tuning study and the export.
@@ -47,6 +49,7 @@ def study(
             then compare its vector's quality in the base and the fine-tuned model; null: none.
         title: The report's title.
     """
+    model = checks.model_on_base(model, base_model, "base_model")
     plans = check_config(model, traits, judge, phases, hardware, sizes)
     if personality_arm is not None:
         check_personality_arm(model, personality_arm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from persona import checks
 from persona.models import DEFAULT_MODEL, model_short_name
 from persona.serve.server import is_loopback
 
@@ -13,6 +14,7 @@ log = logging.getLogger("persona.serve")
 
 def serve(
     model: str = DEFAULT_MODEL,
+    base_model: str | None = None,
     vectors: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -40,6 +42,7 @@ def serve(
 
     Args:
         model: Model alias (smollm2-135m, the embedded default), hub id, local path or LoRA adapter directory (served with its own vectors when persona_vectors/<base>+<run> exists, else its base model's).
+        base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         vectors: Folder of <trait>_response_avg_diff.pt files; default ./persona_vectors/<model-short-name>, else the shipped ones.
         host: Address to bind. Loopback by default; anything else exposes the model to the network.
         port: TCP port.
@@ -59,6 +62,7 @@ def serve(
         trust_remote_code: Allow custom model code from the hub.
         log_level: uvicorn and persona log level (debug, info, warning, error).
     """
+    model = checks.model_on_base(model, base_model)
     from persona.checks import is_adapter
     from persona.hardware import resolve_device
     from persona.hooks import locate_blocks
