@@ -171,6 +171,11 @@ def finetune_study(
     }
 
 
+def trait_share(run: str) -> float:
+    """The trait share of a run named by :func:`planned_runs`: ``mix_0.5`` -> 0.5, ``mix_1+caft`` -> 1.0."""
+    return float(run.split("_")[1].split("+")[0])
+
+
 def planned_runs(
     mixtures: tuple[float, ...], sizes, vector_path: str, layer: int
 ) -> list[tuple[float, str, list]]:
@@ -217,7 +222,7 @@ def shift_study(
     )
     table = pd.read_csv(phase_dir / "shift" / "shift.csv")
     table.insert(0, "run", list(runs))
-    table.insert(1, "trait_share", [float(n.split("_")[1].split("+")[0]) for n in runs])
+    table.insert(1, "trait_share", [trait_share(name) for name in runs])
     write_csv(phase_dir / "shift_by_run.csv", table)
     mixture_runs = [name for name in runs if "+" not in name]
     correlation = correlate(table[table["run"].isin(mixture_runs)])

@@ -12,13 +12,19 @@ from persona.store import write_csv
 
 
 def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, hardware) -> dict:
-    from persona.analysis.representation_shift import vector_quality
+    from persona.analysis.representation_shift import (
+        plot_representation_shift,
+        representation_shift,
+        summarise,
+        vector_quality,
+    )
     from persona.commands.extract import extract
     from persona.commands.layers import layers
     from persona.data.build import dataset
     from persona.data.personality import resolve_items_path
     from persona.study.finetune import train_run
     from persona.traits import load_trait
+    from persona.vectors import load_vector
 
     name, items = resolve_items_path(trait)
     run = dict(accelerator=hardware.accelerator, dtype=hardware.dtype)
@@ -37,8 +43,15 @@ def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, har
         model=tuned["adapter"], trait=name, split="train", save_dir=str(phase_dir / "tuned"), **read
     )
     layers(vector_path=tuned_vector["response_avg"], model=tuned["adapter"], split="test",
-           compare_to=base_vector["response_avg"], output_dir=str(phase_dir / "tuned"), **read)  # fmt: skip
-    table = pd.read_csv(phase_dir / "tuned" / "representation_shift.csv")
+           output_dir=str(phase_dir / "tuned"), **read)  # fmt: skip
+    # The base model's metrics on the same held-out items are already in base/: no second pass over them.
+    table = representation_shift(
+        load_vector(base_vector["response_avg"]).numpy(), load_vector(tuned_vector["response_avg"]).numpy(),
+        pd.read_csv(phase_dir / "base" / "layer_metrics.csv"), pd.read_csv(phase_dir / "tuned" / "layer_metrics.csv"),
+    )  # fmt: skip
+    write_csv(phase_dir / "tuned" / "representation_shift.csv", table)
+    plot_representation_shift(table, summarise(table), phase_dir / "tuned" / "representation_shift.png",
+                              title=f"{name}: base vs fine-tuned on high-{name} answers")  # fmt: skip
     quality = vector_quality(table)
     write_csv(phase_dir / "vector_quality.csv", quality)
     return {

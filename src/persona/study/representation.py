@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from persona.store import write_csv, write_figure
+from persona.study.finetune import trait_share
 
 
 def representation_study(
@@ -76,7 +77,7 @@ def run_row(run: str, table: pd.DataFrame, summary: dict) -> dict:
     at_base = table.loc[table["layer"] == base_layer].iloc[0]
     return {
         "run": run,
-        "trait_share": float(run.split("_")[1].split("+")[0]) if run.startswith("mix_") else None,
+        "trait_share": trait_share(run),
         "mean_cosine": summary["mean_cosine"],
         "recommended_base": base_layer,
         "recommended_tuned": summary["tuned"]["recommended"],

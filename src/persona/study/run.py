@@ -23,8 +23,6 @@ from persona.study.context import StudyContext
 from persona.study.report import summary_table, write_report
 from persona.study.traits import TraitPlan, prepare_inputs
 
-LATER_PHASES = ("generations", "finetune", "export_gguf")
-
 
 def run_study(
     *,
@@ -185,10 +183,7 @@ def trait_phases(
         if generated:
             out["generated"] = generated
             out.setdefault("vectors", generated["vectors"])
-            asked = generated.get("threshold", 50) is not None
-            if asked and not generated.get(
-                "filtered", True
-            ):  # vectors exist, not the filtered ones asked for
+            if filter_fell_back(generated):  # vectors exist, but not the filtered ones asked for
                 runner.missed[f"filtered_vectors_{key}"] = generated["filter"]
     wanted = [
         name
@@ -254,11 +249,16 @@ def layer_inputs(plan: TraitPlan, generated: dict | None, split: str | None) -> 
     inputs = {"pos_path": generated["pos_csv"], "neg_path": generated["neg_csv"], "no_filter": not filtered}
     if filtered:
         inputs["threshold"] = generated.get("threshold", 50)
-    why = "no filter asked" if generated.get("threshold", 50) is None else "the filter kept no pair"
+    why = "the filter kept no pair" if filter_fell_back(generated) else "no filter asked"
     label = "judged answers, in-sample, " + (
         "filtered as for extraction" if filtered else f"unfiltered ({why})"
     )
     return inputs, label
+
+
+def filter_fell_back(generated: dict) -> bool:
+    """The generation route asked for the seed's filter, which kept no pair (so its vectors are unfiltered)."""
+    return generated.get("threshold", 50) is not None and not generated.get("filtered", True)
 
 
 def vector_cosine(a: str, b: str, layer: int) -> float:

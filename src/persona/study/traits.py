@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from persona.errors import PersonaError
@@ -160,13 +160,11 @@ def prepare_inputs(plan: TraitPlan, inputs_dir: Path) -> tuple[TraitPlan, dict]:
     notes: dict = {}
     if plan.user_artifact and Path(plan.artifact).is_file():
         folder, notes["questions"] = split_artifact(Path(plan.artifact), inputs_dir / plan.key)
-        plan = TraitPlan(plan.key, plan.field, plan.pairs, str(folder), plan.generate, True, plan.splits)
+        plan = replace(plan, artifact=str(folder))
     if plan.pairs is not None and not plan.splits:
         pairs, notes["held_out"] = split_pairs(plan.pairs, plan.field, inputs_dir / f"{plan.key}_pairs.jsonl")
         splits = frozenset({"train", HELD_OUT} if pairs != plan.pairs else {"train"})  # too few: in-sample
-        plan = TraitPlan(
-            plan.key, plan.field, pairs, plan.artifact, plan.generate, plan.user_artifact, splits
-        )
+        plan = replace(plan, pairs=pairs, splits=splits)
     elif plan.pairs is not None and not plan.held_out:
         notes["held_out"] = (
             f"none: {plan.pairs} has splits {', '.join(sorted(plan.splits))} but no '{HELD_OUT}'; layer metrics "
