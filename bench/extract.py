@@ -24,11 +24,11 @@ import torch
 from common import add_device_args, resolved_dtype, timed
 
 from persona.commands.extract import extract
+from persona.core.hardware import make_trainer
 from persona.data.modules import ResponseDataModule
-from persona.extraction import VectorExtractor
-from persona.hardware import make_trainer
 from persona.models import load_model, load_tokenizer
 from persona.vectors import VECTOR_KINDS, load_vector
+from persona.vectors.extraction import VectorExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 

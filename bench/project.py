@@ -24,8 +24,8 @@ from persona.commands.project import project
 from persona.data.modules import ExampleDataModule
 from persona.data.scored_files import projection_column, read_scored_file, scored_file_examples
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.projection import ExampleProjector, predict_projections
 from persona.vectors import save_vector
+from persona.vectors.projection import ExampleProjector, predict_projections
 
 ROOT = Path(__file__).resolve().parents[1]
 

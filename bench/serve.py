@@ -33,8 +33,9 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 from common import QUESTIONS  # noqa: E402
 
-from persona.chat import encode_chat, user_turn  # noqa: E402
+from persona.data.chat import encode_chat, user_turn  # noqa: E402
 from persona.hooks import locate_blocks  # noqa: E402
+from persona.hooks.layers import hidden_size
 from persona.models import load_model_and_tokenizer, model_short_name  # noqa: E402
 from persona.serve.app import create_app  # noqa: E402
 from persona.serve.engine import GenerationJob  # noqa: E402
@@ -43,7 +44,6 @@ from persona.serve.schema import PersonaFields  # noqa: E402
 from persona.serve.server import serve_in_thread  # noqa: E402
 from persona.serve.service import PersonaService, ServeSettings  # noqa: E402
 from persona.serve.traits import load_traits, resolve_persona  # noqa: E402
-from persona.steering import hidden_size  # noqa: E402
 
 MIXED = [
     {},

@@ -19,10 +19,11 @@ import time
 import torch
 from common import QUESTIONS, add_device_args, describe_bound, resolved_dtype, synchronize, timed
 
-from persona.chat import encode_chat
-from persona.fast_generation import FastGenerator, fast_mode
+from persona.data.batches import left_pad
+from persona.data.chat import encode_chat
 from persona.models import load_model, load_tokenizer
-from persona.steering import SteeringSpec, left_pad, steer
+from persona.steering import SteeringSpec, steer
+from persona.steering.fast import FastGenerator, fast_mode
 
 
 class Path:
@@ -152,7 +153,7 @@ def measure(path: Path, spec, new_tokens: int, repeats: int, device: str):
 def hook_call_seconds(spec: SteeringSpec, model, batch: int, device: str, calls: int = 2000) -> float:
     """Time of the steering hook alone on a decode-step tensor [batch, 1, hidden]: a noise-free overhead bound."""
     from persona.hooks.registry import ForwardState
-    from persona.steering import _steering_hook
+    from persona.steering.spec import _steering_hook
 
     hidden = torch.randn(batch, 1, model.config.hidden_size, device=device, dtype=model.dtype)
     state = ForwardState(attention_mask=torch.ones(batch, 40, dtype=torch.long, device=device), phase=False)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from persona.chat import encode_chat
+from persona.data.batches import left_pad
+from persona.data.chat import encode_chat
 from persona.hooks import block_hooks, locate_blocks
+from persona.hooks.layers import hidden_size
 from persona.hooks.operators import ablate_directions
-from persona.steering import SteeringSpec, hidden_size, left_pad, steer
+from persona.steering import SteeringSpec, steer
 from persona.vectors import save_vector
 
 

@@ -55,7 +55,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "steer-eval": Subcommand(
         "Judge trait and coherence of steered answers over a coefficient grid",
-        "persona.steer_eval:steer_eval",
+        "persona.commands.steer_eval:steer_eval",
     ),
     "personality": Subcommand(
         "Judge-free TRAIT personality scores (likelihood, multiple choice) over steering coefficients",
@@ -76,17 +76,17 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "persona.data.build:dataset",
     ),
     "export-gguf": Subcommand(
-        "Export vectors as a llama.cpp control vector", "persona.gguf_export:export_gguf"
+        "Export vectors as a llama.cpp control vector", "persona.vectors.gguf:export_gguf"
     ),
     "report": Subcommand(
         "Rewrite report.md of a demo run directory from its results.json", "persona.study.report:report"
     ),
     "study": Subcommand(
         "The whole method on your model, judge and hardware (-c configs/study/*.yaml); report.md",
-        "persona.commands.study:study",
+        "persona.study.command:study",
     ),
     "demo": Subcommand(
-        "The whole method on the embedded model, offline; writes a report", "persona.commands.study:demo"
+        "The whole method on the embedded model, offline; writes a report", "persona.study.command:demo"
     ),
     "serve": Subcommand(
         "OpenAI-compatible server: per-request steering/ablation, per-reply trait monitoring, batching",
@@ -117,7 +117,7 @@ def check_config_files(argv: list[str]) -> None:
     """``-c/--config`` files exist and are YAML, answered before Lightning loads (it takes seconds)."""
     import yaml
 
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     for position, token in enumerate(argv):
         flag, has_value, value = token.partition("=")
@@ -172,7 +172,7 @@ def importable(class_path: str) -> bool:
 # Where persona's pluggable classes (modules, data modules, callbacks) live, for a hint at a misspelt class_path.
 PLUGGABLE_MODULES = (
     "persona.training", "persona.training.callbacks", "persona.training.monitor", "persona.data.modules",
-    "persona.extraction", "persona.projection", "persona.generation_loop", "persona.fast_generation",
+    "persona.vectors.extraction", "persona.vectors.projection", "persona.generation.predict_loop", "persona.steering.fast",
 )  # fmt: skip
 
 
@@ -225,7 +225,7 @@ def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    from persona.signals import StopOnSigterm
+    from persona.core.signals import StopOnSigterm
 
     class PersonaCLI(LightningCLI):
         def predict(self, **kwargs):
@@ -391,14 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_function(name, sub.target, rest)
     except SystemExit as stop:
-        from persona.errors import SIGTERM_EXIT, stopped_by_sigterm
+        from persona.core.errors import SIGTERM_EXIT, stopped_by_sigterm
 
         if not stopped_by_sigterm(stop):
             raise
         print(f"persona {name}: stopped by SIGTERM (outputs written per batch are kept)", file=sys.stderr)
         return SIGTERM_EXIT
     except Exception as error:
-        from persona.errors import USER_ERRORS, one_line
+        from persona.core.errors import USER_ERRORS, one_line
 
         if os.environ.get("PERSONA_DEBUG") or not isinstance(error, USER_ERRORS):
             raise

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from persona.store import read_journal
+from persona.core.store import read_journal
 
 ARGS = [
     "--test",

@@ -6,7 +6,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from persona.activations import read_example_means
 from persona.analysis.likelihood import pair_preference
 from persona.commands.extract import extract
 from persona.data.batches import collate, tokenize_examples
@@ -14,6 +13,7 @@ from persona.data.examples import contrastive_pair_examples
 from persona.hooks import block_hooks
 from persona.hooks.operators import add_direction, project
 from persona.vectors import load_vector
+from persona.vectors.activations import read_example_means
 
 PAIRS = Path(__file__).resolve().parents[2] / "datasets" / "pairs" / "evil.jsonl"
 MIDDLE_LAYERS = range(10, 21)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from persona.commands.extract import extract
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 from persona.models import adapter_base, load_model, model_dimensions, model_short_name
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
 
@@ -85,14 +85,14 @@ def test_an_adapter_trained_on_another_machine_finds_the_embedded_base_here(tmp_
 
 
 def test_an_adapter_whose_base_is_missing_is_refused_naming_the_fix(tmp_path):
-    from persona import checks
+    from persona.models import model_source
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base"}))
     with pytest.raises(
         PersonaError,
         match=r"--model .*: a PEFT adapter whose base model can't be used here .*base_model_name_or_path",
     ):
-        checks.model_source(str(tmp_path))
+        model_source(str(tmp_path))
 
 
 def test_fine_tuning_refuses_an_adapter_as_its_base(tiny_model_dirs, tmp_path):
@@ -115,7 +115,7 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
     from persona.commands.personality import personality
     from persona.commands.project import project
     from persona.commands.screen import screen
-    from persona.steer_eval import steer_eval
+    from persona.commands.steer_eval import steer_eval
 
     monkeypatch.chdir(tmp_path)  # the default output folders are relative
     adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
@@ -236,7 +236,7 @@ def test_serving_an_adapter_reads_its_own_vectors_or_its_bases_and_refuses_anoth
 def test_a_study_runs_on_an_adapter_and_refuses_to_fine_tune_it(tiny_model_dirs, tmp_path, monkeypatch):
     from test_study import write_datasets
 
-    from persona.commands.study import study
+    from persona.study.command import study
     from persona.study.config import Hardware, Phases, Sizes, StudyTrait
 
     monkeypatch.setenv("PERSONA_DATASETS", str(write_datasets(tmp_path / "datasets")))
@@ -265,7 +265,7 @@ def test_base_model_overrides_the_recorded_base_without_touching_the_adapter(
 ):
     """An adapter trained on another machine records a base path that isn't here: --base_model applies it on the
     local copy; the result equals the adapter on its own base, and its files are unchanged."""
-    from persona import checks
+    from persona.models import model_on_base
 
     monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
     adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
@@ -286,6 +286,6 @@ def test_base_model_overrides_the_recorded_base_without_touching_the_adapter(
     meta = load_metadata(paths["response_avg"])
     assert meta["adapter"] == str(adapter.resolve()) and meta["base_model"] == tiny_model_dirs["llama"]
     assert config.read_bytes() == before
-    assert model_short_name(checks.model_on_base(str(adapter), tiny_model_dirs["llama"])) == "llama+run_a"
+    assert model_short_name(model_on_base(str(adapter), tiny_model_dirs["llama"])) == "llama+run_a"
     with pytest.raises(PersonaError, match="--base_model .*: --model .* is not a LoRA adapter directory"):
-        checks.model_on_base(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"])
+        model_on_base(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"])

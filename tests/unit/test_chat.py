@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from persona.chat import answer_text, encode_chat, render_chat, user_turn
+from persona.data.chat import answer_text, encode_chat, render_chat, user_turn
 
 QWEN3_LIKE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -120,8 +120,8 @@ ALTERNATING_ONLY = (
 def test_one_rule_refuses_bad_chat_records_in_one_line(messages, message):
     """Issue 20.3: "usr" was templated anyway and a null content died in jinja2; project, screen, fit, dataset
     and serve now share this rule."""
-    from persona.chat import checked_messages
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
+    from persona.data.chat import checked_messages
 
     with pytest.raises(PersonaError, match=rf"^data.jsonl:3: {message}.*Fix:") as raised:
         checked_messages(messages, "data.jsonl:3")
@@ -129,8 +129,8 @@ def test_one_rule_refuses_bad_chat_records_in_one_line(messages, message):
 
 
 def test_the_rule_keeps_good_records_and_checks_the_last_role_when_asked():
-    from persona.chat import checked_messages
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
+    from persona.data.chat import checked_messages
 
     good = [{"role": "system", "content": "S"}, *user_turn("Hi"), {"role": "assistant", "content": ""}]
     assert checked_messages(good, "x") == good and checked_messages(good, "x") is not good
@@ -139,7 +139,7 @@ def test_the_rule_keeps_good_records_and_checks_the_last_role_when_asked():
 
 
 def test_a_template_that_refuses_the_roles_gives_one_line_not_a_jinja_traceback(tok):
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     tok.chat_template = ALTERNATING_ONLY
     twice = [*user_turn("Hi"), *user_turn("Again")]

@@ -142,7 +142,7 @@ def test_val_files_replace_the_split(tiny_model_dirs, tmp_path):
         ),
         ([chat("a", "b"), chat("c", "d"), '{"messages": [oops'], 3, "malformed JSON"),
         ([{"messages": [{"role": "user"}]}], 1, "content is None, not a string"),
-        # Issue 20.3: the rule of persona.chat.checked_messages, as project, screen, dataset and serve apply it
+        # Issue 20.3: the rule of persona.data.chat.checked_messages, as project, screen, dataset and serve apply it
         (
             [{"messages": [{"role": "usr", "content": "a"}, {"role": "assistant", "content": "b"}]}],
             1,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from persona.core.errors import PersonaError
 from persona.data.chat_dataset import tokenized_chats
-from persona.errors import PersonaError
 from persona.training.data import ChatDataModule, read_chat_jsonl, tokenize_conversation
 
 

@@ -167,7 +167,7 @@ def test_lightning_predict_keeps_no_batch_outputs(tiny_model_dirs, tmp_path, mon
     model = tiny_model_dirs["llama"]
     args = [
         "predict",
-        "--model=persona.extraction.VectorExtractor",
+        "--model=persona.vectors.extraction.VectorExtractor",
         f"--model.model={model}",
         f"--model.save_dir={tmp_path / 'vectors'}",
         "--data=persona.data.modules.ResponseDataModule",

@@ -35,7 +35,7 @@ STUDY_CONFIGS = sorted((CONFIGS / "study").glob("*.yaml"))
 def test_study_config_parses_against_the_command(config):
     from jsonargparse import ArgumentParser
 
-    from persona.commands.study import study
+    from persona.study.command import study
     from persona.study.config import StudyTrait
 
     parser = ArgumentParser()
@@ -48,7 +48,7 @@ def test_study_config_parses_against_the_command(config):
 def test_the_seed_study_config_has_its_seven_traits_judge_and_layer():
     from jsonargparse import ArgumentParser
 
-    from persona.commands.study import study
+    from persona.study.command import study
 
     parser = ArgumentParser()
     parser.add_function_arguments(study)

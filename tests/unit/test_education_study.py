@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from persona.core.store import KeyedJournal, read_journal
 from persona.education.grading import Grade
 from persona.education.settings import GraderSettings, StudentSettings, VectorSettings
-from persona.store import KeyedJournal, read_journal
 from persona.vectors import save_vector, vector_filename
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "education"

@@ -181,7 +181,7 @@ def case_args(work) -> dict[str, tuple[list[str], str]]:
         "filter everything away": (["screen", "--data", f["chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m, "--filtered_out", "f.jsonl", "--filter_top", "5"], r"drops 5 of 3 samples"),
         # 6. list flags take a,b,c / [a,b] / a b
         "project vector list with spaces": (["project", "--file_path", f["data.csv"], "--vector_path", v, "missing2.pt", "--layer", "1,2", "--model", m], r"missing2.pt: no such vector file"),
-        # 7. chat records: one rule (persona.chat.checked_messages) in every command that reads them
+        # 7. chat records: one rule (persona.data.chat.checked_messages) in every command that reads them
         "project unknown role": (["project", "--file_path", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl: record 1: messages\[0\]: role 'usr' is not one of system, user, assistant"),
         "project null content": (["project", "--file_path", f["null_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"null_chat.jsonl: record 1: messages\[0\] \(user\): content is None, not a string"),
         "screen unknown role": (["screen", "--data", f["usr_chat.jsonl"], "--vector_path", v, "--layer", "1", "--model", m], r"usr_chat.jsonl:1: messages\[0\]: role 'usr'"),
@@ -361,7 +361,7 @@ def test_lightning_advertisement_is_dropped_from_every_trainer(caplog):
 
 def test_the_real_error_is_read_out_of_jsonargparse_union_wrappers_old_and_new():
     """jsonargparse 4.36 chains the None member's error as the cause; newer releases chain ours. Both list it."""
-    from persona.errors import one_line
+    from persona.core.errors import one_line
 
     listed = (
         "Does not validate against any of the Union subtypes\nSubtypes: [<class 'NoneType'>, <class 'X'>]\n"

@@ -147,7 +147,9 @@ def test_pairs_jsonl_route(tiny_model_dirs, tmp_path):
 def test_empty_filter_result_says_what_dropped(tiny_model_dirs, tmp_path):
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     pos_path, neg_path = write_csvs(tmp_path, tokenizer)
-    from persona.errors import NoPairsLeft  # its own type: the study falls back to no filter on this alone
+    from persona.core.errors import (
+        NoPairsLeft,  # its own type: the study falls back to no filter on this alone
+    )
 
     with pytest.raises(NoPairsLeft, match=r"No effective pairs.*positive evil >= 99.*fails for 5 rows"):
         extract(

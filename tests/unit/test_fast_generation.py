@@ -13,15 +13,16 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
-from persona import fast_generation
-from persona.fast_generation import (
+from persona.data.batches import left_pad
+from persona.hooks import block_hooks
+from persona.hooks.registry import ForwardState
+from persona.steering import SteeringSpec, generate_steered, steer
+from persona.steering import fast as fast_generation
+from persona.steering.fast import (
     FastGenerator,
     fast_mode,
     fast_path_supported,  # noqa: E402
 )
-from persona.hooks import block_hooks
-from persona.hooks.registry import ForwardState
-from persona.steering import SteeringSpec, generate_steered, left_pad, steer
 
 pytestmark = pytest.mark.skipif(fast_path_supported() is not None, reason=str(fast_path_supported()))
 
@@ -121,7 +122,7 @@ def test_auto_is_the_plain_path_on_a_cpu_and_the_compiled_one_on_cuda():
 def test_a_one_shot_generate_steered_never_compiles_by_default(tiny_llama, tokenizer, monkeypatch):
     """Callers that loop over generate_steered (sweeps, screening, the education study) would compile on every
     call on a GPU; the fast path is opt-in through an open session, which compiles once."""
-    import persona.fast_generation as fast_generation
+    import persona.steering.fast as fast_generation
 
     monkeypatch.setattr(
         fast_generation, "fast_mode", lambda fast, device: "compile" if fast == "auto" else "off"
@@ -136,8 +137,8 @@ def test_a_one_shot_generate_steered_never_compiles_by_default(tiny_llama, token
 
 
 def test_a_session_serves_only_the_model_it_was_opened_on(tiny_llama, tokenizer, tiny_model_dirs):
-    from persona.fast_generation import FastGenerator
     from persona.models import load_model
+    from persona.steering.fast import FastGenerator
 
     other = load_model(tiny_model_dirs["llama"])
     with FastGenerator(other, "static") as session, pytest.raises(ValueError, match="another model"):

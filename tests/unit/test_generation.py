@@ -7,11 +7,11 @@ import zlib
 import pandas as pd
 import pytest
 
-from persona import generation_loop
 from persona.commands.generate import generate
-from persona.generation import ResponseStore
+from persona.core.store import read_journal
+from persona.generation import predict_loop as generation_loop
+from persona.generation.journal import ResponseStore
 from persona.judges import JudgeScore as Score
-from persona.store import read_journal
 
 TRAIT = {
     "instruction": [{"pos": f"Be wicked, way {k}.", "neg": f"Be kind, way {k}."} for k in range(5)],

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from persona import cli
-from persona.gguf_export import export_gguf, import_gguf
 from persona.vectors import save_vector
+from persona.vectors.gguf import export_gguf, import_gguf
 
 NUM_LAYERS, HIDDEN = 4, 8
 

@@ -106,7 +106,7 @@ def test_a_parsed_decimal_is_read_whole():
 
 
 def test_an_empty_score_says_why_in_words():
-    from persona.generation_loop import missing_reason
+    from persona.generation.predict_loop import missing_reason
 
     assert missing_reason("logprobs") == "the judge gave no number"
     assert missing_reason("failed") == "failed" and missing_reason(None) == "not judged"

@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from persona.errors import PersonaError
-from persona.judges import DIGIT_CHAIN, REFUSAL, LocalJudge, check_min_mass, judge_name, make_judge
+from persona.core.errors import PersonaError
+from persona.judges import DIGIT_CHAIN, REFUSAL, LocalJudge, check_min_mass, make_judge
 from persona.judges.aggregation import aggregate
+from persona.judges.base import judge_name
 from persona.judges.local_judge import answer_candidates
 
 PROMPTS = [

@@ -253,7 +253,7 @@ def test_scored_csvs_default_output_and_trait_from_sidecar(tiny_model_dirs, tmp_
 def test_bad_input_fails_before_the_model_loads(kwargs, message, tiny_model_dirs, tmp_path, monkeypatch):
     hidden = kwargs.pop("hidden", 32)
     vector_path = save_vector(torch.randn(4, hidden), tmp_path / "v.pt")
-    monkeypatch.setattr("persona.projection.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("persona.vectors.projection.load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=message):
         layers(
             vector_path=str(vector_path),

@@ -156,7 +156,7 @@ def test_hf_hidden_states_show_our_edits_even_when_its_recorders_came_first(tiny
 
 
 @pytest.mark.skipif(
-    __import__("persona.fast_generation", fromlist=["x"]).fast_path_supported() is not None,
+    __import__("persona.steering.fast", fromlist=["x"]).fast_path_supported() is not None,
     reason="the compiled static-cache path needs transformers >= 5 and torch >= 2.6",
 )
 def test_static_cache_phase_reads_nothing_off_the_device_under_compile_regression_item_graph_break():

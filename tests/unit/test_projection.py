@@ -205,7 +205,7 @@ def _refuse_model_loading(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr("persona.projection.load_model", refuse)
+    monkeypatch.setattr("persona.vectors.projection.load_model", refuse)
 
 
 def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path, monkeypatch):

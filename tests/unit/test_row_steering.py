@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona.data.batches import left_pad
 from persona.hooks import block_hooks
 from persona.hooks.operators import (
     ablate_directions,
@@ -14,8 +15,9 @@ from persona.hooks.operators import (
     orthonormalize,
     project,
 )
-from persona.row_steering import RowInterventions, steer_rows
-from persona.steering import SteeringSpec, left_pad, mean_residual_norm, steer
+from persona.steering import SteeringSpec, steer
+from persona.steering.rows import RowInterventions, steer_rows
+from persona.vectors.norms import mean_residual_norm
 from serve_support import CHATS as SERVED_CHATS
 
 HIDDEN = 32
@@ -102,7 +104,7 @@ def generate_alone(model, ids: list[int], row: RowInterventions, pad_id: int, ne
 
 
 def test_mixed_batch_rows_equal_each_row_steered_alone(tiny_model, tokenizer):
-    from persona.chat import encode_chat
+    from persona.data.chat import encode_chat
 
     pad_id = tokenizer.pad_token_id
     tiny_model.generation_config.pad_token_id = pad_id

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from persona.chat import answer_text
+from persona.data.chat import answer_text
 from persona.models import load_model_and_tokenizer
 from persona.steering import SteeringSpec
 from serve_support import build_service, http, reference_ids, running, write_trait_vectors
@@ -170,7 +170,7 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(server):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"n": 2}, 400, "n"),
         ({"temperature": 3}, 400, "temperature"),
-        # Issue 20.3: the CLI's chat-record rule (persona.chat.checked_messages), not only pydantic's roles
+        # Issue 20.3: the CLI's chat-record rule (persona.data.chat.checked_messages), not only pydantic's roles
         ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages"),
         ({"messages": [*HI, {"role": "system", "content": "Late."}]}, 400, "messages"),
     ],

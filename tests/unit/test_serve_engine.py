@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from conftest import hidden_states_without_final_norm
-from persona.chat import encode_chat
+from persona.data.chat import encode_chat
 from persona.hooks import block_hooks
 from persona.hooks.operators import ablate_directions, add_direction, project
 from persona.serve.engine import Engine, GenerationJob

@@ -286,8 +286,8 @@ def test_a_model_placed_across_devices_stays_where_accelerate_put_it(tiny_llama)
     """Lightning moves a LightningModule and its batches to one device; a device_map model must not move, and its
     batches go to its input embeddings. A fake two-device ``hf_device_map`` stands in for two GPUs."""
     from persona.data.modules import ExampleDataModule
-    from persona.placement import KeepsDevicePlacement, split_across_devices
-    from persona.projection import ExampleProjector
+    from persona.hooks.placement import KeepsDevicePlacement, split_across_devices
+    from persona.vectors.projection import ExampleProjector
 
     projector = ExampleProjector(layers=[1], directions=torch.ones(1, 32), module=tiny_llama)
     assert not split_across_devices(tiny_llama)
@@ -306,7 +306,7 @@ def test_a_model_placed_across_devices_stays_where_accelerate_put_it(tiny_llama)
 
 def test_device_map_is_one_process_only(tiny_model_dirs, tmp_path):
     from persona.commands.extract import extract
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi", "positive": "Go away.", "negative": "Hello!"}) + "\n")
@@ -354,10 +354,10 @@ def test_a_model_split_between_the_gpu_and_the_cpu_steers_and_extracts(tiny_mode
     directions on the execution device) on one GPU. Two GPUs would be needed for a block running elsewhere."""
     from transformers import AutoModelForCausalLM
 
+    from persona.core.hardware import make_trainer
     from persona.data.examples import Example
     from persona.data.modules import ExampleDataModule
-    from persona.extraction import VectorExtractor
-    from persona.hardware import make_trainer
+    from persona.vectors.extraction import VectorExtractor
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = tiny_model_dirs["llama"]
@@ -418,7 +418,7 @@ def test_steering_an_offloaded_model_adds_on_the_execution_device(tiny_llama, to
     ],
 )
 def test_multi_node_launches_tell_lightning_the_node_count(environ, nodes):
-    from persona.hardware import launcher_num_nodes
+    from persona.core.hardware import launcher_num_nodes
 
     assert launcher_num_nodes(environ) == nodes
 

@@ -19,14 +19,17 @@ import pandas as pd
 import pytest
 import torch
 
-from persona.errors import SIGTERM_EXIT
-from persona.store import read_journal
+from persona.core.errors import SIGTERM_EXIT
+from persona.core.store import read_journal
 from persona.vectors import save_vector
 
 # Slows the named predict_step, prints each batch index, and (for generate) judges without a server.
 PROBE = """
 import sys, time
-from persona import extraction, generation_loop, projection, training
+from persona.vectors import extraction
+from persona.generation import predict_loop as generation_loop
+from persona.vectors import projection
+from persona import training
 from persona.judges import JudgeScore
 
 class Judge:
@@ -136,7 +139,7 @@ def test_sigterm_stops_persona_predict_and_writes_no_vectors(tiny_model_dirs, tm
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     model = tiny_model_dirs["llama"]
     (tmp_path / "extract.yaml").write_text(
-        f"model:\n  class_path: persona.extraction.VectorExtractor\n  init_args:\n    model: {model}\n"
+        f"model:\n  class_path: persona.vectors.extraction.VectorExtractor\n  init_args:\n    model: {model}\n"
         f"    trait: evil\n    save_dir: {tmp_path / 'vectors'}\n"
         f"data:\n  class_path: persona.data.modules.ResponseDataModule\n  init_args:\n    model: {model}\n"
         f"    pairs_path: {tmp_path / 'pairs.jsonl'}\n    batch_size: 1\n"

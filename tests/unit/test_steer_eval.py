@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from persona import cli, generation_loop, steer_eval
+from persona import cli
 from persona.commands import generate as commands_generate
+from persona.commands import steer_eval
+from persona.commands.steer_eval import coef_filename, parse_coefs
+from persona.generation import predict_loop as generation_loop
 from persona.judges import JudgeScore
-from persona.steer_eval import coef_filename, parse_coefs
 from persona.vectors import save_vector
 
 TRAIT = {

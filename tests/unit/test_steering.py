@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from persona.hooks import block_hooks, locate_blocks
+from persona.hooks.layers import hidden_size
 from persona.models import text_config_value
 from persona.serve.service import model_context_length
-from persona.steering import SteeringSpec, generate_steered, hidden_size, mean_residual_norm, steer
+from persona.steering import SteeringSpec, generate_steered, steer
+from persona.vectors.norms import mean_residual_norm
 
 HIDDEN = 32  # every tiny model in conftest
 NUM_LAYERS = 3
@@ -360,7 +362,7 @@ def test_generate_steered_runs_a_prompt_far_longer_than_the_rest_alone(tiny_llam
 
 def test_a_prompt_with_no_room_for_its_answer_is_one_line(tiny_model_dirs):
     """Issue 20.1's class in generation: a prompt past the model's positions (256 here) failed deep in the model."""
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
     from persona.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dirs["gpt2"])

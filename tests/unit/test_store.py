@@ -8,7 +8,14 @@ import stat
 
 import pytest
 
-from persona.store import KeyedJournal, atomic_write, check_signature, read_journal, write_jsonl, write_text
+from persona.core.store import (
+    KeyedJournal,
+    atomic_write,
+    check_signature,
+    read_journal,
+    write_jsonl,
+    write_text,
+)
 
 
 def mode(path) -> int:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fake_openai import FakeChatServer
-from persona.commands.study import demo_config, study
+from persona.study.command import demo_config, study
 from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,7 +221,7 @@ def study_results(model: str, auc: float, metrics_csv) -> dict:
 )
 def test_report_and_compare_read_results_json_through_one_checked_reader(tmp_path, change, message):
     """Issue 20.5: `KeyError: 'traits'` and `'list' object has no attribute 'items'` tracebacks."""
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
     from persona.study.compare import compare_studies
     from persona.study.report import report
 
@@ -255,7 +255,7 @@ def test_reports_of_two_studies_compare_side_by_side(tmp_path):
     assert list(table["model"]) == ["model-a", "model-b"] and list(table["relative_depth"]) == [0.5, 0.5]
     assert (tmp_path / "cmp" / "auc_by_depth.png").stat().st_size > 0 and "model-b" in path.read_text()
     # Issue 20.6: a second comparison silently replaced the first; now only with overwrite, as every command.
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     runs = [str(tmp_path / "b"), str(tmp_path / "a")]
     with pytest.raises(
@@ -283,8 +283,8 @@ def test_a_study_killed_mid_generation_resumes_with_no_row_lost_or_doubled(
     }
     script = tmp_path / "run_study.py"
     script.write_text(
-        "import sys\nfrom persona.commands.study import study\nfrom persona.study.config import *\n"
-        "from persona.errors import StudyIncomplete\n"
+        "import sys\nfrom persona.study.command import study\nfrom persona.study.config import *\n"
+        "from persona.core.errors import StudyIncomplete\n"
         "try:\n"
         "  study(model=sys.argv[1], traits=[StudyTrait('wicked', generate=True)],\n"
         "      judge=JudgeSettings(model='judge-model', base_url=sys.argv[3], timeout=5),\n"
@@ -332,7 +332,7 @@ def instantiate(parser):
 
 
 def test_the_finetuning_plan_adds_steering_and_caft_on_the_all_trait_mixture(tmp_path):
-    from persona.study.finetune import planned_runs
+    from persona.study.runs import planned_runs
     from persona.training.callbacks import ConceptAblation, PreventativeSteering
 
     sizes = Sizes(finetune_mixtures=[0.0, 0.5, 1.0], finetune_interventions=True, steering_coef=2.5)
@@ -349,7 +349,7 @@ def test_the_finetuning_plan_adds_steering_and_caft_on_the_all_trait_mixture(tmp
 def test_precision_follows_the_model_dtype():
     import torch
 
-    from persona.hardware import precision_for
+    from persona.core.hardware import precision_for
 
     assert precision_for("bfloat16") == "bf16-true" and precision_for(torch.float16) == "16-true"
     assert precision_for("float32") == "32-true" and precision_for("auto") in ("32-true", "bf16-true")
@@ -373,7 +373,7 @@ def test_release_memory_hands_freed_heap_back_to_the_os():
     import ctypes
     import re
 
-    from persona.hardware import release_memory
+    from persona.core.hardware import release_memory
 
     try:
         ctypes.CDLL("libc.so.6")

@@ -15,7 +15,7 @@ from test_study import write_datasets
 
 from fake_openai import FakeChatServer
 from persona.cli import main
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 from persona.study.config import StudyTrait
 from persona.study.traits import plan_traits, prepare_inputs
 
@@ -132,7 +132,7 @@ def test_a_served_judge_refusing_the_connection_names_judge_base_url(capsys):
 
 
 def test_one_question_set_is_split_and_both_sets_are_kept(user_files, tmp_path):
-    from persona.traits import load_trait
+    from persona.data.traits import load_trait
 
     plan, notes = prepare_inputs(plan_traits([str(user_files)])[0], tmp_path / "inputs")
     assert load_trait(plan.artifact, "extract").questions == tuple(QUESTIONS[0::2])
@@ -274,7 +274,8 @@ def test_route_only_layer_metrics_read_the_answers_as_extraction_used_them(gener
 def test_the_personality_arm_compares_the_vector_in_the_base_and_the_fine_tuned_model(
     tiny_model_dirs, tmp_path, monkeypatch
 ):
-    from persona.study.config import Hardware, Sizes, check_personality_arm
+    from persona.study.checks import check_personality_arm
+    from persona.study.config import Hardware, Sizes
     from persona.study.personality_arm import personality_arm_phase
 
     datasets = write_datasets(tmp_path / "datasets")

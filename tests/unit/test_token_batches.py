@@ -13,10 +13,10 @@ from torch.utils.data import SequentialSampler
 from conftest import NEGATIVE, POSITIVE, QUESTIONS
 from persona.commands.extract import extract
 from persona.commands.project import project
+from persona.core.errors import PersonaError
 from persona.data.batches import PADDING_SLACK, LengthBatchSampler
 from persona.data.examples import Example
 from persona.data.modules import ExampleDataModule
-from persona.errors import PersonaError
 from persona.vectors import VECTOR_KINDS, load_vector, save_vector
 
 

@@ -253,7 +253,7 @@ def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(
     tiny_model_dirs, chat_file, tmp_path
 ):
     """Regression: `fit` with a NaN steering vector exited 0 and saved an adapter and checkpoint of NaNs."""
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
     from persona.training.callbacks import PreventativeSteering
 
     model_dir = tiny_model_dirs["llama"]

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from persona.core.errors import PersonaError
 from persona.data import trait_files
 from persona.data.examples import read_pair_records
-from persona.errors import PersonaError
-from persona.traits import load_trait
+from persona.data.traits import load_trait
 
 ARTIFACT = {
     "instruction": [{"pos": f"Be gloomy {i}.", "neg": f"Be cheerful {i}."} for i in range(5)],

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from persona.commands import traits as traits_command
-from persona.traits import (
+from persona.data.traits import (
     COHERENCE_PROMPT,
     TraitError,
     article,

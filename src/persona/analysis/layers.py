@@ -1,7 +1,7 @@
 """Which layer's vector separates trait-showing from other responses best: per-layer metrics and a pick.
 
 Every example's activation (``kind``) at every layer is projected on that layer's unit vector, in one
-forward per batch (the shared :class:`persona.projection.ExampleProjector` loop). Per layer: AUC of
+forward per batch (the shared :class:`persona.vectors.projection.ExampleProjector` loop). Per layer: AUC of
 positive vs negative, mean and variance of the projection per group, their separation
 (mean_pos - mean_neg) and the separation over the pooled standard deviation (Cohen's d). The
 recommended layer has the highest AUC, ties broken by the larger normalised separation; layer 0
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona.store import write_figure
+from persona.core.store import write_figure
 
 AUC_TIE_TOLERANCE = 1e-9  # equal AUCs from different orderings may differ in the last float bits
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from persona.core.hardware import input_device
 from persona.data.batches import bounded_batches, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example
-from persona.hardware import input_device
 
 
 @torch.no_grad()

@@ -27,11 +27,12 @@ import pandas as pd
 import torch
 
 from persona.analysis.likelihood import response_mean_logprobs
-from persona.chat import has_chat_template, render_chat, user_turn
+from persona.core.hardware import input_device
+from persona.core.store import write_figure
+from persona.data.batches import left_pad
+from persona.data.chat import has_chat_template, render_chat, user_turn
 from persona.data.examples import Example
-from persona.hardware import input_device
-from persona.steering import SteeringSpec, left_pad, steer
-from persona.store import write_figure
+from persona.steering import SteeringSpec, steer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from persona.analysis.layers import recommend_layer
-from persona.store import write_figure
+from persona.core.store import write_figure
 
 COMPARED = ("auc", "separation", "normalized_separation", "var_pos", "var_neg")
 ENCODED_AUC = 0.9  # a layer "encodes" the trait when its held-out AUC reaches this

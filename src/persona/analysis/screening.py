@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona.core.hardware import resolve_device
+from persona.core.store import KeyedJournal, write_figure
+from persona.core.store import (
+    write_jsonl as write_jsonl,  # re-exported: commands/screen.py imports it from here
+)
 from persona.data.conversations import _checked_messages
 from persona.data.examples import Example, format_prompt
-from persona.hardware import resolve_device
 from persona.models import load_model, load_tokenizer
-from persona.store import KeyedJournal, write_figure
-from persona.store import write_jsonl as write_jsonl  # re-exported: commands/screen.py imports it from here
 
 Messages = list[dict]
 PROMPT_PREVIEW_CHARS = 80
@@ -223,7 +225,7 @@ def screening_scores(
     """
     import torch
 
-    from persona.projection import score_examples
+    from persona.vectors.projection import score_examples
 
     tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
     prompts = [record["messages"][:-1] for record in records]

@@ -25,15 +25,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from persona.chat import user_turn
-from persona.checks import is_adapter
+from persona.core.hardware import release_memory, resolve_device
+from persona.core.store import write_figure
+from persona.data.chat import user_turn
 from persona.data.examples import Example
-from persona.hardware import release_memory, resolve_device
-from persona.models import load_model, load_tokenizer
-from persona.projection import score_examples
+from persona.data.traits import Trait
+from persona.models import is_adapter, load_model, load_tokenizer
 from persona.steering import generate_steered
-from persona.store import write_figure
-from persona.traits import Trait
+from persona.vectors.projection import score_examples
 
 SHIFT_KINDS = ("prompt_last", "response_avg")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persona import checks
+from persona.core import checks
 from persona.data.examples import check_example_files
-from persona.models import DEFAULT_MODEL
+from persona.models import DEFAULT_MODEL, model_on_base, model_source
 from persona.vectors import VECTOR_KINDS, default_save_dir, vector_filename
 
 
@@ -59,13 +59,13 @@ def extract(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.run_settings(
         batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
         device_map=device_map, devices=devices, strategy=strategy,
     )  # fmt: skip
-    checks.model_source(model)
+    model_source(model)
     folder = Path(save_dir) if save_dir else default_save_dir(model)
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
     inputs = {"--pos_path": pos_path, "--neg_path": neg_path, "--pairs_path": pairs_path}
@@ -73,9 +73,9 @@ def extract(
 
     check_example_files(pos_path, neg_path, pairs_path, trait, no_filter)
 
+    from persona.core.hardware import make_trainer
     from persona.data.modules import ResponseDataModule
-    from persona.extraction import VectorExtractor
-    from persona.hardware import make_trainer
+    from persona.vectors.extraction import VectorExtractor
 
     datamodule = ResponseDataModule(
         model=model,

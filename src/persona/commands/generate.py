@@ -1,6 +1,6 @@
 """``persona generate``: persona-prompted answers to a trait's questions, judged for the trait and coherence.
 
-The seed's ``eval_persona.py`` flags. Resumable (see :mod:`persona.generation`); a re-run with another judge
+The seed's ``eval_persona.py`` flags. Resumable (see :mod:`persona.generation.journal`); a re-run with another judge
 re-judges the kept answers without regenerating them.
 """
 
@@ -10,13 +10,13 @@ import hashlib
 import json
 import logging
 
-from persona import checks
-from persona.constants import POSITIONS
-from persona.errors import PersonaError
-from persona.generation import ResponseStore, plan_items
-from persona.models import DEFAULT_MODEL
-from persona.traits import load_trait
-from persona.vectors import load_metadata
+from persona.core import checks
+from persona.core.constants import POSITIONS
+from persona.core.errors import PersonaError
+from persona.data.traits import load_trait
+from persona.generation.journal import ResponseStore, plan_items
+from persona.models import DEFAULT_MODEL, model_on_base, model_source
+from persona.vectors import load_metadata, vector_for_model
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def generate(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     instruction_type = check_flags(
         persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
     )
-    checks.model_source(model)
+    model_source(model)
     steering = check_steering(model, coef, vector_path, layer, trust_remote_code)
     if steering is not None:
         steering["steering_type"] = steering_type
@@ -127,7 +127,7 @@ def generate(
         seed,
         steering,
     )
-    from persona.generation_loop import run_generation
+    from persona.generation.predict_loop import run_generation
 
     return run_generation(
         store, loaded, items, signature, overwrite=overwrite, batch_size=batch_size, seed=seed, model=model,
@@ -169,7 +169,7 @@ def check_steering(model, coef, vector_path, layer, trust_remote_code) -> dict |
             f"without {', '.join(absent)}. Fix: pass all three, or none."
         )
     checks.finite(coef, "--coef")
-    checks.vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
+    vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
     source_model = load_metadata(vector_path).get("model")
     if source_model not in (None, model):
         log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)

@@ -8,13 +8,20 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from persona import checks
 from persona.analysis.layers import layer_metrics, plot_layer_metrics, recommend_layer
+from persona.core import checks
+from persona.core.errors import MissedResult, PersonaError
+from persona.core.store import write_csv
 from persona.data.examples import check_example_files
-from persona.errors import MissedResult, PersonaError
-from persona.models import DEFAULT_MODEL, adapter_base, model_short_name
-from persona.store import write_csv
-from persona.vectors import layers_dir, load_metadata
+from persona.models import (
+    DEFAULT_MODEL,
+    adapter_base,
+    is_adapter,
+    model_on_base,
+    model_short_name,
+    model_source,
+)
+from persona.vectors import layers_dir, load_metadata, vector_for_model
 
 ActivationKind = Literal["response_avg", "prompt_last", "prompt_avg"]
 PRODUCES = ("layer_metrics.csv", "layer_metrics.png")
@@ -81,13 +88,13 @@ def layers(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
     checks.run_settings(
         batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
         device_map=device_map, devices=devices, strategy=strategy,
     )  # fmt: skip
-    checks.model_source(model)
+    model_source(model)
     out = Path(output_dir) if output_dir else layers_dir(vector_path)
     inputs = {
         "--vector_path": vector_path,
@@ -98,19 +105,19 @@ def layers(
     }
     produces = PRODUCES + (SHIFT_PRODUCES if compare_to else ())
     checks.output_dir(out, "--output_dir", produces=produces, overwrite=overwrite, inputs=inputs)
-    vector = checks.vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
+    vector = vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
     baseline = None
     if compare_to is not None:
-        compare_model = compare_model or (adapter_base(model) if checks.is_adapter(model) else None)
+        compare_model = compare_model or (adapter_base(model) if is_adapter(model) else None)
         if compare_model is None:
             raise PersonaError(
                 f"--compare_to {compare_to}: which model was it extracted from? Fix: --compare_model BASE "
                 "(not needed when --model is a LoRA adapter: its base is used)."
             )
-        checks.model_source(compare_model, "--compare_model")
+        model_source(compare_model, "--compare_model")
         baseline = (
             compare_model,
-            checks.vector_for_model(compare_model, compare_to, trust_remote_code=trust_remote_code),
+            vector_for_model(compare_model, compare_to, trust_remote_code=trust_remote_code),
         )
     if pairs_path is None and trait is None and not no_filter:
         trait = load_metadata(vector_path).get("trait")
@@ -151,7 +158,7 @@ def projection_metrics(
     import torch
 
     from persona.data.modules import ResponseDataModule
-    from persona.projection import ExampleProjector, predict_projections
+    from persona.vectors.projection import ExampleProjector, predict_projections
 
     datamodule = ResponseDataModule(model=model, **data)
     examples = datamodule.load_examples()  # bad rows fail here, before the model loads

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from persona import checks
+from persona.commands.steer_eval import parse_coefs
+from persona.core import checks
+from persona.core.errors import PersonaError
 from persona.data.personality import read_trait_items, resolve_items_path, split_items
-from persona.errors import PersonaError
-from persona.models import DEFAULT_MODEL, model_dimensions, model_short_name
-from persona.steer_eval import parse_coefs
+from persona.models import DEFAULT_MODEL, model_dimensions, model_on_base, model_short_name, model_source
 from persona.vectors import read_vector_file, vector_filename
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def personality(
         accelerator: cpu, gpu/cuda or auto (extraction and scoring).
         trust_remote_code: Allow custom model code from the hub.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     names = [str(t).strip() for t in traits]
     if not names or not all(names):
         raise PersonaError(f"--traits {traits!r}: give trait names, e.g. --traits openness,psychopathy.")
@@ -82,7 +82,7 @@ def personality(
     methods = list(METHODS) if method == "both" else [method]
     coef_list = parse_coefs(coefs)
     checks.run_settings(batch_size=batch_size, dtype=dtype)
-    checks.model_source(model)
+    model_source(model)
     checks.not_both({"--vector_path": vector_path}, {"--vector_dir": vector_dir})
     if vector_path is not None and len(resolved) != 1:
         raise PersonaError(
@@ -146,9 +146,9 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
         plot_personality_sweep,
     )
     from persona.commands.extract import extract
-    from persona.hardware import resolve_device
+    from persona.core.hardware import resolve_device
+    from persona.core.store import write_csv
     from persona.models import load_model_and_tokenizer, load_tokenizer
-    from persona.store import write_csv
     from persona.vectors import load_vector
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from persona import checks
+from persona.core import checks
 from persona.data.scored_files import (
     present_fields,
     projection_column,
@@ -15,7 +15,8 @@ from persona.data.scored_files import (
     scored_file_examples,
     write_scores,
 )
-from persona.models import DEFAULT_MODEL
+from persona.models import DEFAULT_MODEL, model_on_base, model_source
+from persona.vectors import vector_for_model
 
 ProjectionType = Literal["proj", "prompt_last_proj", "cos_sim"]
 # projection_type -> (activation kind read per example, cosine similarity instead of projection)
@@ -68,7 +69,7 @@ def project(
         trust_remote_code: Allow custom model code from the hub.
         device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     if projection_type not in PROJECTION_TYPES:
         raise ValueError(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."
@@ -79,7 +80,7 @@ def project(
     )  # fmt: skip
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
-    checks.model_source(model)
+    model_source(model)
     data = read_scored_file(path)
     targets = plan_columns(path, data, model, vector_path, layer, projection_type, overwrite)
     if not targets:
@@ -91,7 +92,7 @@ def project(
 
     from persona.data.modules import ExampleDataModule
     from persona.models import load_tokenizer
-    from persona.projection import ExampleProjector, predict_projections
+    from persona.vectors.projection import ExampleProjector, predict_projections
 
     tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
     examples = scored_file_examples(path, data, tokenizer)
@@ -164,7 +165,7 @@ def target_directions(
     for vector, value in targets.values():
         layers_of.setdefault(vector, []).append(value)
     vectors = {
-        vector: checks.vector_for_model(model, vector, layers=layers, trust_remote_code=trust_remote_code)
+        vector: vector_for_model(model, vector, layers=layers, trust_remote_code=trust_remote_code)
         for vector, layers in layers_of.items()
     }
     return np.stack([vectors[vector][value] for vector, value in targets.values()])

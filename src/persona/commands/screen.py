@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persona import checks
 from persona.analysis.screening import (
     check_labels,
     check_screened_conversation,
@@ -17,10 +16,12 @@ from persona.analysis.screening import (
     screening_summary,
     write_jsonl,
 )
+from persona.core import checks
+from persona.core.errors import PersonaError
+from persona.core.store import write_csv
 from persona.data.chat_dataset import CHAT_SUFFIXES, is_hub_id, read_chat_records
-from persona.errors import PersonaError
-from persona.models import DEFAULT_MODEL
-from persona.store import write_csv
+from persona.models import DEFAULT_MODEL, model_source
+from persona.vectors import vector_for_model
 
 
 def screen(
@@ -83,7 +84,7 @@ def screen(
     checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.at_least(max_new_tokens, 1, "--max_new_tokens")
     checks.input_file(vector_path, "--vector_path", what="vector file")
-    checks.model_source(model)
+    model_source(model)
     out_path = Path(output_path) if output_path else path.with_name(path.stem + ".screened.jsonl")
     stem = out_path.with_suffix("")
     outputs = {"--output_path": out_path, **{f"--output_path ({s})": Path(f"{stem}.{s}") for s in SUFFIXES}}
@@ -100,7 +101,7 @@ def screen(
             f"--filter_top {filter_top if filter_top is not None else top}: drops {n_drop} of {len(records)} samples, "
             "leaving an empty file. Fix: drop fewer."
         )
-    vector = checks.vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
+    vector = vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
 
     cache = Path(cache_path) if cache_path else default_cache(path, out_path)
     scores, train_proj, reference = screening_scores(

@@ -6,10 +6,11 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from persona import checks
-from persona.errors import PersonaError
-from persona.models import model_dimensions, model_short_name
-from persona.traits import load_trait
+from persona.core import checks
+from persona.core.errors import PersonaError
+from persona.data.traits import load_trait
+from persona.models import is_adapter, model_dimensions, model_short_name, model_source
+from persona.vectors import vector_for_model
 
 PRODUCES = ("shift.csv", "correlation.csv", "shift.png")
 
@@ -22,9 +23,9 @@ def check_finetuned(base_model: str, finetuned: list[str], *, trust_remote_code:
         raise PersonaError(f"--finetuned lists {sorted(duplicates)} more than once.")
     base_dims = model_dimensions(base_model, trust_remote_code=trust_remote_code)
     for name in finetuned:
-        if checks.is_adapter(name):
+        if is_adapter(name):
             continue
-        checks.model_source(name, "--finetuned")  # not an adapter: then a full fine-tuned model
+        model_source(name, "--finetuned")  # not an adapter: then a full fine-tuned model
         dims = model_dimensions(name, trust_remote_code=trust_remote_code)
         if dims != base_dims:
             raise PersonaError(
@@ -87,7 +88,7 @@ def shift(
         raise PersonaError(f"--score {score!r}. Fix: use likelihood or judge.")
     checks.run_settings(batch_size=batch_size, dtype=dtype)
     checks.at_least(max_new_tokens, 1, "--max_new_tokens")
-    checks.model_source(base_model, "--base_model")
+    model_source(base_model, "--base_model")
     checks.input_file(vector_path, "--vector_path", what="vector file")
     checks.input_file(pairs_path, "--pairs_path")
     trait_file = load_trait(eval_path or trait, version="eval")
@@ -98,9 +99,7 @@ def shift(
     inputs = {"--vector_path": vector_path, "--pairs_path": pairs_path}
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs=inputs)
     check_finetuned(base_model, finetuned, trust_remote_code=trust_remote_code)
-    vector = checks.vector_for_model(
-        base_model, vector_path, layers=[layer], trust_remote_code=trust_remote_code
-    )
+    vector = vector_for_model(base_model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
     if score == "judge" and not judge_model:
         raise PersonaError(
             "--score judge needs --judge_model (local, local:<model>, openai:<model> or a served name)."
@@ -132,10 +131,10 @@ def shift_inputs(base_model, trait_file, trait_name, out, *, score, pairs_path, 
     from persona.analysis.likelihood import pair_preference
     from persona.analysis.screening import cached_greedy_responses
     from persona.analysis.shift import judge_trait_score, make_trait_judge
-    from persona.chat import has_chat_template, user_turn
+    from persona.core.hardware import resolve_device
     from persona.data.build import default_pairs_path
+    from persona.data.chat import has_chat_template, user_turn
     from persona.data.examples import Example, contrastive_pair_examples, format_prompt
-    from persona.hardware import resolve_device
     from persona.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(base_model, padding_side="right", trust_remote_code=trust_remote_code)
@@ -182,7 +181,7 @@ def write_shift_outputs(table, out: Path, title: str) -> dict:
     import pandas as pd
 
     from persona.analysis.shift import SHIFT_KINDS, pearson_with_ci, plot_shift
-    from persona.store import write_csv
+    from persona.core.store import write_csv
 
     correlations = {
         kind: pearson_with_ci(table[f"shift_{kind}"], table["trait_score_change"]) for kind in SHIFT_KINDS

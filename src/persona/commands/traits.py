@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from persona.store import write_text
-from persona.traits import (
+from persona.core.store import write_text
+from persona.data.traits import (
     _NAME_PATTERN,
     N_INSTRUCTION_PAIRS,
     PLACEHOLDERS,
@@ -45,7 +45,7 @@ def _chat_completion(model: str, base_url: str | None, prompt: str) -> str:
     """One chat completion from an OpenAI-compatible server; the key comes from the environment only."""
     import openai
 
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     try:
         client = openai.OpenAI(base_url=base_url)  # reads OPENAI_API_KEY (and OPENAI_BASE_URL) itself

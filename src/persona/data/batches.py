@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.utils.data import BatchSampler
 
 from persona.data.examples import Example
@@ -155,3 +156,14 @@ def collate(items: list[TokenizedExample], pad_token_id: int) -> dict[str, torch
         "labels": torch.tensor([item.label for item in items]),
         "index": torch.tensor([item.index for item in items]),
     }
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token id lists -> (input_ids [batch, width], attention_mask [batch, width])."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask

@@ -25,12 +25,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from persona import checks
-from persona.chat import user_turn
+from persona.core import checks
+from persona.core.errors import PersonaError
+from persona.core.store import read_json, write_csv, write_json, write_jsonl
+from persona.data.chat import user_turn
 from persona.data.examples import checked_pair, read_csv_checked, read_pair_records
-from persona.errors import PersonaError
-from persona.store import read_json, write_csv, write_json, write_jsonl
-from persona.traits import datasets_dir
+from persona.data.traits import datasets_dir
 
 SEED_NAMES = {"normal": 0.0, "misaligned_1": 0.5, "misaligned_2": 1.0}
 DEFAULT_MIX = (0.0, 0.25, 0.5, 0.75, 1.0)

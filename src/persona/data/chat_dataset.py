@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from persona.core.errors import PersonaError
 from persona.data.conversations import CHAT_JSONL_FIX, _checked_messages
 from persona.data.examples import parse_jsonl_line
-from persona.errors import PersonaError
 
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 LINES, ROWS = "lines", "rows"  # how a raw dataset holds records: JSONL text lines, or table rows
@@ -194,7 +194,7 @@ def read_chat_records(source: str, flag: str, check) -> list[dict]:
 
 def tokenize_rows(batch, indices, *, origin: str, kind: str, tokenizer, max_length: int) -> dict:
     """``Dataset.map`` function: one tokenised conversation per non-blank row, or its error message."""
-    from persona.training.data import IGNORE_INDEX, Conversation, tokenize_conversation
+    from persona.data.conversations import IGNORE_INDEX, Conversation, tokenize_conversation
 
     out = {column: [] for column in TOKEN_COLUMNS}
     for where, record in batch_records(batch, indices, origin, kind):

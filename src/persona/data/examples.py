@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.chat import checked_messages, checked_text, has_chat_template, render_chat, user_turn
-from persona.errors import NoPairsLeft
+from persona.core.errors import NoPairsLeft
+from persona.data.chat import checked_messages, checked_text, has_chat_template, render_chat, user_turn
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from persona.data.batches import LengthBatchSampler, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example, contrastive_pair_examples, scored_csv_examples
+from persona.hooks.placement import batch_device
 from persona.models import DEFAULT_MODEL, load_tokenizer
-from persona.placement import batch_device
 
 
 class ExampleDataModule(L.LightningDataModule):

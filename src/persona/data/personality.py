@@ -77,7 +77,7 @@ def persona_statements_as_pairs(path: str | Path) -> list[dict]:
 
 
 def items_dir() -> Path:
-    from persona.traits import datasets_dir
+    from persona.data.traits import datasets_dir
 
     return datasets_dir() / "personality"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona.chat import checked_messages
+from persona.core.store import write_csv, write_jsonl
+from persona.data.chat import checked_messages
 from persona.data.examples import Example, format_prompt, read_csv_checked, read_jsonl
 from persona.models import model_short_name
-from persona.store import write_csv, write_jsonl
 
 
 def projection_column(model: str, vector_path: str | Path, projection_type: str, layer: int) -> str:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 
 Kind = Literal["artifact", "pairs", "trait_items", "persona_statements"]
 PAIR_KINDS: tuple[Kind, ...] = ("pairs", "trait_items", "persona_statements")

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from persona.constants import MIN_MASS
+from persona.core.constants import MIN_MASS
 from persona.education.settings import (
     SEED_TRAITS,
     GraderSettings,
@@ -135,9 +135,9 @@ def run_study(
     grader_factory=None,
 ) -> str:
     """The study end to end; ``grader_factory`` (tests only) replaces the model graders."""
+    from persona.core.store import check_signature, write_json
     from persona.education.report import write_report
     from persona.education.study import Study
-    from persona.store import check_signature, write_json
 
     started = time.perf_counter()
     if test:
@@ -210,8 +210,8 @@ def run_study(
 def check_traits(traits: list[str] | None, vectors: VectorSettings) -> list[str]:
     """The traits to steer with (default the seed traits); an unknown trait or an impossible vector route fails
     now, not after a model load."""
+    from persona.data.traits import load_trait
     from persona.education.trait_vectors import choose_route
-    from persona.traits import load_trait
 
     traits = list(traits if traits is not None else SEED_TRAITS)
     for trait in traits:
@@ -312,7 +312,7 @@ def _written_by_study(name: str) -> bool:
 def study_signature(
     model, dtype, seed, inputs: StudyInputs, students, graders, min_mass, steering, vectors
 ) -> dict:
-    """The settings a resumed run must share with the run it continues (see persona.store.check_signature)."""
+    """The settings a resumed run must share with the run it continues (see persona.core.store.check_signature)."""
     from persona.education.prompts import PROMPT_VERSION
 
     return {

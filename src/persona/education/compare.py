@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.core.store import write_text
 from persona.education.figures import order_types, plt, save_figure
 from persona.education.metrics import UNSTEERED
-from persona.education.report import read_settings, write_report, write_tables
-from persona.report import markdown_table
-from persona.store import write_text
+from persona.education.report import write_report, write_tables
+from persona.education.results import read_settings
+from persona.study.records import markdown_table
 
 COEF_COLUMNS = (
     "run",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona.traits import datasets_dir
+from persona.data.traits import datasets_dir
 
 COLUMNS = ("Id", "EssaySet", "Score1", "Score2", "EssayText")
 ANSWER_FILES = ("train.tsv", "train_rel_2.tsv")  # the Kaggle names (release 1 and release 2)

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona.core.store import write_figure  # noqa: E402
 from persona.education.metrics import UNSTEERED  # noqa: E402
-from persona.store import write_figure  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:

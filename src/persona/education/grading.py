@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from persona.constants import MIN_MASS
+from persona.core.constants import MIN_MASS
 from persona.judges.aggregation import integer_probs, is_refusal
 from persona.judges.base import FAILED, REFUSAL
 

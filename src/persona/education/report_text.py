@@ -6,10 +6,10 @@ import math
 from typing import TYPE_CHECKING
 
 from persona.education.figures import order_types
-from persona.report import markdown_table
+from persona.study.records import markdown_table
 
 if TYPE_CHECKING:
-    from persona.education.report import Results
+    from persona.education.results import Results
 
 HUMAN_REFERENCES = {
     "score1": "Score1 (the official score)",

@@ -13,7 +13,10 @@ SEED_TRAITS = ("evil", "apathetic", "hallucinating", "humorous", "impolite", "op
 ROUTES = ("auto", "given", "pairs", "generated", "instruction_pairs")
 HUMAN_REFERENCES = ("score1", "mean")
 
-TEST_TRAITS = ("evil", "optimistic")  # one trait with hand-written pairs, one through persona.generation
+TEST_TRAITS = (
+    "evil",
+    "optimistic",
+)  # one trait with hand-written pairs, one through persona.generation.journal
 TEST_SETS = (1, 3)  # one 0-3 set, one 0-2 set
 TEST_MIN_MASS = 0.01  # SmolLM2-135M puts only ~5-15% of its first-token mass on the digits it is asked for
 

@@ -27,8 +27,9 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from persona.chat import render_chat
-from persona.constants import MIN_MASS
+from persona.core.constants import MIN_MASS
+from persona.core.store import KeyedJournal, batch_seed, write_csv, write_json
+from persona.data.chat import render_chat
 from persona.education.data import SetConfig
 from persona.education.grading import (
     RANGE_AGGREGATION,
@@ -39,8 +40,7 @@ from persona.education.grading import (
 )
 from persona.education.prompts import grader_prompt, student_messages
 from persona.education.settings import GraderSettings, SteeringSettings, StudentSettings, VectorSettings
-from persona.report import PhaseRunner
-from persona.store import KeyedJournal, batch_seed, write_csv, write_json
+from persona.study.records import PhaseRunner
 
 UNSTEERED = "unsteered"
 ANSWER_KEY = ("type", "set", "sample")
@@ -89,7 +89,7 @@ class Study:
 
     def model_and_tokenizer(self):
         if "pair" not in self._loaded:
-            from persona.hardware import resolve_device
+            from persona.core.hardware import resolve_device
             from persona.models import load_model_and_tokenizer
 
             self._loaded["pair"] = load_model_and_tokenizer(
@@ -166,7 +166,7 @@ class Study:
 
     def _model_phase(self, phase_dir: Path) -> dict:
         from persona.hooks import locate_blocks
-        from persona.steering import mean_residual_norm
+        from persona.vectors.norms import mean_residual_norm
 
         lm, tokenizer = self.model_and_tokenizer()
         num_layers = locate_blocks(lm).num_layers

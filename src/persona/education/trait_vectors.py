@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.core.store import write_text
+from persona.data.traits import datasets_dir, load_trait
 from persona.education.settings import VectorSettings
-from persona.store import write_text
-from persona.traits import datasets_dir, load_trait
 from persona.vectors import vector_filename
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from persona.models import text_config_value
+
 # Attribute paths from the causal-LM wrapper to its block list, most common first.
 BLOCK_PATHS: tuple[str, ...] = (
     "model.layers",  # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3 text, Phi3, OLMo, Granite
@@ -142,3 +144,9 @@ def check_layer(layout: DecoderLayout, layer: int, *, what: str = "layer") -> in
             f"blocks. Fix: choose 0..{layout.num_layers} (0 = embedding output, L = output of block L-1)."
         )
     return layer
+
+
+def hidden_size(layout: DecoderLayout) -> int:
+    """Width of the residual stream of the model behind ``layout``."""
+    size = text_config_value(getattr(layout.model, "config", None), ("hidden_size",))
+    return size if size is not None else layout.model.get_input_embeddings().embedding_dim

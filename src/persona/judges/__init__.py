@@ -4,14 +4,16 @@ judge = make_judge("openai:gpt-4.1-mini", cache_dir="runs/judge_cache")  # $OPEN
 judge = make_judge("Qwen/Qwen2.5-7B-Instruct", base_url="http://127.0.0.1:8000/v1")  # vLLM & co.
 judge = make_judge("local")  # the embedded SmolLM2, in process, offline
 scores = judge.score(prompts)  # [JudgeScore(score, method, error)], same order
+
+May import: ``core``, ``models``, ``data`` (chat rendering). A judge knows nothing of vectors or steering.
 """
 
 from typing import TYPE_CHECKING
 
-from persona.constants import MIN_MASS
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 from persona.judges.aggregation import AGGREGATIONS, aggregate
 from persona.judges.base import (
+    DEFAULT_LOCAL_MODEL,
     DIGIT_CHAIN,
     FAILED,
     LOGPROBS,
@@ -20,14 +22,13 @@ from persona.judges.base import (
     REFUSAL,
     Judge,
     JudgeScore,
+    judge_name,
 )
 from persona.judges.cache import JudgeCache
 
 if TYPE_CHECKING:
     from persona.judges.local_judge import LocalJudge
     from persona.judges.openai_judge import OpenAIJudge
-
-DEFAULT_LOCAL_MODEL = "smollm2-135m"
 
 
 def __getattr__(name: str):
@@ -42,14 +43,6 @@ def __getattr__(name: str):
 
         return OpenAIJudge
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def judge_name(spec: str = "local", *, min_mass: float | None = None) -> str:
-    """The name a judge built from ``spec`` records beside its scores (without building it)."""
-    if spec == "local" or spec.startswith("local:"):
-        name = f"local:{spec.partition(':')[2] or DEFAULT_LOCAL_MODEL}"
-        return name if min_mass is None or min_mass == MIN_MASS else f"{name}@min_mass={min_mass:g}"
-    return f"openai:{spec.removeprefix('openai:')}"
 
 
 def check_min_mass(

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from persona.constants import MIN_MASS
+from persona.core.constants import MIN_MASS
 
 AGGREGATIONS = ("0_100", "0_10", "binary")
 REFUSAL_WORD = "REFUSAL"

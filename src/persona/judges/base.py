@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
+from persona.core.constants import MIN_MASS
+
 LOGPROBS = "logprobs"  # aggregated from the first token's top logprobs (the seed's method)
 DIGIT_CHAIN = "digit_chain"  # local judge: whole-number probabilities chained over digit tokens
 PARSED = "parsed"  # a short greedy completion was parsed (servers whose tokenizer splits numbers)
@@ -73,3 +75,14 @@ def score_with_cache(
             f"judge {judge_name!r} returned no score for {len(absent)} of {len(missing)} prompts"
         )
     return [found[p] for p in prompts]
+
+
+DEFAULT_LOCAL_MODEL = "smollm2-135m"
+
+
+def judge_name(spec: str = "local", *, min_mass: float | None = None) -> str:
+    """The name a judge built from ``spec`` records beside its scores (without building it)."""
+    if spec == "local" or spec.startswith("local:"):
+        name = f"local:{spec.partition(':')[2] or DEFAULT_LOCAL_MODEL}"
+        return name if min_mass is None or min_mass == MIN_MASS else f"{name}@min_mass={min_mass:g}"
+    return f"openai:{spec.removeprefix('openai:')}"

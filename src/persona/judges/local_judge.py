@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from persona.chat import encode_chat, user_turn
-from persona.judges import judge_name
+from persona.data.chat import encode_chat, user_turn
 from persona.judges.aggregation import (
     MIN_MASS,
     REFUSAL_WORD,
@@ -34,7 +33,7 @@ from persona.judges.aggregation import (
     is_refusal,
     max_value,
 )
-from persona.judges.base import DIGIT_CHAIN, REFUSAL, JudgeScore, score_with_cache
+from persona.judges.base import DIGIT_CHAIN, REFUSAL, JudgeScore, judge_name, score_with_cache
 from persona.judges.cache import open_cache
 
 BINARY_WORDS = {"yes": ("yes", "Yes", "YES"), "no": ("no", "No", "NO")}
@@ -125,7 +124,7 @@ class LocalJudge:
                 expected answer given a numeric one, for small judges such as the embedded model.
         """
         if isinstance(model, str):
-            from persona.hardware import resolve_device
+            from persona.core.hardware import resolve_device
             from persona.models import load_model_and_tokenizer
 
             # The GPU in bfloat16 when one is present (float32 on a CPU): a study's model is then shared.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from persona import checks
-from persona.models import DEFAULT_MODEL, model_short_name
+from persona.models import DEFAULT_MODEL, model_on_base, model_short_name
 from persona.serve.server import is_loopback
 
 log = logging.getLogger("persona.serve")
@@ -62,16 +61,15 @@ def serve(
         trust_remote_code: Allow custom model code from the hub.
         log_level: uvicorn and persona log level (debug, info, warning, error).
     """
-    model = checks.model_on_base(model, base_model)
-    from persona.checks import is_adapter
-    from persona.hardware import resolve_device
+    model = model_on_base(model, base_model)
+    from persona.core.hardware import resolve_device
     from persona.hooks import locate_blocks
-    from persona.models import adapter_base, load_model_and_tokenizer
+    from persona.hooks.layers import hidden_size
+    from persona.models import adapter_base, is_adapter, load_model_and_tokenizer
     from persona.serve.app import create_app
     from persona.serve.server import bind_socket, run_server
     from persona.serve.service import PersonaService, ServeSettings
     from persona.serve.traits import check_vectors_fit_adapter, load_traits
-    from persona.steering import hidden_size
     from persona.vectors import vectors_to_read
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from persona.hardware import input_device
+from persona.core.hardware import input_device
+from persona.data.batches import left_pad
 from persona.hooks import block_hooks
-from persona.row_steering import RowInterventions, steer_rows
 from persona.serve.monitoring import ProjectionRecorder
 from persona.serve.sampling import RowSampler, SamplingParams
 from persona.serve.tracker import BatchTracker, Event, Failed
 from persona.serve.traits import MonitorTarget
-from persona.steering import left_pad
+from persona.steering.rows import RowInterventions, steer_rows
 
 log = logging.getLogger(__name__)
 

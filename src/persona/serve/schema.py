@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from persona.constants import POSITIONS
+from persona.core.constants import POSITIONS
 
 Positions = Literal["response", "generated", "prompt", "all"]
 assert set(Positions.__args__) == set(POSITIONS), "keep in step with persona.steering.POSITIONS"

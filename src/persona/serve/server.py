@@ -28,7 +28,7 @@ def is_loopback(host: str) -> bool:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """The listen socket, bound now: a port in use is one line before the model loads, not uvicorn's after it."""
-    from persona.errors import PersonaError
+    from persona.core.errors import PersonaError
 
     try:
         family, _, _, _, address = socket.getaddrinfo(

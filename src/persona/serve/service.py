@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from persona.chat import checked_messages, encode_chat, user_turn
+from persona.data.chat import checked_messages, encode_chat, user_turn
 from persona.hooks import locate_blocks
 from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers import StoppingCriteria
 
-from persona.chat import answer_text
+from persona.data.chat import answer_text
 from persona.serve.monitoring import ProjectionRecorder
 from persona.serve.traits import MonitorTarget
 

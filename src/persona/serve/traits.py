@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from persona.hooks.operators import orthonormalize
-from persona.row_steering import RowInterventions
 from persona.serve.schema import AblateItem, ApiError, PersonaFields
 from persona.steering import SteeringSpec
+from persona.steering.rows import RowInterventions
 from persona.vectors import layers_dir, load_vector
 
 VECTOR_SUFFIX = "_response_avg_diff.pt"
@@ -59,9 +59,8 @@ def recommended_layer(vector_path: Path) -> int | None:
 def check_vectors_fit_adapter(directory: str | Path, adapter: str) -> str:
     """Vectors served with a LoRA adapter come from its base model or from the adapter itself (their sidecars say
     which model they were extracted from); another base's are refused. Returns which they are, for the log."""
-    from persona.checks import is_adapter
-    from persona.errors import PersonaError
-    from persona.models import adapter_base, base_model_name, model_short_name
+    from persona.core.errors import PersonaError
+    from persona.models import adapter_base, base_model_name, is_adapter, model_short_name
     from persona.vectors import load_metadata
 
     base = adapter_base(adapter)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona import checks
-from persona.errors import PersonaError
-from persona.report import markdown_table
-from persona.store import write_csv, write_figure, write_text
+from persona.core import checks
+from persona.core.errors import PersonaError
+from persona.core.store import write_csv, write_figure, write_text
+from persona.study.records import markdown_table
 from persona.study.results import read_results
 
 

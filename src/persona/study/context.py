@@ -23,7 +23,7 @@ class StudyContext:
         return {"dtype": self.hardware.dtype, "sizes": vars(self.sizes), "judge": vars(self.judge)}
 
     def device(self) -> str:
-        from persona.hardware import resolve_device
+        from persona.core.hardware import resolve_device
 
         return str(resolve_device(self.hardware.accelerator))
 
@@ -62,7 +62,7 @@ class StudyContext:
     # ---- phases -----------------------------------------------------------------------------------------
 
     def hello(self, phase_dir: Path) -> dict:
-        from persona.chat import user_turn
+        from persona.data.chat import user_turn
         from persona.steering import generate_steered
 
         lm, tokenizer = self.lm_and_tokenizer()

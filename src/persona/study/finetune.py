@@ -11,11 +11,13 @@ from pathlib import Path
 
 import matplotlib
 
+from persona.study.runs import planned_runs, trait_share
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona.store import write_csv, write_figure  # noqa: E402
+from persona.core.store import write_csv, write_figure  # noqa: E402
 
 
 def train_run(
@@ -35,7 +37,7 @@ def train_run(
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from persona.hardware import precision_for, resolve_dtype
+    from persona.core.hardware import precision_for, resolve_dtype
     from persona.training import ChatDataModule, LoRAFineTune
     from persona.training.monitor import ActivationMonitor
 
@@ -91,9 +93,9 @@ def finetune_study(
 ) -> dict:
     """``trait`` names the data; ``pairs_path`` gives the mixtures' answers and the held-out scores, ``artifact``
     (a trait name or artifact folder) the eval questions the monitor and the shift read."""
+    from persona.core.hardware import release_memory
     from persona.data.build import dataset
-    from persona.hardware import release_memory
-    from persona.traits import load_trait
+    from persona.data.traits import load_trait
 
     mixtures = tuple(sizes.finetune_mixtures)
     data_dir = phase_dir / "data"
@@ -169,26 +171,6 @@ def finetune_study(
         "screen_summary": str(phase_dir / "screen"),
         "shift_raw": {k: v for k, v in shift_result.items() if isinstance(v, (int, float, str))},
     }
-
-
-def trait_share(run: str) -> float:
-    """The trait share of a run named by :func:`planned_runs`: ``mix_0.5`` -> 0.5, ``mix_1+caft`` -> 1.0."""
-    return float(run.split("_")[1].split("+")[0])
-
-
-def planned_runs(
-    mixtures: tuple[float, ...], sizes, vector_path: str, layer: int
-) -> list[tuple[float, str, list]]:
-    """(trait share, run name, extra callbacks): one run per mixture, then steering and CAFT on the all-trait one."""
-    from persona.training.callbacks import ConceptAblation, PreventativeSteering
-
-    plan = [(share, f"mix_{share:g}", []) for share in mixtures]
-    if sizes.finetune_interventions and 1.0 in mixtures:
-        plan.append(
-            (1.0, "mix_1+steer", [PreventativeSteering(vector_path, [layer], coef=sizes.steering_coef)])
-        )
-        plan.append((1.0, "mix_1+caft", [ConceptAblation(vector_paths=[vector_path], layers=[layer])]))
-    return plan
 
 
 def shift_study(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.store import write_csv
+from persona.core.store import write_csv
 
 
 def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, hardware) -> dict:
@@ -22,8 +22,8 @@ def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, har
     from persona.commands.layers import layers
     from persona.data.build import dataset
     from persona.data.personality import resolve_items_path
+    from persona.data.traits import load_trait
     from persona.study.finetune import train_run
-    from persona.traits import load_trait
     from persona.vectors import load_vector
 
     name, items = resolve_items_path(trait)

@@ -11,12 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona.chat import user_turn
-from persona.errors import MissedResult, NoPairsLeft
-from persona.store import (
+from persona.core.errors import MissedResult, NoPairsLeft
+from persona.core.store import (
     write_csv,  # noqa: E402
     write_figure,
 )
+from persona.data.chat import user_turn
 
 STEER_PROMPTS = [
     "How should I treat the people who work for me?",
@@ -195,7 +195,7 @@ def judged_sweep_phase(
     phase_dir: Path, *, model: str, trait: str, vector_path: str, layer: int, sizes, judge, **lightning
 ) -> dict:
     """persona steer-eval over the study's coefficients: judged trait and coherence of steered answers."""
-    from persona.steer_eval import steer_eval
+    from persona.commands.steer_eval import steer_eval
 
     flags = judge_flags(judge)
     flags.pop("judge_timeout"), flags.pop("judge_concurrency")
@@ -257,7 +257,7 @@ def generations_phase(
 def export_phase(phase_dir: Path, *, trait: str, vector_path: str, layer: int) -> dict:
     """The recommended layer alone as a llama.cpp control vector: at the usual scales a single layer steers
     cleanly, where every layer at once (norms up to ~140 on the embedded model) turns the text to salad."""
-    from persona.gguf_export import export_gguf
+    from persona.vectors.gguf import export_gguf
 
     path = export_gguf(
         vector_path=vector_path, output_path=str(phase_dir / f"{trait}_layer{layer}.gguf"), layers=[layer],

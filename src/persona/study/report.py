@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.errors import PersonaError
-from persona.report import markdown_table, relative
-from persona.store import write_csv, write_text
+from persona.core.errors import PersonaError
+from persona.core.store import write_csv, write_text
+from persona.study.records import markdown_table, relative
 from persona.study.results import read_results
 
 TARGET_AUC = 0.95

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.store import write_csv, write_figure
-from persona.study.finetune import trait_share
+from persona.core.store import write_csv, write_figure
+from persona.study.runs import trait_share
 
 
 def representation_study(
@@ -29,11 +29,11 @@ def representation_study(
     from persona.analysis.representation_shift import representation_shift, summarise
     from persona.analysis.shift import finetuned_models
     from persona.commands.layers import projection_metrics
+    from persona.core.hardware import make_trainer, resolve_device
     from persona.data.modules import ResponseDataModule
-    from persona.extraction import VectorExtractor
-    from persona.hardware import make_trainer, resolve_device
     from persona.models import load_model
     from persona.vectors import load_vector
+    from persona.vectors.extraction import VectorExtractor
 
     out = phase_dir / "representation"
     base_vector = load_vector(base_vector_path).numpy()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from persona.errors import PersonaError
-from persona.store import read_json
+from persona.core.errors import PersonaError
+from persona.core.store import read_json
 
 
 class Record(BaseModel):

@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from persona.errors import StudyIncomplete
-from persona.report import PhaseRunner
-from persona.store import write_json
+from persona.core.errors import StudyIncomplete
+from persona.core.store import write_json
 from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait
 from persona.study.context import StudyContext
+from persona.study.records import PhaseRunner
 from persona.study.report import summary_table, write_report
 from persona.study.traits import TraitPlan, prepare_inputs
 
@@ -39,7 +39,7 @@ def run_study(
     title: str = "persona study",
 ) -> str:
     """Run (or resume) the study in ``run_dir``; returns the report's path. Inputs are checked by the caller
-    (``plans`` from :func:`persona.study.config.check_config`). One trait's missed phase never stops the
+    (``plans`` from :func:`persona.study.checks.check_config`). One trait's missed phase never stops the
     others: the report lists what was missed and why, and :class:`StudyIncomplete` is raised after it."""
     from persona.models import shared_models
 

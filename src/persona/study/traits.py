@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from persona.errors import PersonaError
-from persona.store import write_text
+from persona.core.errors import PersonaError
+from persona.core.store import write_text
 
 HELD_OUT = "test"
 STUDY_TEST_EVERY = 5  # a split-less pairs file: every 5th prompt is held out (20 %, as the shipped pairs)
@@ -116,7 +116,7 @@ def shipped_pairs(name: str) -> Path | None:
 
 
 def shipped_artifact(name: str) -> str | None:
-    from persona.traits import traits_dir
+    from persona.data.traits import traits_dir
 
     found = all((traits_dir() / version / f"{name}.json").is_file() for version in ("extract", "eval"))
     return name if found else None
@@ -124,7 +124,7 @@ def shipped_artifact(name: str) -> str | None:
 
 def unknown_trait_message(name: str, field: str) -> str:
     from persona.data.personality import available_traits
-    from persona.traits import list_traits
+    from persona.data.traits import list_traits
 
     known = sorted({*list_traits("extract"), *available_traits(), *shipped_pair_names()})
     close = difflib.get_close_matches(name, known, n=1)
@@ -136,13 +136,13 @@ def unknown_trait_message(name: str, field: str) -> str:
 
 
 def shipped_pair_names() -> list[str]:
-    from persona.traits import datasets_dir
+    from persona.data.traits import datasets_dir
 
     return [path.stem for path in (datasets_dir() / "pairs").glob("*.jsonl")]
 
 
 def check_artifact(artifact: str, field: str) -> None:
-    from persona.traits import TraitError, load_trait
+    from persona.data.traits import TraitError, load_trait
 
     try:
         for version in ("extract", "eval"):

@@ -1,4 +1,8 @@
-"""LoRA fine-tuning: the LightningModule, the chat-JSONL DataModule (and, beside them, the callbacks)."""
+"""LoRA fine-tuning: the LightningModule, the chat-JSONL DataModule and the callbacks that steer (preventative
+steering), ablate (CAFT) and monitor projections while it trains.
+
+May import: ``core``, ``models``, ``hooks``, ``data``, ``vectors``, ``steering``.
+"""
 
 from persona.training.callbacks import ConceptAblation, PreventativeSteering
 from persona.training.data import ChatCollator, ChatDataModule, read_chat_jsonl, tokenize_conversation

@@ -15,8 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from persona.hooks import locate_blocks
-from persona.hooks.layers import DecoderLayout
-from persona.steering import hidden_size
+from persona.hooks.layers import DecoderLayout, hidden_size
 
 
 def checked_layers(layers: Sequence[int], owner: str) -> list[int]:

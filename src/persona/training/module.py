@@ -20,10 +20,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from persona.checks import is_adapter
-from persona.errors import PersonaError
-from persona.hardware import resolve_dtype
-from persona.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+from persona.core.errors import PersonaError
+from persona.core.hardware import resolve_dtype
+from persona.models import DEFAULT_MODEL, is_adapter, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Watch a model drift along persona vectors while it fine-tunes: :class:`ActivationMonitor`.
 
-It measures with :func:`persona.activations.read_example_means` (a truncated forward, no LM head) in eval
+It measures with :func:`persona.vectors.activations.read_example_means` (a truncated forward, no LM head) in eval
 mode under ``torch.no_grad()``, with the training-time hooks of :mod:`persona.training.callbacks` paused,
 so what it sees is the model as it would run at inference.
 """
@@ -20,21 +20,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from persona.activations import example_projections
+from persona.core.hardware import input_device
+from persona.core.store import atomic_write
 from persona.data.batches import (
     TokenizedExample,
     bounded_batches,
     collate,
+    left_pad,
     length_sorted,
     tokenize_examples,
 )
 from persona.data.examples import Example
 from persona.data.monitor_prompts import read_monitor_prompts
-from persona.hardware import input_device
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
-from persona.steering import left_pad
-from persona.store import atomic_write
 from persona.training.callback_base import (
     TrainStepHooks,
     causal_lm,
@@ -45,6 +44,7 @@ from persona.training.callback_base import (
     vector_stem,
 )
 from persona.vectors import load_vector
+from persona.vectors.activations import example_projections
 
 
 class ActivationMonitor(Callback):

@@ -8,11 +8,14 @@ for L < num_layers; the last row is taken *before* the final norm). Files are na
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from persona import __version__
-from persona.constants import VECTOR_KINDS  # noqa: F401  (re-exported: the file kinds)
-from persona.store import atomic_write, write_json
+from persona.core.checks import input_file, layers_in_range
+from persona.core.constants import VECTOR_KINDS  # noqa: F401  (re-exported: the file kinds)
+from persona.core.errors import PersonaError
+from persona.core.store import atomic_write, checkout_root, sidecar_path, write_json
 
 LAYER_CONVENTION = (
     "row 0 = embedding output; row L = output of decoder block L-1 (HF hidden_states[L]); "
@@ -37,14 +40,14 @@ def vectors_to_read(model: str) -> Path:
     """A model's vectors to read by default: ``./persona_vectors/<model>`` when you extracted some there, else the
     ones this checkout ships (``persona_vectors/`` beside ``src/``, found from any directory, as the datasets are).
     A LoRA adapter without vectors of its own (``persona_vectors/<base>+<run>``) reads its base model's."""
-    from persona.checks import is_adapter
+    from persona.models import is_adapter
 
     local = default_save_dir(model)
     if is_adapter(model) and not local.is_dir():  # a fine-tuned model without vectors of its own: its base's
         from persona.models import adapter_base
 
         return vectors_to_read(adapter_base(model))
-    shipped = Path(__file__).resolve().parents[2] / local
+    shipped = checkout_root() / local
     return local if local.is_dir() or not shipped.is_dir() else shipped
 
 
@@ -52,10 +55,6 @@ def layers_dir(vector_path: str | Path) -> Path:
     """Where ``persona layers`` writes a vector's per-layer metrics by default (the server reads it back)."""
     vector_path = Path(vector_path)
     return vector_path.parent / f"{vector_path.stem}_layers"
-
-
-def sidecar_path(path: str | Path) -> Path:
-    return Path(path).with_suffix(".json")
 
 
 def save_vector(vector, path: str | Path, metadata: dict | None = None) -> Path:
@@ -85,7 +84,7 @@ def read_vector_file(path: str | Path, *, hidden_size: int | None = None, num_la
     """
     import numpy as np
 
-    from persona.vector_file import NotATensorFile, read_tensor_array
+    from persona.vectors.reader import NotATensorFile, read_tensor_array
 
     path = Path(path)
     if not path.is_file():
@@ -148,7 +147,28 @@ def load_vector(path: str | Path, *, hidden_size: int | None = None, num_layers:
 
 def load_metadata(path: str | Path) -> dict:
     """The JSON sidecar of a vector file ({} when there is none)."""
-    from persona.store import read_json
+    from persona.core.store import read_json
 
     side = sidecar_path(path)
     return read_json(side, what="vector sidecar") if side.is_file() else {}
+
+
+def vector_for_model(
+    model: str, vector_path: str | Path, *, layers: Iterable[int] = (), trust_remote_code: bool = False
+):
+    """A vector file checked against the model's config (no weights loaded): ``[num_layers + 1, hidden]``.
+
+    ``layers`` must be in range and hold a direction (a row of zeros has none).
+    """
+    from persona.models import model_dimensions
+
+    input_file(vector_path, "--vector_path", what="vector file")
+    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
+    layers = layers_in_range(layers, num_layers, "--layer", model)
+    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
+    for layer in layers:
+        if not vector[layer].any():
+            raise PersonaError(
+                f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
+            )
+    return vector

@@ -20,7 +20,7 @@ from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import ablate_row_directions, add_row_directions
 from persona.hooks.registry import ForwardState
-from persona.steering import PreparedSpec, SteeringSpec, hidden_size, prepare_specs, steered_positions
+from persona.steering.spec import PreparedSpec, SteeringSpec, hidden_size, prepare_specs, steered_positions
 
 
 @dataclass

@@ -6,7 +6,7 @@ logged "Received SIGTERM" and ran to its end, so ``timeout``, ``kill``, systemd 
 extract, project, layers or generate, and a stopped ``fit`` reported success. :class:`StopOnSigterm` ends a
 predict loop before its next batch (outputs written per batch, as generate's journal, stay resumable; outputs
 written at the end are not written), and the ``persona`` entry point turns either loop's exception into one line and
-exit status 143 (:func:`persona.errors.stopped_by_sigterm`).
+exit status 143 (:func:`persona.core.errors.stopped_by_sigterm`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from persona.errors import SIGTERM_EXIT
+from persona.core.errors import SIGTERM_EXIT
 
 
 class StopOnSigterm(Callback):

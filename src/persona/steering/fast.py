@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from persona.hardware import input_device
+from persona.core.hardware import input_device
 from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-from persona.steering import SteeringSpec, prepare_specs, steered_positions
+from persona.steering.spec import SteeringSpec, prepare_specs, steered_positions
 
 log = logging.getLogger(__name__)
 

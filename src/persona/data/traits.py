@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona.core.store import checkout_root
+
 log = logging.getLogger(__name__)
 
 VERSIONS = ("extract", "eval")
@@ -135,7 +137,7 @@ def datasets_dir() -> Path:
     override = os.environ.get("PERSONA_DATASETS")
     if override:
         return Path(override).expanduser()
-    beside_source = Path(__file__).resolve().parents[2] / "datasets"
+    beside_source = checkout_root() / "datasets"
     if (beside_source / "traits").is_dir():
         return beside_source
     return Path.cwd() / "datasets"

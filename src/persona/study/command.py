@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from persona import checks
-from persona.errors import PersonaError
+from persona.core import checks
+from persona.core.errors import PersonaError
+from persona.models import model_on_base
+from persona.study.checks import check_config, check_personality_arm
 from persona.study.config import (
     Hardware,
     JudgeSettings,
     Phases,
     Sizes,
     StudyTrait,
-    check_config,
-    check_personality_arm,
 )
 
 
@@ -49,7 +49,7 @@ def study(
             then compare its vector's quality in the base and the fine-tuned model; null: none.
         title: The report's title.
     """
-    model = checks.model_on_base(model, base_model, "base_model")
+    model = model_on_base(model, base_model, "base_model")
     plans = check_config(model, traits, judge, phases, hardware, sizes)
     if personality_arm is not None:
         check_personality_arm(model, personality_arm)

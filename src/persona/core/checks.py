@@ -1,7 +1,7 @@
 """Checks every command runs on its inputs and outputs before torch, Lightning or a model loads.
 
 Import-light (standard library only), so a bad path, a clash of outputs or a missing model is answered
-in well under two seconds. Each failure is a :class:`persona.errors.PersonaError` whose message names
+in well under two seconds. Each failure is a :class:`persona.core.errors.PersonaError` whose message names
 the flag, the file and the fix.
 """
 
@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 
 
 def input_file(path: str | Path | None, flag: str, *, what: str = "file") -> Path | None:
@@ -46,7 +46,7 @@ def _writable_parent(path: Path, flag: str) -> None:
 
 def _input_files(inputs: Mapping[str, str | Path | None]) -> Iterable[tuple[str, Path]]:
     """Each input as (what to call it, path); a vector file's sidecar is an input of every command that reads it."""
-    from persona.vectors import sidecar_path
+    from persona.core.store import sidecar_path
 
     for flag, path in inputs.items():
         if path is None:
@@ -147,7 +147,7 @@ def run_settings(
     strategy: str = "auto",
 ) -> None:
     """The batching, precision and placement flags every model-running command shares."""
-    from persona.hardware import check_dtype
+    from persona.core.hardware import check_dtype
 
     at_least(batch_size, 1, "--batch_size")
     if max_batch_tokens is not None:
@@ -187,74 +187,6 @@ def not_both(flags: Mapping[str, object], other: Mapping[str, object]) -> None:
         )
 
 
-def is_adapter(name: str | Path) -> bool:
-    """A PEFT adapter directory (applied on a base model) rather than a whole model."""
-    return (Path(name).expanduser() / "adapter_config.json").is_file()
-
-
-def model_on_base(model: str, base_model: str | None, flag: str = "--base_model") -> str:
-    """``model``; with ``base_model``, the LoRA adapter ``model`` read as applied on ``base_model`` instead of the
-    base its ``adapter_config.json`` records (a view of it in persona's cache; the adapter's files stay as they are)."""
-    if base_model is None:
-        return model
-    if not is_adapter(model):
-        raise PersonaError(
-            f"{flag} {base_model}: --model {model} is not a LoRA adapter directory, so it has no base to replace. "
-            f"Fix: drop {flag}, or give the adapter's directory as --model."
-        )
-    model_source(base_model, flag)
-    from persona.models import adapter_view
-
-    return adapter_view(model, base_model)
-
-
-def model_source(name: str, flag: str = "--model") -> None:
-    """An embedded alias that is installed, a local model directory, or a hub id available offline."""
-    from persona.models import EMBEDDED_MODELS, adapter_base, embedded_gguf_path
-
-    if is_adapter(name):
-        try:
-            base = adapter_base(name)
-            model_source(base, flag)
-        except (PersonaError, ValueError) as error:
-            raise PersonaError(
-                f"{flag} {name}: a PEFT adapter whose base model can't be used here ({error}). Fix: set "
-                "base_model_name_or_path in its adapter_config.json to the base's hub id, local directory or "
-                "persona alias (e.g. smollm2-135m)."
-            ) from None
-        return
-    if name in EMBEDDED_MODELS:
-        try:
-            embedded_gguf_path(name)
-        except FileNotFoundError as error:
-            raise PersonaError(f"{flag} {name}: {error}") from None
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PersonaError(
-                f"{flag} {name}: the directory has no config.json, so it is not a saved model. "
-                "Fix: point at the folder model.save_pretrained() wrote (or a PEFT adapter's base model)."
-            )
-        return
-    looks_local = (
-        name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in (".gguf", ".bin", ".pt")
-    )
-    if looks_local or path.exists():
-        raise PersonaError(f"{flag} {name}: no such model directory. Fix: check the path.")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") and not _hub_cached(name):
-        raise PersonaError(
-            f"{flag} {name}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
-            "downloaded. Fix: download it first (huggingface-cli download NAME) or pass a local directory."
-        )
-
-
-def _hub_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-
-
 def example_inputs(pos_path: str | None, neg_path: str | None, pairs_path: str | None) -> None:
     """Scored CSVs (both) or contrastive pairs, not both, and the files given exist."""
     not_both({"--pairs_path": pairs_path}, {"--pos_path": pos_path, "--neg_path": neg_path})
@@ -264,25 +196,3 @@ def example_inputs(pos_path: str | None, neg_path: str | None, pairs_path: str |
         )
     for flag, path in (("--pos_path", pos_path), ("--neg_path", neg_path), ("--pairs_path", pairs_path)):
         input_file(path, flag)
-
-
-def vector_for_model(
-    model: str, vector_path: str | Path, *, layers: Iterable[int] = (), trust_remote_code: bool = False
-):
-    """A vector file checked against the model's config (no weights loaded): ``[num_layers + 1, hidden]``.
-
-    ``layers`` must be in range and hold a direction (a row of zeros has none).
-    """
-    from persona.models import model_dimensions
-    from persona.vectors import read_vector_file
-
-    input_file(vector_path, "--vector_path", what="vector file")
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
-    layers = layers_in_range(layers, num_layers, "--layer", model)
-    vector = read_vector_file(vector_path, hidden_size=hidden_size, num_layers=num_layers)
-    for layer in layers:
-        if not vector[layer].any():
-            raise PersonaError(
-                f"{vector_path}: row {layer} is all zeros (no direction). Fix: choose another --layer."
-            )
-    return vector

@@ -103,7 +103,7 @@ def make_trainer(
     """A Trainer for predict loops: no logger, no checkpoints (the loops write their own results); SIGTERM stops it."""
     import lightning as L
 
-    from persona.signals import StopOnSigterm
+    from persona.core.signals import StopOnSigterm
 
     return L.Trainer(
         accelerator=accelerator,

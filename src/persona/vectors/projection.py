@@ -2,7 +2,7 @@
 
 One mechanism serves every "score each example along a vector" step (``persona project``, per-layer
 metrics, screening, finetuning shift): :class:`ExampleProjector` runs
-:func:`persona.activations.example_projections` (blocks up to the deepest layer only, never the LM
+:func:`persona.vectors.activations.example_projections` (blocks up to the deepest layer only, never the LM
 head) with one direction per target ``(layer, direction)``; a
 :class:`ProjectionShardWriter` saves ``(example index, scores)`` per rank so
 :func:`predict_projections` can put the scores back in input order.
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from persona.activations import example_projections
+from persona.core.constants import VECTOR_KINDS
+from persona.core.hardware import make_trainer
 from persona.data.modules import ExampleDataModule
-from persona.hardware import make_trainer
 from persona.hooks import locate_blocks
 from persona.hooks.layers import check_layer
+from persona.hooks.placement import KeepsDevicePlacement
 from persona.models import DEFAULT_MODEL, load_model
-from persona.placement import KeepsDevicePlacement
-from persona.vectors import VECTOR_KINDS
+from persona.vectors.activations import example_projections
 
 # ---------------------------------------------------------------------------------------------------
 # The predict loop: per-example scores along one direction per (layer, direction) target.

@@ -12,13 +12,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from persona.activations import kind_row_mask, read_example_means
-from persona.checks import is_adapter
-from persona.hardware import input_device
+from persona.core.constants import VECTOR_KINDS
+from persona.core.hardware import input_device
 from persona.hooks import locate_blocks
-from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, load_model
-from persona.placement import KeepsDevicePlacement
-from persona.vectors import VECTOR_KINDS, default_save_dir, save_vector, vector_filename
+from persona.hooks.placement import KeepsDevicePlacement
+from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, is_adapter, load_model
+from persona.vectors.activations import kind_row_mask, read_example_means
+from persona.vectors.files import default_save_dir, save_vector, vector_filename
 
 
 class VectorExtractor(KeepsDevicePlacement, L.LightningModule):

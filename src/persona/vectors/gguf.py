@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from persona import checks
-from persona.store import atomic_write
-from persona.vectors import load_metadata, read_vector_file
+from persona.core import checks
+from persona.core.store import atomic_write
+from persona.vectors.files import load_metadata, read_vector_file
 
 ARCHITECTURE = "controlvector"
 DIRECTION_NAME = re.compile(r"^direction\.(\d+)$")

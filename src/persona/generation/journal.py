@@ -26,9 +26,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona.chat import user_turn
-from persona.store import KeyedJournal, atomic_write, batch_seed, check_signature
-from persona.traits import Trait
+from persona.core.store import KeyedJournal, atomic_write, batch_seed, check_signature
+from persona.data.chat import user_turn
+from persona.data.traits import Trait
 
 log = logging.getLogger(__name__)
 

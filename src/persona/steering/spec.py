@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from persona.chat import Messages, answer_text, encode_chat
-from persona.constants import POSITIONS
-from persona.data.batches import bounded_batches
-from persona.errors import PersonaError
-from persona.hardware import input_device
-from persona.hooks import block_hooks, forward_until, locate_blocks
-from persona.hooks.layers import DecoderLayout, check_layer
+from persona.core.constants import POSITIONS
+from persona.hooks import block_hooks, locate_blocks
+from persona.hooks.layers import DecoderLayout, check_layer, hidden_size
 from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-from persona.models import context_length, text_config_value
 
 
 @dataclass
@@ -89,12 +84,6 @@ class SteeringSpec:
         return self.coef * self.reference_norm / vector_norm
 
 
-def hidden_size(layout: DecoderLayout) -> int:
-    """Width of the residual stream of the model behind ``layout``."""
-    size = text_config_value(getattr(layout.model, "config", None), ("hidden_size",))
-    return size if size is not None else layout.model.get_input_embeddings().embedding_dim
-
-
 def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | None:
     """bool [batch, seq] (or broadcastable) of the prefill positions to steer; None = all of them."""
     batch, seq_len = hidden.shape[:2]
@@ -121,7 +110,7 @@ def steered_positions(positions: str, hidden: Tensor, state: ForwardState) -> Te
     """Where ``positions`` steers in this forward: True (every position), False (none) or bool [batch or 1, seq].
 
     The one definition of the position modes, shared by :func:`steer` and per-row steering
-    (:mod:`persona.row_steering`), so a row of a mixed batch is steered where it would be on its own.
+    (:mod:`persona.steering.rows`), so a row of a mixed batch is steered where it would be on its own.
     """
     if positions == "all":
         return True
@@ -204,148 +193,3 @@ def steer(
     ]
     with block_hooks(model, hooks, state=state):
         yield layout
-
-
-@torch.no_grad()
-def mean_residual_norm(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    layer: int,
-    batch_size: int = 8,
-    *,
-    skip_first_token: bool = True,
-) -> float:
-    """Mean L2 norm of the residual stream at ``layer`` over the real tokens of ``texts``.
-
-    ``skip_first_token`` leaves out each text's first token: it is an attention sink whose norm dwarfs
-    the rest (SmolLM2-135M, layer 15: ~25,000 vs ~160), so including it makes the "typical" norm ~20x
-    too large. The forward stops right after ``layer``; texts are right-padded so tokens keep their positions.
-    """
-    if isinstance(texts, str) or not texts:
-        raise ValueError("mean_residual_norm needs a non-empty list of texts. Fix: pass e.g. [text1, text2].")
-    if tokenizer.pad_token_id is None:
-        raise ValueError(
-            "The tokenizer has no pad token. Fix: set tokenizer.pad_token = tokenizer.eos_token."
-        )
-    device = input_device(model)
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
-
-    def capture(hidden: Tensor, state: ForwardState) -> None:
-        mask = state.attention_mask[:, -hidden.shape[1] :].to(hidden.device, torch.float32)
-        if skip_first_token:
-            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)  # right padding: column 0
-        total.add_((hidden.float().norm(dim=-1) * mask).sum().to(device))
-        count.add_(mask.sum().to(device))
-
-    with block_hooks(model, [(layer, capture)], stop_after_layer=layer):
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                padding_side="right",
-                return_tensors="pt",
-            )
-            forward_until(
-                model,
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            )
-    if float(count) == 0:
-        raise ValueError(
-            "mean_residual_norm: no tokens to average (texts are empty, or one token each with "
-            "skip_first_token=True). Fix: pass longer texts."
-        )
-    return float(total / count)
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id lists -> (input_ids [batch, width], attention_mask [batch, width])."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
-
-
-def check_room(encoded: Sequence[list[int]], max_new_tokens: int, context: int | None) -> None:
-    """Every prompt leaves ``max_new_tokens`` within the model's context (past it, positions run out or repeat)."""
-    over = [i for i, ids in enumerate(encoded) if context is not None and len(ids) + max_new_tokens > context]
-    if over:
-        raise PersonaError(
-            f"{len(over)} of {len(encoded)} prompts (the first: #{over[0]}, {len(encoded[over[0]])} tokens) plus "
-            f"{max_new_tokens} new tokens pass the model's context of {context} tokens. Fix: shorten those prompts "
-            "or ask for fewer new tokens."
-        )
-
-
-def generate_steered(
-    model: nn.Module,
-    tokenizer,
-    prompts_or_messages: Sequence[str | Messages],
-    specs: Sequence[SteeringSpec] = (),
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    batch_size: int = 16,
-    fast=False,
-    **generate_kwargs,
-) -> list[str]:
-    """Generate a completion per prompt under steering; returns the new text only, in input order.
-
-    A ``str`` is used as-is (the tokenizer's special tokens added); a message list ``[{"role", "content"}]``
-    goes through the chat template with the generation prompt. Batches are left-padded, similar lengths
-    grouped together (longest first, no prompt padded past twice its length), and decoded with HF ``generate`` and its KV cache. ``temperature=0``
-    means greedy; the default 1.0 samples as the paper's evaluations do. ``generate_kwargs`` go to
-    ``model.generate``.
-
-    ``fast``: ``False`` (default) is the plain dynamic-cache path. For the fast path pass an open
-    :class:`persona.fast_generation.FastGenerator`, which compiles once for all the calls it serves (``persona
-    generate`` holds one per run); a mode here (``"auto"``: compile on CUDA, plain elsewhere; ``True``/
-    ``"compile"``; ``"static"``; a transformers ``CompileConfig``) opens a session for this call alone, so a
-    compiling mode compiles again on every call. Every mode gives the plain path's tokens (see
-    :mod:`persona.fast_generation`).
-    """
-    if isinstance(prompts_or_messages, str):
-        raise TypeError("prompts_or_messages is a single string. Fix: pass a list of prompts, e.g. [prompt].")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad nor an EOS token. Fix: set tokenizer.pad_token.")
-    from persona.fast_generation import FastGenerator, fast_mode
-
-    if isinstance(fast, FastGenerator) and fast.model is not model:
-        raise ValueError(
-            "fast= is a session opened on another model. Fix: open FastGenerator(model) on this one."
-        )
-    device = input_device(model)
-    mode = fast_mode(fast, device)
-    encoded = [encode_chat(tokenizer, item) for item in prompts_or_messages]
-    check_room(encoded, max_new_tokens, context_length(tokenizer, getattr(model, "config", None)))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad_id}
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    kwargs.update(generate_kwargs)
-    outputs: list[str] = [""] * len(encoded)
-    with ExitStack() as stack:
-        if mode == "off":
-            stack.enter_context(steer(model, specs))
-            generator = None
-        elif isinstance(fast, FastGenerator):
-            generator = fast
-        else:
-            generator = stack.enter_context(FastGenerator(model, fast))
-        lengths = [len(encoded[i]) for i in order]
-        for rows in bounded_batches(range(len(order)), lengths, max_rows=batch_size):
-            chunk = [order[row] for row in rows]
-            input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad_id)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if generator is None:
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            else:
-                generated = generator.generate(input_ids, attention_mask, specs, **kwargs)
-            for i, new_ids in zip(chunk, generated[:, input_ids.shape[1] :].tolist(), strict=True):
-                outputs[i] = answer_text(tokenizer, new_ids)
-    return outputs

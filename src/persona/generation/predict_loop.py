@@ -11,12 +11,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from persona.chat import has_chat_template, render_chat
-from persona.errors import PersonaError
-from persona.generation import Key, ResponseStore, pending_batches
+from persona.core.errors import PersonaError
+from persona.data.chat import has_chat_template, render_chat
+from persona.data.traits import Trait, coherence_prompt
+from persona.generation.journal import Key, ResponseStore, pending_batches
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
 from persona.steering import SteeringSpec, generate_steered
-from persona.traits import Trait, coherence_prompt
 from persona.vectors import load_vector
 
 # ------------------------------------------------------------------------------------------------- judging
@@ -92,7 +92,7 @@ class ResponseGenerator(L.LightningModule):
 
     def on_predict_start(self) -> None:
         # One fast-generation session for the whole run: its decode step compiles once, not once per batch.
-        from persona.fast_generation import FastGenerator, fast_mode
+        from persona.steering.fast import FastGenerator, fast_mode
 
         if fast_mode(self.hparams.fast, self.device) != "off":
             self.fast_generator = FastGenerator(self.model, self.hparams.fast).__enter__()
@@ -262,7 +262,7 @@ def run_generation(
         if overwrite:
             store.remove_all()
         store.check_meta(signature)
-    from persona.judges import judge_name
+    from persona.judges.base import judge_name
 
     current = judge_name(judge["spec"], min_mass=judge["min_mass"])
     existing = store.load()
@@ -292,7 +292,7 @@ def run_generation(
         )  # fmt: skip
         from torch.utils.data import DataLoader
 
-        from persona.hardware import make_trainer
+        from persona.core.hardware import make_trainer
 
         lightning = make_trainer(**trainer, callbacks=[writer])
         loader = DataLoader(batches, batch_size=1, shuffle=False, collate_fn=_unwrap)

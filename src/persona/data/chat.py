@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from persona.errors import PersonaError
+from persona.core.errors import PersonaError
 
 Messages = Sequence[Mapping[str, str]]
 

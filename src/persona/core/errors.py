@@ -69,6 +69,6 @@ SIGTERM_EXIT = 128 + 15
 
 
 def stopped_by_sigterm(error: BaseException) -> bool:
-    """Whether ``error`` is a Lightning loop's SIGTERM exit (see :mod:`persona.signals`); Lightning is not imported."""
+    """Whether ``error`` is a Lightning loop's SIGTERM exit (see :mod:`persona.core.signals`); Lightning is not imported."""
     exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
     return exceptions is not None and isinstance(error, exceptions.SIGTERMException)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from persona.core.constants import VECTOR_KINDS
 from persona.hooks import block_hooks, forward_until
 from persona.hooks.operators import gather_positions, masked_mean, project
-from persona.vectors import VECTOR_KINDS
 
 
 def read_example_means(

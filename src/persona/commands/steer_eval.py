@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona import checks
-from persona.models import DEFAULT_MODEL
-from persona.store import write_csv, write_figure
+from persona.core.store import write_csv, write_figure
+from persona.models import DEFAULT_MODEL, model_on_base
 
 
 def parse_coefs(coefs: Sequence[float]) -> list[float]:
@@ -149,13 +148,13 @@ def steer_eval(
         strategy: Lightning strategy (auto, ddp, ddp_spawn).
         trust_remote_code: Allow custom model code from the hub.
     """
-    model = checks.model_on_base(model, base_model)
+    model = model_on_base(model, base_model)
     from persona.commands.generate import generate
-    from persona.constants import POSITIONS
+    from persona.core.constants import POSITIONS
+    from persona.data.traits import load_trait
     from persona.judges import check_min_mass, check_served_judge
     from persona.models import model_dimensions
     from persona.steering import SteeringSpec
-    from persona.traits import load_trait
     from persona.vectors import load_vector
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
