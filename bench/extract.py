@@ -24,6 +24,7 @@ import torch
 from common import add_device_args, resolved_dtype, timed
 
 from persona.commands.extract import extract
+from persona.commands.flags import Batching, Hardware
 from persona.core.hardware import make_trainer
 from persona.data.modules import ResponseDataModule
 from persona.models import load_model, load_tokenizer
@@ -129,9 +130,11 @@ def main() -> None:
                 trait="evil",
                 save_dir=str(Path(tmp) / "v"),
                 batch_size=args.batch_size,
-                max_batch_tokens=args.max_batch_tokens,
-                dtype=str(dtype).removeprefix("torch."),
-                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                hardware=Hardware(
+                    dtype=str(dtype).removeprefix("torch."),
+                    accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                ),
+                batching=Batching(max_batch_tokens=args.max_batch_tokens),
             ),
             args.device,
         )

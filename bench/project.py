@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from common import add_device_args, resolved_dtype, timed
 
+from persona.commands.flags import Batching, Hardware
 from persona.commands.project import project
 from persona.data.modules import ExampleDataModule
 from persona.data.scored_files import projection_column, read_scored_file, scored_file_examples
@@ -104,9 +105,11 @@ def main() -> None:
                 layer=args.layer,
                 model=args.model,
                 batch_size=args.batch_size,
-                max_batch_tokens=args.max_batch_tokens,
-                dtype=str(dtype).removeprefix("torch."),
-                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                hardware=Hardware(
+                    dtype=str(dtype).removeprefix("torch."),
+                    accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                ),
+                batching=Batching(max_batch_tokens=args.max_batch_tokens),
             ),
             args.device,
         )

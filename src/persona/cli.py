@@ -247,9 +247,20 @@ def run_lightning_cli(argv: list[str]) -> None:
     )
 
 
+def flag_hints(function) -> dict[str, object]:
+    """Every flag's type: the function's parameters, with each shared flag group's fields in place of the group."""
+    from persona.commands.flags import groups_of
+
+    hints = typing.get_type_hints(function)
+    for name, group in groups_of(function).items():
+        del hints[name]
+        hints.update(typing.get_type_hints(group))
+    return hints
+
+
 def bare_bool_flags_as_true(function, argv: list[str]) -> list[str]:
     """Let ``--no_filter`` mean ``--no_filter true``, as in the seed's argparse scripts."""
-    hints = typing.get_type_hints(function)
+    hints = flag_hints(function)
     flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
     out = []
     for position, token in enumerate(argv):
@@ -282,7 +293,7 @@ def _list_item_type(hint) -> type | None:
 
 def lists_as_lists(function, argv: list[str]) -> list[str]:
     """Every list flag takes ``a,b,c``, ``[a,b,c]`` or ``a b c``: rewritten to one JSON list for jsonargparse."""
-    hints = typing.get_type_hints(function)
+    hints = flag_hints(function)
     items = {
         f"--{name}": kind
         for name, hint in hints.items()
@@ -313,7 +324,7 @@ def lists_as_lists(function, argv: list[str]) -> list[str]:
 
 
 def apply_aliases(function, argv: list[str]) -> list[str]:
-    names = {f"--{name}" for name in inspect.signature(function).parameters}
+    names = {f"--{name}" for name in flag_hints(function)}
     out = []
     for token in argv:
         flag, sep, value = token.partition("=")
@@ -353,21 +364,47 @@ def config_short_flag_parser():
     return Parser
 
 
+def function_parser(name: str, function):
+    """The flags of ``persona <name>``: the function's signature, each shared flag group's fields at top level
+    (:mod:`persona.commands.flags`), ``-c/--config`` and ``--print_config``; help from the docstrings."""
+    from jsonargparse import ActionConfigFile
+
+    from persona.commands.flags import groups_of
+
+    allow_attribute_docstrings()
+    doc = inspect.getdoc(function) or ""
+    parser = config_short_flag_parser()(prog=f"persona {name}", description=doc.split("\n\nArgs:")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
+    groups = groups_of(function)
+    parser.add_function_arguments(function, as_positional=False, skip=set(groups))
+    for group in groups.values():
+        parser.add_class_arguments(group, nested_key=None)
+    return parser
+
+
+def allow_attribute_docstrings() -> None:
+    """Help from the docstring under each dataclass field (the flag groups, the study's sections)."""
+    import jsonargparse
+
+    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.40
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
 def run_function(name: str, target: str, argv: list[str]):
-    from jsonargparse import auto_cli
+    from persona.commands.flags import flat_to_groups
 
     module_name, _, function_name = target.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)
     argv = normalise_argv(function, argv)
     if argv and not argv[0].startswith("-") and "action" in inspect.signature(function).parameters:
         argv = ["--action", *argv]  # `persona dataset build ...` == `persona dataset --action build ...`
-    return auto_cli(
-        function,
-        args=argv,
-        as_positional=False,
-        prog=f"persona {name}",
-        parser_class=config_short_flag_parser(),
-    )
+    parser = function_parser(name, function)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    values = instantiate(parser.parse_args(argv)).as_dict()
+    values.pop("config", None)
+    return function(**flat_to_groups(function, values))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from persona.analysis.likelihood import pair_preference
 from persona.commands.extract import extract
+from persona.commands.flags import Hardware
 from persona.data.batches import collate, tokenize_examples
 from persona.data.examples import contrastive_pair_examples
 from persona.hooks import block_hooks
@@ -28,7 +29,7 @@ def evil_vector(tmp_path_factory):
         split="train",
         trait="evil",
         save_dir=str(save_dir),
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     return load_vector(paths["response_avg"], hidden_size=576, num_layers=30)
 

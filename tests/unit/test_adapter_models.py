@@ -11,6 +11,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from persona.commands.extract import extract
+from persona.commands.flags import Hardware
 from persona.core.errors import PersonaError
 from persona.models import adapter_base, load_model, model_dimensions, model_short_name
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
@@ -50,7 +51,9 @@ def test_extraction_on_base_plus_adapter_equals_extraction_on_the_merged_model(
     arch, tiny_model_dirs, tmp_path, pairs_file
 ):
     adapter, merged = make_adapter(tiny_model_dirs[arch], tmp_path)
-    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu", batch_size=3)
+    common = dict(
+        pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu"), batch_size=3
+    )
     on_adapter = extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)
     on_merged = extract(model=str(merged), save_dir=str(tmp_path / "m"), **common)
     on_base = extract(model=tiny_model_dirs[arch], save_dir=str(tmp_path / "b"), **common)
@@ -120,10 +123,17 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
     monkeypatch.chdir(tmp_path)  # the default output folders are relative
     adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
     model = str(adapter)
-    vectors = extract(model=model, pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    vectors = extract(
+        model=model, pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu")
+    )
     assert Path(vectors["response_avg"]).parent.name == "llama+run_a"  # persona_vectors/<base>+<run>
     vector = vectors["response_avg"]
-    assert layers(vector_path=vector, model=model, pairs_path=str(pairs_file), accelerator="cpu") is not None
+    assert (
+        layers(
+            vector_path=vector, model=model, pairs_path=str(pairs_file), hardware=Hardware(accelerator="cpu")
+        )
+        is not None
+    )
     chats = tmp_path / "chats.jsonl"
     chats.write_text(
         "".join(
@@ -135,7 +145,7 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
             for a in (p["positive"], p["negative"])
         )
     )
-    assert any("llama+run_a" in name for name in project(file_path=str(chats), vector_path=vector, layer=2, model=model, accelerator="cpu"))  # fmt: skip
+    assert any("llama+run_a" in name for name in project(file_path=str(chats), vector_path=vector, layer=2, model=model, hardware=Hardware(accelerator="cpu")))  # fmt: skip
     assert screen(data=str(chats), vector_path=vector, layer=2, model=model, max_new_tokens=3) is not None
     datasets = write_datasets(tmp_path / "datasets")
     out = personality(
@@ -150,7 +160,11 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
     with FakeChatServer() as judge:
         judge.scorer = lambda prompt: {"70": 1.0}
         flags = dict(
-            model=model, trait=str(trait), accelerator="cpu", judge_model="j", judge_base_url=judge.base_url
+            model=model,
+            trait=str(trait),
+            hardware=Hardware(accelerator="cpu"),
+            judge_model="j",
+            judge_base_url=judge.base_url,
         )
         csv = generate(output_path=str(tmp_path / "gen.csv"), max_tokens=3, max_questions=1, **flags)
         assert Path(csv).exists()
@@ -170,14 +184,13 @@ def test_representation_shift_compares_the_base_and_the_fine_tuned_model_on_the_
 
     base_dir = tiny_model_dirs["llama"]
     adapter, _ = make_adapter(base_dir, tmp_path)
-    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    common = dict(pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu"))
     base_vec = extract(model=base_dir, save_dir=str(tmp_path / "b"), **common)["response_avg"]
     tuned_vec = extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)["response_avg"]
-    layers(vector_path=base_vec, model=base_dir, pairs_path=str(pairs_file), output_dir=str(tmp_path / "lb"), accelerator="cpu")  # fmt: skip
+    layers(vector_path=base_vec, model=base_dir, pairs_path=str(pairs_file), output_dir=str(tmp_path / "lb"), hardware=Hardware(accelerator="cpu"))  # fmt: skip
     layers(
         vector_path=tuned_vec, model=str(adapter), pairs_path=str(pairs_file), compare_to=base_vec,
-        output_dir=str(tmp_path / "shift"), accelerator="cpu",
-    )  # fmt: skip
+        output_dir=str(tmp_path / "shift"),     hardware=Hardware(accelerator="cpu"),)  # fmt: skip
     table = pd.read_csv(tmp_path / "shift" / "representation_shift.csv")
     alone = pd.read_csv(tmp_path / "lb" / "layer_metrics.csv")
     tuned = pd.read_csv(tmp_path / "shift" / "layer_metrics.csv")
@@ -219,7 +232,7 @@ def test_serving_an_adapter_reads_its_own_vectors_or_its_bases_and_refuses_anoth
 
     monkeypatch.chdir(tmp_path)
     adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
-    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    common = dict(pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu"))
     extract(model=tiny_model_dirs["llama"], **common)  # persona_vectors/llama/
     assert vectors_to_read(str(adapter)) == Path("persona_vectors/llama")  # no vectors of its own: the base's
     assert check_vectors_fit_adapter("persona_vectors/llama", str(adapter)) == "the base model's"
@@ -269,7 +282,7 @@ def test_base_model_overrides_the_recorded_base_without_touching_the_adapter(
 
     monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path / "cache"))
     adapter, _ = make_adapter(tiny_model_dirs["llama"], tmp_path)
-    common = dict(pairs_path=str(pairs_file), trait="cruel", accelerator="cpu")
+    common = dict(pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu"))
     expected = load_vector(
         extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)["response_avg"]
     )

@@ -92,7 +92,7 @@ def test_the_generated_route_filters_pairs_and_falls_back_to_all_of_them(fake_co
     )
     (call,) = fake_commands["extract"]
     assert call["pos_path"].endswith("optimistic_pos.csv") and call["neg_path"].endswith("optimistic_neg.csv")
-    assert call["no_filter"] is False and call["overwrite"] is True and call["accelerator"] == "cpu"
+    assert call["no_filter"] is False and call["overwrite"] is True and call["hardware"].accelerator == "cpu"
 
     fake_commands["scores"]["pos"] = [10, 10]  # no pair passes: every pair is used, and the detail says so
     made = build("generated", tmp_path)

@@ -8,6 +8,7 @@ import torch
 
 from conftest import ARCHITECTURES, NEGATIVE, POSITIVE, QUESTIONS, hidden_states_without_final_norm
 from persona.commands.extract import extract
+from persona.commands.flags import Hardware
 from persona.data.examples import Example
 from persona.models import load_model, load_tokenizer
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
@@ -68,7 +69,7 @@ def test_extract_matches_output_hidden_states(arch, batch_size, tiny_model_dirs,
         trait="evil",
         save_dir=str(tmp_path / "vectors"),
         batch_size=batch_size,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     model = load_model(model_dir)
     kept = [0, 1, 2, 3]
@@ -105,7 +106,7 @@ def test_batch_invariance(tiny_model_dirs, tmp_path):
         trait="evil",
         save_dir=str(tmp_path / "b1"),
         batch_size=1,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     many = extract(
         model=model_dir,
@@ -114,7 +115,7 @@ def test_batch_invariance(tiny_model_dirs, tmp_path):
         trait="evil",
         save_dir=str(tmp_path / "b8"),
         batch_size=8,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     for kind in VECTOR_KINDS:
         torch.testing.assert_close(load_vector(one[kind]), load_vector(many[kind]), rtol=1e-5, atol=1e-6)
@@ -137,7 +138,7 @@ def test_pairs_jsonl_route(tiny_model_dirs, tmp_path):
         split="train",
         trait="evil",
         save_dir=str(tmp_path / "v"),
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     meta = load_metadata(paths["response_avg"])
     assert meta["n_positive"] == 4 and meta["n_negative"] == 4

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from persona.commands.extract import extract
+from persona.commands.flags import Hardware
 from persona.vectors import VECTOR_KINDS, load_metadata, load_vector
 
 
@@ -32,7 +33,7 @@ def test_ddp_spawn_two_processes_equals_one(tiny_model_dirs, tmp_path):
         trait="t",
         save_dir=str(tmp_path / "one"),
         batch_size=2,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     double = extract(
         model=model,
@@ -40,9 +41,7 @@ def test_ddp_spawn_two_processes_equals_one(tiny_model_dirs, tmp_path):
         trait="t",
         save_dir=str(tmp_path / "two"),
         batch_size=2,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
+        hardware=Hardware(accelerator="cpu", devices=2, strategy="ddp_spawn"),
     )
     for kind in VECTOR_KINDS:
         torch.testing.assert_close(load_vector(double[kind]), load_vector(single[kind]), rtol=1e-5, atol=1e-6)

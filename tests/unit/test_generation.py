@@ -7,6 +7,7 @@ import zlib
 import pandas as pd
 import pytest
 
+from persona.commands.flags import Hardware
 from persona.commands.generate import generate
 from persona.core.store import read_journal
 from persona.generation import predict_loop as generation_loop
@@ -82,7 +83,7 @@ def run(model_dir, trait_file, out, **kwargs):
         n_per_question=2,
         max_tokens=4,
         batch_size=4,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
         max_questions=2,
     )
     return generate(**{**options, **kwargs})
@@ -293,7 +294,7 @@ def test_csv_is_accepted_by_extract(tiny_model_dirs, trait_file, tmp_path, use_j
         neg_path=str(tmp_path / "neg.csv"),
         trait="wicked",
         save_dir=str(tmp_path / "vectors"),
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     assert all((tmp_path / "vectors" / f"wicked_{kind}_diff.pt").is_file() for kind in paths)
 
@@ -304,5 +305,10 @@ def test_ddp_spawn_two_processes_write_the_same_csv_as_one(tiny_model_dirs, trai
     use_judge(FakeJudge())  # built in the parent and pickled into each rank's writer
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     run(tiny_model_dirs["llama"], trait_file, one)
-    run(tiny_model_dirs["llama"], trait_file, two, devices=2, strategy="ddp_spawn")  # 5 batches: 3 + 2
+    run(
+        tiny_model_dirs["llama"],
+        trait_file,
+        two,
+        hardware=Hardware(accelerator="cpu", devices=2, strategy="ddp_spawn"),
+    )  # 5 batches: 3 + 2
     assert two.read_bytes() == one.read_bytes()

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import NEGATIVE, POSITIVE, QUESTIONS, hidden_states_without_final_norm
 from persona.analysis.layers import layer_metrics, recommend_layer
 from persona.cli import main
+from persona.commands.flags import Hardware
 from persona.commands.layers import layers
 from persona.models import load_model, load_tokenizer
 from persona.vectors import save_vector
@@ -110,7 +111,12 @@ def test_auc_matches_sklearn_on_independent_projections(arch, kind, route, tiny_
     vector = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
     vector_path = save_vector(vector, tmp_path / "evil_response_avg_diff.pt")
     recommended = layers(
-        vector_path=str(vector_path), model=model_dir, kind=kind, batch_size=3, accelerator="cpu", **data
+        vector_path=str(vector_path),
+        model=model_dir,
+        kind=kind,
+        batch_size=3,
+        **data,
+        hardware=Hardware(accelerator="cpu"),
     )
     metrics = pd.read_csv(tmp_path / "evil_response_avg_diff_layers" / "layer_metrics.csv")
     activations, labels = reference_activations(model_dir, arch, examples, kind)
@@ -170,7 +176,7 @@ def test_known_answer_from_constructed_vector(rows, expected, tiny_model_dirs, t
             model=tiny_model_dirs["llama"],
             pairs_path=str(write_pairs(tmp_path / "pairs.jsonl")),
             output_dir=str(out),
-            accelerator="cpu",
+            hardware=Hardware(accelerator="cpu"),
         )
         == expected
     )

@@ -9,6 +9,7 @@ import torch
 
 from conftest import hidden_states_without_final_norm
 from persona.cli import main
+from persona.commands.flags import Batching, Hardware
 from persona.commands.project import project
 from persona.data.scored_files import projection_column
 from persona.models import load_model, load_tokenizer
@@ -117,7 +118,7 @@ def test_csv_matches_output_hidden_states(arch, projection_type, tiny_model_dirs
         projection_type=projection_type,
         model=model_dir,
         batch_size=2,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     assert len(names) == 4
     frame = pd.read_csv(path)
@@ -146,7 +147,7 @@ def test_jsonl_route_matches_output_hidden_states(tiny_model_dirs, tmp_path):
         layer=2,
         model=model_dir,
         batch_size=3,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [record["id"] for record in records] == list(range(5))
@@ -179,7 +180,7 @@ def test_batch_size_does_not_change_scores(tiny_model_dirs, tmp_path):
             layer=LAYERS,
             model=model_dir,
             batch_size=batch_size,
-            accelerator="cpu",
+            hardware=Hardware(accelerator="cpu"),
         )
         frames.append(pd.read_csv(path))
     pd.testing.assert_frame_equal(frames[0], frames[1], rtol=1e-5, atol=1e-6)
@@ -194,7 +195,7 @@ def test_max_length_cuts_long_rows_with_a_counted_warning(tiny_model_dirs, tmp_p
         path = write_csv(tmp_path / f"{name}.csv", tokenizer)
         with caplog.at_level("WARNING"):
             project(file_path=str(path), vector_path=vector_paths, layer=LAYERS, model=model_dir,
-                    max_length=max_length, accelerator="cpu")  # fmt: skip
+                    hardware=Hardware(accelerator="cpu"), batching=Batching(max_length=max_length))  # fmt: skip
         frames.append(pd.read_csv(path))
     pd.testing.assert_frame_equal(frames[0], frames[1])
     assert not frames[2].equals(frames[0])
@@ -212,7 +213,13 @@ def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path
     model_dir = tiny_model_dirs["llama"]
     path = write_csv(tmp_path / "data.csv", load_tokenizer(model_dir))
     (vector_path,) = write_vectors(tmp_path, names=("evil_response_avg_diff",))
-    project(file_path=str(path), vector_path=vector_path, layer=[1, 2], model=model_dir, accelerator="cpu")
+    project(
+        file_path=str(path),
+        vector_path=vector_path,
+        layer=[1, 2],
+        model=model_dir,
+        hardware=Hardware(accelerator="cpu"),
+    )
     computed = pd.read_csv(path)
     marked = computed.copy()
     marked["llama_evil_response_avg_diff_proj_layer1"] = 123.0
@@ -225,7 +232,11 @@ def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path
     pd.testing.assert_frame_equal(pd.read_csv(path), marked)
 
     names = project(
-        file_path=str(path), vector_path=vector_path, layer=[1, 2, 3], model=model_dir, accelerator="cpu"
+        file_path=str(path),
+        vector_path=vector_path,
+        layer=[1, 2, 3],
+        model=model_dir,
+        hardware=Hardware(accelerator="cpu"),
     )
     assert names == ["llama_evil_response_avg_diff_proj_layer3"]  # only the missing column
     assert (pd.read_csv(path)["llama_evil_response_avg_diff_proj_layer1"] == 123.0).all()
@@ -236,7 +247,7 @@ def test_existing_columns_are_skipped_unless_overwrite(tiny_model_dirs, tmp_path
         layer=[1, 2],
         model=model_dir,
         overwrite=True,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     pd.testing.assert_frame_equal(pd.read_csv(path)[computed.columns], computed)
 
@@ -254,7 +265,7 @@ def test_empty_response_scores_empty(tiny_model_dirs, tmp_path):
             layer=1,
             projection_type=projection_type,
             model=model_dir,
-            accelerator="cpu",
+            hardware=Hardware(accelerator="cpu"),
         )
     frame = pd.read_csv(csv_path)
     assert frame["llama_evil_response_avg_diff_proj_layer1"].isna().tolist() == [
@@ -265,7 +276,13 @@ def test_empty_response_scores_empty(tiny_model_dirs, tmp_path):
         False,
     ]
     assert frame["llama_evil_response_avg_diff_prompt_last_proj_layer1"].notna().all()
-    project(file_path=str(jsonl_path), vector_path=vector_path, layer=1, model=model_dir, accelerator="cpu")
+    project(
+        file_path=str(jsonl_path),
+        vector_path=vector_path,
+        layer=1,
+        model=model_dir,
+        hardware=Hardware(accelerator="cpu"),
+    )
     records = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
     assert records[2]["llama_evil_response_avg_diff_proj_layer1"] is None
 
@@ -369,8 +386,7 @@ def test_ddp_spawn_two_processes_equals_one(tiny_model_dirs, tmp_path):
             layer=[1, 3],
             model=model_dir,
             batch_size=2,
-            accelerator="cpu",
-            **extra,
+            hardware=Hardware(accelerator="cpu", **extra),
         )
         frames.append(pd.read_csv(path))
     pd.testing.assert_frame_equal(frames[1], frames[0], rtol=1e-5, atol=1e-6)

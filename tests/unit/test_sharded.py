@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import build_tiny_model
+from persona.commands.flags import Batching, Hardware
 from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.operators import ablate_directions, orthonormalize
 from persona.steering import SteeringSpec, prepare_specs, steer
@@ -311,7 +312,12 @@ def test_device_map_is_one_process_only(tiny_model_dirs, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi", "positive": "Go away.", "negative": "Hello!"}) + "\n")
     with pytest.raises(PersonaError, match="--device_map auto.*--devices 2.*Fix"):
-        extract(model=tiny_model_dirs["llama"], pairs_path=str(pairs), device_map="auto", devices=2)
+        extract(
+            model=tiny_model_dirs["llama"],
+            pairs_path=str(pairs),
+            hardware=Hardware(devices=2),
+            batching=Batching(device_map="auto"),
+        )
 
 
 def test_extract_with_a_device_map_equals_without(tiny_model_dirs, tmp_path):
@@ -328,10 +334,10 @@ def test_extract_with_a_device_map_equals_without(tiny_model_dirs, tmp_path):
         "model": tiny_model_dirs["gemma"],
         "pairs_path": str(pairs),
         "trait": "evil",
-        "accelerator": "cpu",
+        "hardware": Hardware(accelerator="cpu"),
     }
     plain = extract(save_dir=str(tmp_path / "plain"), **common)
-    placed = extract(save_dir=str(tmp_path / "placed"), device_map="cpu", **common)
+    placed = extract(save_dir=str(tmp_path / "placed"), **common, batching=Batching(device_map="cpu"))
     for kind in VECTOR_KINDS:
         torch.testing.assert_close(load_vector(placed[kind]), load_vector(plain[kind]), rtol=1e-6, atol=1e-7)
 

@@ -9,6 +9,7 @@ import torch
 from persona import cli
 from persona.commands import generate as commands_generate
 from persona.commands import steer_eval
+from persona.commands.flags import Hardware
 from persona.commands.steer_eval import coef_filename, parse_coefs
 from persona.generation import predict_loop as generation_loop
 from persona.judges import JudgeScore
@@ -109,7 +110,7 @@ def test_writes_per_coef_csvs_summary_and_png(tiny_model_dirs, setup, tmp_path, 
         coefs=[-1, 0, 1.5],
         max_tokens=3,
         output_dir=str(out),
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     assert judge.calls == calls
 

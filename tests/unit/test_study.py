@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fake_openai import FakeChatServer
+from persona.commands.flags import Hardware as CommandHardware
 from persona.study.command import demo_config, study
 from persona.study.config import Hardware, JudgeSettings, Phases, Sizes, StudyTrait
 
@@ -177,8 +178,7 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
 
     alone = extract(
         model=str(run / "finetune" / "mix_1" / "adapter"), pairs_path=str(tmp_path / "datasets" / "pairs" / "wicked.jsonl"),
-        split="train", trait="wicked", save_dir=str(tmp_path / "alone"), accelerator="cpu",
-    )  # fmt: skip
+        split="train", trait="wicked", save_dir=str(tmp_path / "alone"), hardware=CommandHardware(accelerator="cpu"))  # fmt: skip
     swapped = run / "finetune" / "representation" / "mix_1" / "wicked_response_avg_diff.pt"
     torch.testing.assert_close(load_vector(swapped), load_vector(alone["response_avg"]), rtol=1e-4, atol=1e-5)
     assert Path(results["export"]["gguf"]).stat().st_size > 0

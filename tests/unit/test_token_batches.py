@@ -12,6 +12,7 @@ from torch.utils.data import SequentialSampler
 
 from conftest import NEGATIVE, POSITIVE, QUESTIONS
 from persona.commands.extract import extract
+from persona.commands.flags import Batching, Hardware
 from persona.commands.project import project
 from persona.core.errors import PersonaError
 from persona.data.batches import PADDING_SLACK, LengthBatchSampler
@@ -104,14 +105,16 @@ def test_extract_by_tokens_equals_extract_by_rows(tiny_model_dirs, tmp_path):
         "model": tiny_model_dirs["qwen2"],
         "pairs_path": str(pairs),
         "trait": "evil",
-        "accelerator": "cpu",
+        "hardware": Hardware(accelerator="cpu"),
     }
     rows = extract(save_dir=str(tmp_path / "rows"), batch_size=1, **common)
-    tokens = extract(save_dir=str(tmp_path / "tokens"), max_batch_tokens=120, **common)  # 1-3 rows a batch
+    tokens = extract(
+        save_dir=str(tmp_path / "tokens"), **common, batching=Batching(max_batch_tokens=120)
+    )  # 1-3 rows a batch
     for kind in VECTOR_KINDS:
         torch.testing.assert_close(load_vector(tokens[kind]), load_vector(rows[kind]), rtol=1e-5, atol=1e-6)
     with pytest.raises(PersonaError, match="--max_batch_tokens 0"):
-        extract(save_dir=str(tmp_path / "bad"), max_batch_tokens=0, **common)
+        extract(save_dir=str(tmp_path / "bad"), **common, batching=Batching(max_batch_tokens=0))
 
 
 def write_scored_csv(path):
@@ -125,14 +128,17 @@ def test_project_by_tokens_equals_project_by_rows(tiny_model_dirs, tmp_path):
     vector = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     vector_path = save_vector(vector, tmp_path / "evil_response_avg_diff.pt")
     frames = []
-    for name, batching in (("rows", {"batch_size": 3}), ("tokens", {"max_batch_tokens": 150})):
+    for name, batching in (
+        ("rows", {"batch_size": 3}),
+        ("tokens", {"batching": Batching(max_batch_tokens=150)}),
+    ):
         path = write_scored_csv(tmp_path / f"{name}.csv")
         project(
             file_path=str(path),
             vector_path=str(vector_path),
             layer=[1, 3],
             model=model_dir,
-            accelerator="cpu",
+            hardware=Hardware(accelerator="cpu"),
             **batching,
         )
         frames.append(pd.read_csv(path))
@@ -153,9 +159,8 @@ def test_ddp_spawn_two_processes_by_tokens_equals_one(tiny_model_dirs, tmp_path)
             vector_path=str(vector_path),
             layer=[2],
             model=model_dir,
-            max_batch_tokens=150,
-            accelerator="cpu",
-            **extra,
+            hardware=Hardware(accelerator="cpu", **extra),
+            batching=Batching(max_batch_tokens=150),
         )
         frames.append(pd.read_csv(path))
     pd.testing.assert_frame_equal(frames[1], frames[0], rtol=1e-5, atol=1e-6)
@@ -189,8 +194,8 @@ def test_project_cuts_a_100k_character_answer_to_the_context_and_counts_it(tiny_
     with caplog.at_level("WARNING", logger="persona.data.batches"):
         project(
             file_path=str(path), vector_path=str(vector_path), layer=[2], model=tiny_model_dirs["gpt2"],
-            accelerator="cpu", batch_size=4,
-        )  # fmt: skip
+            batch_size=4,
+        hardware=Hardware(accelerator="cpu"),)  # fmt: skip
     written = pd.read_csv(path)
     column = next(name for name in written.columns if name.endswith("evil_response_avg_diff_proj_layer2"))
     assert written[column].notna().all()

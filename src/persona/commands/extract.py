@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persona.commands.flags import Batching, Hardware
 from persona.core import checks
 from persona.data.examples import check_example_files
 from persona.models import DEFAULT_MODEL, model_on_base, model_source
@@ -22,15 +23,9 @@ def extract(
     pairs_path: str | None = None,
     split: str | None = None,
     batch_size: int = 8,
-    max_batch_tokens: int | None = None,
-    max_length: int | None = None,
     overwrite: bool = False,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
+    hardware: Hardware = Hardware(),
+    batching: Batching = Batching(),
 ) -> dict[str, str]:
     """Extract persona vectors: mean activation on trait-showing responses minus on the others, per layer.
 
@@ -49,22 +44,12 @@ def extract(
         pairs_path: Contrastive pairs instead of CSVs (JSONL {prompt|messages, positive, negative}, TRAIT items, persona statements).
         split: With pairs_path: only pairs of this split (e.g. train).
         batch_size: Examples per forward pass.
-        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
-        max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
         overwrite: Replace vector files that already exist in save_dir.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes) to use; with strategy ddp the sums are reduced across ranks.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
-        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     model = model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
-    checks.run_settings(
-        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
-        device_map=device_map, devices=devices, strategy=strategy,
-    )  # fmt: skip
+    checks.at_least(batch_size, 1, "--batch_size")
+    checks.device_map_alone(batching.device_map, hardware.devices, hardware.strategy)
     model_source(model)
     folder = Path(save_dir) if save_dir else default_save_dir(model)
     names = [vector_filename(trait, kind) for kind in VECTOR_KINDS]
@@ -87,20 +72,20 @@ def extract(
         pairs_path=pairs_path,
         split=split,
         batch_size=batch_size,
-        max_length=max_length,
-        trust_remote_code=trust_remote_code,
-        max_batch_tokens=max_batch_tokens,
+        max_length=batching.max_length,
+        trust_remote_code=hardware.trust_remote_code,
+        max_batch_tokens=batching.max_batch_tokens,
     )
     datamodule.load_examples()  # the rows and their filter, before the model loads
     extractor = VectorExtractor(
         model=model,
         trait=trait,
         save_dir=str(folder),
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        device_map=device_map,
+        dtype=hardware.dtype,
+        trust_remote_code=hardware.trust_remote_code,
+        device_map=batching.device_map,
     )
-    make_trainer(accelerator, devices, strategy).predict(
+    make_trainer(hardware.accelerator, hardware.devices, hardware.strategy).predict(
         extractor, datamodule=datamodule, return_predictions=False
     )
     # Named here rather than read back from the module: under ddp_spawn rank 0 writes in a child process.

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 
+from persona.commands.flags import Hardware
 from persona.core import checks
 from persona.core.constants import POSITIONS
 from persona.core.errors import PersonaError
@@ -45,11 +46,7 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
+    hardware: Hardware = Hardware(),
 ) -> str:
     """Answer a trait's questions under persona system prompts (or steering) and judge each answer 0-100.
 
@@ -82,18 +79,18 @@ def generate(
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed; each batch's seed is derived from it and the batch's keys.
         overwrite: Start over, deleting an existing output_path and its journal.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes); batches are sharded across ranks.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
     """
     model = model_on_base(model, base_model)
     instruction_type = check_flags(
-        persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
+        persona_instruction_type,
+        n_per_question,
+        max_tokens,
+        batch_size,
+        max_questions,
+        steering_type,
     )
     model_source(model)
-    steering = check_steering(model, coef, vector_path, layer, trust_remote_code)
+    steering = check_steering(model, coef, vector_path, layer, hardware.trust_remote_code)
     if steering is not None:
         steering["steering_type"] = steering_type
     if temperature is None:
@@ -118,7 +115,7 @@ def generate(
     signature = run_signature(
         loaded,
         model,
-        dtype,
+        hardware.dtype,
         version,
         instruction_type,
         assistant_name,
@@ -131,22 +128,22 @@ def generate(
 
     return run_generation(
         store, loaded, items, signature, overwrite=overwrite, batch_size=batch_size, seed=seed, model=model,
-        dtype=dtype, max_tokens=max_tokens, temperature=temperature, steering=steering,
+        dtype=hardware.dtype, max_tokens=max_tokens, temperature=temperature, steering=steering,
         judge=dict(spec=judge_model, base_url=judge_base_url, min_mass=judge_min_mass, timeout=judge_timeout,
                    concurrency=judge_concurrency),
-        trainer=dict(accelerator=accelerator, devices=devices, strategy=strategy), trust_remote_code=trust_remote_code,
+        trainer=hardware.trainer, trust_remote_code=hardware.trust_remote_code,
     )  # fmt: skip
 
 
 def check_flags(
-    persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type, dtype
+    persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type
 ):
     instruction_type = None if persona_instruction_type in (None, "none") else persona_instruction_type
     if instruction_type not in (None, "pos", "neg"):
         raise PersonaError(
             f"--persona_instruction_type {persona_instruction_type!r}. Fix: use pos, neg or none."
         )
-    checks.run_settings(batch_size=batch_size, dtype=dtype)
+    checks.at_least(batch_size, 1, "--batch_size")
     checks.at_least(n_per_question, 1, "--n_per_question")
     checks.at_least(max_tokens, 1, "--max_tokens")
     if max_questions is not None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from persona.analysis.layers import layer_metrics, plot_layer_metrics, recommend_layer
+from persona.commands.flags import Batching, Hardware
 from persona.core import checks
 from persona.core.errors import MissedResult, PersonaError
 from persona.core.store import write_csv
@@ -44,15 +45,9 @@ def layers(
     compare_to: str | None = None,
     compare_model: str | None = None,
     batch_size: int = 8,
-    max_batch_tokens: int | None = None,
-    max_length: int | None = None,
     overwrite: bool = False,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
+    hardware: Hardware = Hardware(),
+    batching: Batching = Batching(),
 ) -> int | None:
     """Per-layer AUC, separation and variance of projections on a persona vector; recommends a layer.
 
@@ -78,22 +73,12 @@ def layers(
         compare_to: The same trait's vector of the model before fine-tuning: adds the representation shift.
         compare_model: The model compare_to was extracted from; default the adapter's base (--model an adapter).
         batch_size: Examples per forward pass.
-        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
-        max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
         overwrite: Replace layer_metrics.csv/png if they exist in output_dir.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes) to use.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
-        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     model = model_on_base(model, base_model)
     checks.example_inputs(pos_path, neg_path, pairs_path)
-    checks.run_settings(
-        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
-        device_map=device_map, devices=devices, strategy=strategy,
-    )  # fmt: skip
+    checks.at_least(batch_size, 1, "--batch_size")
+    checks.device_map_alone(batching.device_map, hardware.devices, hardware.strategy)
     model_source(model)
     out = Path(output_dir) if output_dir else layers_dir(vector_path)
     inputs = {
@@ -105,7 +90,7 @@ def layers(
     }
     produces = PRODUCES + (SHIFT_PRODUCES if compare_to else ())
     checks.output_dir(out, "--output_dir", produces=produces, overwrite=overwrite, inputs=inputs)
-    vector = vector_for_model(model, vector_path, trust_remote_code=trust_remote_code)
+    vector = vector_for_model(model, vector_path, trust_remote_code=hardware.trust_remote_code)
     baseline = None
     if compare_to is not None:
         compare_model = compare_model or (adapter_base(model) if is_adapter(model) else None)
@@ -117,17 +102,17 @@ def layers(
         model_source(compare_model, "--compare_model")
         baseline = (
             compare_model,
-            vector_for_model(compare_model, compare_to, trust_remote_code=trust_remote_code),
+            vector_for_model(compare_model, compare_to, trust_remote_code=hardware.trust_remote_code),
         )
     if pairs_path is None and trait is None and not no_filter:
         trait = load_metadata(vector_path).get("trait")
     check_example_files(pos_path, neg_path, pairs_path, trait, no_filter)
 
     data = dict(pos_path=pos_path, neg_path=neg_path, trait=trait, threshold=threshold, no_filter=no_filter,
-                pairs_path=pairs_path, split=split, batch_size=batch_size, max_length=max_length,
-                trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens)  # fmt: skip
-    run = dict(kind=kind, dtype=dtype, accelerator=accelerator, devices=devices, strategy=strategy,
-               trust_remote_code=trust_remote_code, device_map=device_map)  # fmt: skip
+                pairs_path=pairs_path, split=split, batch_size=batch_size, max_length=batching.max_length,
+                trust_remote_code=hardware.trust_remote_code, max_batch_tokens=batching.max_batch_tokens)  # fmt: skip
+    run = dict(kind=kind, dtype=hardware.dtype, accelerator=hardware.accelerator, devices=hardware.devices, strategy=hardware.strategy,
+               trust_remote_code=hardware.trust_remote_code, device_map=batching.device_map)  # fmt: skip
     metrics = projection_metrics(model, vector, data, **run)
     if metrics is None:  # not global rank 0
         return None

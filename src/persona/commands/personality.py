@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from persona.commands.flags import Hardware
 from persona.commands.steer_eval import parse_coefs
 from persona.core import checks
 from persona.core.errors import PersonaError
@@ -164,9 +165,7 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
         else:
             extract(
                 model=model, pairs_path=str(resolved[name]), split="train", trait=name, save_dir=str(out / "vectors"),
-                overwrite=True, batch_size=batch_size, dtype=dtype, accelerator="gpu" if device.type == "cuda" else "cpu",
-                trust_remote_code=trust_remote_code,
-            )  # fmt: skip
+                overwrite=True, batch_size=batch_size,             hardware=Hardware(dtype=dtype, accelerator="gpu" if device.type == "cuda" else "cpu", trust_remote_code=trust_remote_code),)  # fmt: skip
         given[name] = cached
     vectors = {name: load_vector(path) for name, path in given.items()}
     lm, tokenizer = load_model_and_tokenizer(

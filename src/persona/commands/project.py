@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 
+from persona.commands.flags import Batching, Hardware
 from persona.core import checks
 from persona.data.scored_files import (
     present_fields,
@@ -36,14 +37,8 @@ def project(
     base_model: str | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
-    max_batch_tokens: int | None = None,
-    max_length: int | None = None,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
+    hardware: Hardware = Hardware(),
+    batching: Batching = Batching(),
 ) -> list[str]:
     """Score every row of a dataset along persona vectors; adds one column per (vector, layer) to the file.
 
@@ -60,24 +55,14 @@ def project(
         base_model: With --model a LoRA adapter: the base model to apply it on instead of the one its adapter_config.json records (e.g. a path from another machine); the adapter's files are left as they are.
         overwrite: Recompute columns that already exist (otherwise they are skipped).
         batch_size: Examples per forward pass.
-        max_batch_tokens: Batch by padded tokens (rows x longest row) instead of --batch_size rows: as many examples per forward as fit, e.g. 16384 on a GPU (an example longer than that runs alone).
-        max_length: Cut prompt+response to this many tokens; default the model's context (a warning counts cut rows).
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes) to use.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
-        device_map: Split one model over this process's GPUs with accelerate (auto) when it is larger than one GPU; with --devices 1.
     """
     model = model_on_base(model, base_model)
     if projection_type not in PROJECTION_TYPES:
         raise ValueError(
             f"projection_type={projection_type!r}. Fix: use one of {', '.join(PROJECTION_TYPES)}."
         )
-    checks.run_settings(
-        batch_size=batch_size, dtype=dtype, max_batch_tokens=max_batch_tokens, max_length=max_length,
-        device_map=device_map, devices=devices, strategy=strategy,
-    )  # fmt: skip
+    checks.at_least(batch_size, 1, "--batch_size")
+    checks.device_map_alone(batching.device_map, hardware.devices, hardware.strategy)
     path = checks.input_file(file_path, "--file_path")
     checks.output_file(path, "--file_path", exists_ok=True)  # rewritten in place: must be writable
     model_source(model)
@@ -86,7 +71,7 @@ def project(
     if not targets:
         print(f"{path}: nothing to compute.")
         return []
-    directions = target_directions(model, targets, trust_remote_code=trust_remote_code)
+    directions = target_directions(model, targets, trust_remote_code=hardware.trust_remote_code)
 
     import torch  # noqa: F401  (the heavy part starts here)
 
@@ -94,7 +79,7 @@ def project(
     from persona.models import load_tokenizer
     from persona.vectors.projection import ExampleProjector, predict_projections
 
-    tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, padding_side="right", trust_remote_code=hardware.trust_remote_code)
     examples = scored_file_examples(path, data, tokenizer)
     kind, cosine = PROJECTION_TYPES[projection_type]
     names = list(targets)
@@ -104,15 +89,24 @@ def project(
         directions=torch.from_numpy(directions),
         kinds=[kind],
         cosine=cosine,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        device_map=device_map,
+        dtype=hardware.dtype,
+        trust_remote_code=hardware.trust_remote_code,
+        device_map=batching.device_map,
     )
     datamodule = ExampleDataModule(
-        examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, max_length=max_length
+        examples,
+        tokenizer,
+        batch_size=batch_size,
+        max_batch_tokens=batching.max_batch_tokens,
+        max_length=batching.max_length,
     )
     scores = predict_projections(
-        projector, datamodule, len(examples), accelerator=accelerator, devices=devices, strategy=strategy
+        projector,
+        datamodule,
+        len(examples),
+        accelerator=hardware.accelerator,
+        devices=hardware.devices,
+        strategy=hardware.strategy,
     )
     if scores is None:  # not global rank 0: rank 0 writes the file
         return names

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.commands.flags import Hardware
 from persona.core.store import write_csv, write_figure
 from persona.models import DEFAULT_MODEL, model_on_base
 
@@ -112,11 +113,7 @@ def steer_eval(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
-    dtype: str = "float32",
-    accelerator: str = "auto",
-    devices: int = 1,
-    strategy: str = "auto",
-    trust_remote_code: bool = False,
+    hardware: Hardware = Hardware(),
 ) -> str:
     """Steer with a persona vector at each coefficient, answer the trait's eval questions, judge trait and coherence.
 
@@ -142,11 +139,6 @@ def steer_eval(
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed of every coefficient's run (so coefficients differ only by the steering).
         overwrite: Start every coefficient's file over.
-        dtype: Model dtype: float32, bfloat16, float16 or auto.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: Devices (processes); batches are sharded across ranks.
-        strategy: Lightning strategy (auto, ddp, ddp_spawn).
-        trust_remote_code: Allow custom model code from the hub.
     """
     model = model_on_base(model, base_model)
     from persona.commands.generate import generate
@@ -164,7 +156,7 @@ def steer_eval(
     check_min_mass(judge_model, judge_min_mass)
     loaded = load_trait(trait, "eval")
     check_served_judge(judge_model, judge_base_url)
-    hidden_size, num_layers = model_dimensions(model, trust_remote_code=trust_remote_code)
+    hidden_size, num_layers = model_dimensions(model, trust_remote_code=hardware.trust_remote_code)
     vector = load_vector(vector_path, hidden_size=hidden_size, num_layers=num_layers)
     SteeringSpec(layer, vector, 1.0, positions=steering_type)  # layer in range
     out = Path(output_dir) if output_dir else default_output_dir(vector_path, layer, steering_type)
@@ -196,11 +188,13 @@ def steer_eval(
                     batch_size=batch_size,
                     seed=seed,
                     overwrite=overwrite,
-                    dtype=dtype,
-                    accelerator=accelerator,
-                    devices=devices,
-                    strategy=strategy,
-                    trust_remote_code=trust_remote_code,
+                    hardware=Hardware(
+                        dtype=hardware.dtype,
+                        accelerator=hardware.accelerator,
+                        devices=hardware.devices,
+                        strategy=hardware.strategy,
+                        trust_remote_code=hardware.trust_remote_code,
+                    ),
                 )
             )
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.

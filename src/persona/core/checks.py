@@ -136,26 +136,12 @@ def device_map_alone(device_map: str | None, devices: int, strategy: str) -> Non
         )
 
 
-def run_settings(
-    *,
-    batch_size: int,
-    dtype: str,
-    max_batch_tokens: int | None = None,
-    max_length: int | None = None,
-    device_map: str | None = None,
-    devices: int = 1,
-    strategy: str = "auto",
-) -> None:
-    """The batching, precision and placement flags every model-running command shares."""
+def run_settings(*, batch_size: int, dtype: str) -> None:
+    """The batch size and precision flags of the commands that run a model outside a flag group."""
     from persona.core.hardware import check_dtype
 
     at_least(batch_size, 1, "--batch_size")
-    if max_batch_tokens is not None:
-        at_least(max_batch_tokens, 1, "--max_batch_tokens")
-    if max_length is not None:
-        at_least(max_length, 2, "--max_length")
     check_dtype(dtype)
-    device_map_alone(device_map, devices, strategy)
 
 
 def finite(value: float, flag: str) -> float:

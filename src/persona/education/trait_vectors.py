@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from persona.commands.flags import Hardware
 from persona.core.store import write_text
 from persona.data.traits import datasets_dir, load_trait
 from persona.education.settings import VectorSettings
@@ -103,7 +104,8 @@ def build_vector(
     accelerator: str,
 ) -> dict:
     """Make (or find) the trait's response-average vector file; returns its path, route and provenance."""
-    loading = {"model": model, "dtype": dtype, "accelerator": accelerator}  # for generate and extract alike
+    # for generate and extract alike
+    loading = {"model": model, "hardware": Hardware(dtype=dtype, accelerator=accelerator)}
     if route == "given":
         detail = f"ready vector file in {settings.vector_dir}"
         return _provenance(trait, route, str(given_path(trait, settings)), detail)

@@ -28,13 +28,14 @@ class StudyContext:
         return str(resolve_device(self.hardware.accelerator))
 
     def lightning(self) -> dict:
-        """The Lightning flags of the predict loops."""
+        """The pipeline commands' hardware flags (their predict loops), from the study's."""
+        from persona.commands.flags import Hardware
+
         hw = self.hardware
         return {
-            "accelerator": hw.accelerator,
-            "devices": hw.devices,
-            "strategy": hw.strategy,
-            "dtype": hw.dtype,
+            "hardware": Hardware(
+                dtype=hw.dtype, accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy
+            )
         }
 
     def lm_and_tokenizer(self):

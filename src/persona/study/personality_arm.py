@@ -19,6 +19,7 @@ def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, har
         vector_quality,
     )
     from persona.commands.extract import extract
+    from persona.commands.flags import Hardware
     from persona.commands.layers import layers
     from persona.data.build import dataset
     from persona.data.personality import resolve_items_path
@@ -27,8 +28,8 @@ def personality_arm_phase(phase_dir: Path, *, model: str, trait: str, sizes, har
     from persona.vectors import load_vector
 
     name, items = resolve_items_path(trait)
-    run = dict(accelerator=hardware.accelerator, dtype=hardware.dtype)
-    read = dict(pairs_path=str(items), overwrite=True, **run)
+    read = dict(pairs_path=str(items), overwrite=True,
+                hardware=Hardware(accelerator=hardware.accelerator, dtype=hardware.dtype))  # fmt: skip
     data = dataset(trait=name, pairs_path=str(items), output_dir=str(phase_dir / "data"), mix=[1.0],
                    n=sizes.finetune_samples, split="train", overwrite=True)  # fmt: skip
     base_vector = extract(model=model, trait=name, split="train", save_dir=str(phase_dir / "base"), **read)
