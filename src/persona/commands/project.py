@@ -93,21 +93,9 @@ def project(
         trust_remote_code=hardware.trust_remote_code,
         device_map=batching.device_map,
     )
-    datamodule = ExampleDataModule(
-        examples,
-        tokenizer,
-        batch_size=batch_size,
-        max_batch_tokens=batching.max_batch_tokens,
-        max_length=batching.max_length,
-    )
-    scores = predict_projections(
-        projector,
-        datamodule,
-        len(examples),
-        accelerator=hardware.accelerator,
-        devices=hardware.devices,
-        strategy=hardware.strategy,
-    )
+    datamodule = ExampleDataModule(examples, tokenizer, batch_size=batch_size,
+                                   max_batch_tokens=batching.max_batch_tokens, max_length=batching.max_length)  # fmt: skip
+    scores = predict_projections(projector, datamodule, len(examples), **hardware.trainer)
     if scores is None:  # not global rank 0: rank 0 writes the file
         return names
     columns = {name: scores[kind][:, column].numpy() for column, name in enumerate(names)}

@@ -188,24 +188,23 @@ def steer_eval(
                     batch_size=batch_size,
                     seed=seed,
                     overwrite=overwrite,
-                    hardware=Hardware(
-                        dtype=hardware.dtype,
-                        accelerator=hardware.accelerator,
-                        devices=hardware.devices,
-                        strategy=hardware.strategy,
-                        trust_remote_code=hardware.trust_remote_code,
-                    ),
+                    hardware=hardware,
                 )
             )
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return str(out / "summary.csv")
-    summary = summarize(paths, loaded.name)
+    return write_summary(paths, out, loaded.name, f"{Path(vector_path).name}, layer {layer}, {steering_type}",
+                         judge_model=judge_model, judge_min_mass=judge_min_mass)  # fmt: skip
+
+
+def write_summary(paths: dict[float, Path], out: Path, trait: str, what: str, *, judge_model: str,
+                  judge_min_mass: float | None) -> str:  # fmt: skip
+    """summary.csv and summary.png of the coefficients' runs, printed; a hint when the local judge scored few."""
+    summary = summarize(paths, trait)
     csv_path, png_path = out / "summary.csv", out / "summary.png"
     write_csv(csv_path, summary)
-    plot_summary(
-        summary, png_path, title=f"{loaded.name}: {Path(vector_path).name}, layer {layer}, {steering_type}"
-    )
+    plot_summary(summary, png_path, title=f"{trait}: {what}")
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"summary: {csv_path}\nfigure: {png_path}")
     missing = int(summary["trait_n_missing"].sum())

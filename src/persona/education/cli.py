@@ -182,7 +182,24 @@ def run_study(
         accelerator=accelerator,
         grader_factory=grader_factory,
     )
-    settings = {
+    settings = run_settings(model, test, seed, n_bootstrap, traits, inputs, min_mass, students, graders,
+                            steering, vectors)  # fmt: skip
+    write_json(run / "settings.json", settings)  # the report can be written from a half-finished run
+    study.run()
+    write_json(
+        run / "settings.json",
+        {**settings, "model_info": study.info, "seconds_last_run": time.perf_counter() - started},
+    )
+    path = write_report(run)
+    print(f"persona education: done in {time.perf_counter() - started:.0f} s")
+    return str(path)
+
+
+def run_settings(
+    model, test, seed, n_bootstrap, traits, inputs, min_mass, students, graders, steering, vectors
+) -> dict:
+    """What settings.json records of a run: everything the report and a comparison read back."""
+    return {
         "model": model,
         "test": test,
         "seed": seed,
@@ -196,15 +213,6 @@ def run_study(
         "steering": dataclasses.asdict(steering),
         "vectors": dataclasses.asdict(vectors),
     }
-    write_json(run / "settings.json", settings)  # the report can be written from a half-finished run
-    study.run()
-    write_json(
-        run / "settings.json",
-        {**settings, "model_info": study.info, "seconds_last_run": time.perf_counter() - started},
-    )
-    path = write_report(run)
-    print(f"persona education: done in {time.perf_counter() - started:.0f} s")
-    return str(path)
 
 
 def check_traits(traits: list[str] | None, vectors: VectorSettings) -> list[str]:

@@ -65,12 +65,11 @@ def serve(
     from persona.core.hardware import resolve_device
     from persona.hooks import locate_blocks
     from persona.hooks.layers import hidden_size
-    from persona.models import adapter_base, is_adapter, load_model_and_tokenizer
+    from persona.models import load_model_and_tokenizer
     from persona.serve.app import create_app
     from persona.serve.server import bind_socket, run_server
     from persona.serve.service import PersonaService, ServeSettings
-    from persona.serve.traits import check_vectors_fit_adapter, load_traits
-    from persona.vectors import vectors_to_read
+    from persona.serve.traits import load_traits
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
@@ -90,16 +89,7 @@ def serve(
         alert_z=alert_z,
         api_key=api_key,
     )
-    vectors = vectors or str(vectors_to_read(model))
-    if is_adapter(model):  # a fine-tuned model: its own vectors or its base's, said; another base's refused
-        origin = check_vectors_fit_adapter(vectors, model)
-        log.info(
-            "serving the LoRA adapter %s on %s with %s vectors from %s",
-            model,
-            adapter_base(model),
-            origin,
-            vectors,
-        )
+    vectors = vectors_to_serve(vectors, model)
     sock = bind_socket(host, port)  # before the model loads: a port in use is answered at once
     lm, tokenizer = load_model_and_tokenizer(
         model, dtype=dtype, device=resolve_device(accelerator), trust_remote_code=trust_remote_code
@@ -111,13 +101,8 @@ def serve(
     service = PersonaService(lm, tokenizer, traits, settings)
     baseline = service.measure_baseline(max_tokens=baseline_max_tokens)
     for name, trait in traits.items():
-        log.info(
-            "trait %s: default layer %d (%s); baseline %s",
-            name,
-            trait.default_layer,
-            trait.layer_source,
-            baseline.describe(name),
-        )
+        log.info("trait %s: default layer %d (%s); baseline %s", name, trait.default_layer, trait.layer_source,
+                 baseline.describe(name))  # fmt: skip
     log.info(
         "serving %s on http://%s:%d (API key %s)",
         settings.served_model_name,
@@ -126,3 +111,18 @@ def serve(
         f"required, from ${api_key_env}" if api_key else "not required",
     )
     run_server(create_app(service), sock=sock, log_level=log_level, shutdown_timeout_s=shutdown_timeout_s)
+
+
+def vectors_to_serve(vectors: str | None, model: str) -> str:
+    """The vector folder asked for, else the model's default; a fine-tuned model gets its own vectors or its
+    base's, said in the log, and another base's are refused."""
+    from persona.models import adapter_base, is_adapter
+    from persona.serve.traits import check_vectors_fit_adapter
+    from persona.vectors import vectors_to_read
+
+    vectors = vectors or str(vectors_to_read(model))
+    if is_adapter(model):
+        origin = check_vectors_fit_adapter(vectors, model)
+        log.info("serving the LoRA adapter %s on %s with %s vectors from %s", model, adapter_base(model), origin,
+                 vectors)  # fmt: skip
+    return vectors

@@ -58,6 +58,10 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "persona_requests_in_flight", "Chat completions being served", registry=registry
         )
+        self.add_persona_metrics(registry)
+
+    def add_persona_metrics(self, registry: CollectorRegistry) -> None:
+        """What persona adds to a server's metrics: steering per trait, projection z-scores, alerts."""
         self.steered = Counter(
             "persona_steered_requests", "Requests steering along each trait", ["trait"], registry=registry
         )

@@ -93,40 +93,9 @@ def finetune_study(
 ) -> dict:
     """``trait`` names the data; ``pairs_path`` gives the mixtures' answers and the held-out scores, ``artifact``
     (a trait name or artifact folder) the eval questions the monitor and the shift read."""
-    from persona.core.hardware import release_memory
-    from persona.data.build import dataset
-    from persona.data.traits import load_trait
-
-    mixtures = tuple(sizes.finetune_mixtures)
     data_dir = phase_dir / "data"
-    dataset(
-        trait=trait,
-        pairs_path=str(pairs_path),
-        output_dir=str(data_dir),
-        mix=list(mixtures),
-        n=sizes.finetune_samples,
-        split="train",
-        overwrite=True,
-    )
-    common = dict(
-        model=model,
-        vector_path=vector_path,
-        layer=layer,
-        eval_file=load_trait(artifact, "eval").path,
-        epochs=sizes.finetune_epochs,
-        hardware=hardware,
-    )
-    runs = {}
-    for share, name, callbacks in planned_runs(mixtures, sizes, vector_path, layer):
-        runs[name] = train_run(
-            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
-        )
-        release_memory()  # the run's model and trainer, before the next run loads its own
-
-    monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)
-    write_csv(phase_dir / "monitor.csv", monitor)
-    plot_monitor(monitor, phase_dir / "monitor.png", layer)
-
+    runs = train_mixtures(phase_dir, data_dir, model=model, trait=trait, pairs_path=pairs_path, artifact=artifact,
+                          vector_path=vector_path, layer=layer, sizes=sizes, hardware=hardware)  # fmt: skip
     # Short answers are enough to measure shift and ΔP; the full length would dominate the study's time.
     answer_tokens = min(sizes.max_new_tokens, 32)
     shift_result, correlation = shift_study(
@@ -171,6 +140,46 @@ def finetune_study(
         "screen_summary": str(phase_dir / "screen"),
         "shift_raw": {k: v for k, v in shift_result.items() if isinstance(v, (int, float, str))},
     }
+
+
+def train_mixtures(
+    phase_dir: Path, data_dir: Path, *, model: str, trait: str, pairs_path: Path, artifact: str, vector_path: str,
+    layer: int, sizes, hardware,
+) -> dict:  # fmt: skip
+    """One LoRA run per planned mixture and arm (monitored), one after another; monitor.csv/png of them all."""
+    from persona.core.hardware import release_memory
+    from persona.data.build import dataset
+    from persona.data.traits import load_trait
+
+    mixtures = tuple(sizes.finetune_mixtures)
+    dataset(
+        trait=trait,
+        pairs_path=str(pairs_path),
+        output_dir=str(data_dir),
+        mix=list(mixtures),
+        n=sizes.finetune_samples,
+        split="train",
+        overwrite=True,
+    )
+    common = dict(
+        model=model,
+        vector_path=vector_path,
+        layer=layer,
+        eval_file=load_trait(artifact, "eval").path,
+        epochs=sizes.finetune_epochs,
+        hardware=hardware,
+    )
+    runs = {}
+    for share, name, callbacks in planned_runs(mixtures, sizes, vector_path, layer):
+        runs[name] = train_run(
+            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
+        )
+        release_memory()  # the run's model and trainer, before the next run loads its own
+
+    monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)
+    write_csv(phase_dir / "monitor.csv", monitor)
+    plot_monitor(monitor, phase_dir / "monitor.png", layer)
+    return runs
 
 
 def shift_study(

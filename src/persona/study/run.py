@@ -166,25 +166,7 @@ def trait_phases(
     that misses leaves the later ones what exists, labelled, or skips them with the reason."""
     key, source = plan.key, plan.pairs
     stamp = {"model": context.model, **context.stamp(), **source_stamp(source)}
-    out: dict = {"inputs": notes} if notes else {}
-    extracted = None
-    if source is not None:
-        extracted = runner.run(f"extract_{key}", stamp, lambda d: context.extract(d, key, source))
-        if extracted:
-            out["vectors"] = extracted["vectors"]
-        if not plan.held_out:
-            runner.missed[f"held_out_{key}"] = notes.get("held_out", "no held-out pairs")
-    if plan.generate and (phases.generated or source is None):
-        generated = runner.run(
-            f"generated_{key}",
-            {**stamp, "artifact": plan.artifact},
-            lambda d: context.generated(d, key, plan.artifact),
-        )
-        if generated:
-            out["generated"] = generated
-            out.setdefault("vectors", generated["vectors"])
-            if filter_fell_back(generated):  # vectors exist, but not the filtered ones asked for
-                runner.missed[f"filtered_vectors_{key}"] = generated["filter"]
+    out, extracted = vector_phases(runner, context, plan, notes, phases, stamp)
     wanted = [
         name
         for name, wanted in (
@@ -214,6 +196,46 @@ def trait_phases(
         for name in wanted[1:]:
             runner.skip(f"{name}_{key}", f"no layer for {key} (its layer metrics missed; or set layer:)")
         return out
+    out.update(sweep_phases(runner, context, plan, wanted, stamp, vector, layer, split))
+    generated = out.get("generated")
+    if generated and extracted:
+        generated["cosine_with_pairs_vector"] = vector_cosine(
+            generated["vectors"]["response_avg"], vector, layer
+        )
+        generated["layer"] = layer
+    return out
+
+
+def vector_phases(runner: PhaseRunner, context, plan: TraitPlan, notes: dict, phases: Phases, stamp: dict):
+    """The trait's vectors: extracted from its pairs' train split, and/or by the paper's route (generated).
+    Returns the trait's results so far and the extraction's (None when it did not run or missed)."""
+    key, source = plan.key, plan.pairs
+    out: dict = {"inputs": notes} if notes else {}
+    extracted = None
+    if source is not None:
+        extracted = runner.run(f"extract_{key}", stamp, lambda d: context.extract(d, key, source))
+        if extracted:
+            out["vectors"] = extracted["vectors"]
+        if not plan.held_out:
+            runner.missed[f"held_out_{key}"] = notes.get("held_out", "no held-out pairs")
+    if plan.generate and (phases.generated or source is None):
+        generated = runner.run(
+            f"generated_{key}",
+            {**stamp, "artifact": plan.artifact},
+            lambda d: context.generated(d, key, plan.artifact),
+        )
+        if generated:
+            out["generated"] = generated
+            out.setdefault("vectors", generated["vectors"])
+            if filter_fell_back(generated):  # vectors exist, but not the filtered ones asked for
+                runner.missed[f"filtered_vectors_{key}"] = generated["filter"]
+    return out, extracted
+
+
+def sweep_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[str], stamp: dict, vector: str,
+                 layer: int, split: str | None) -> dict:  # fmt: skip
+    """The steering sweeps at the chosen layer: judge-free (likelihood) and judged, as the config asks."""
+    key, source, out = plan.key, plan.pairs, {}
     if "sweep" in wanted:
         sweep = runner.run(
             f"sweep_{key}",
@@ -230,12 +252,6 @@ def trait_phases(
         )
         if judged:
             out["judged_sweep"] = judged
-    generated = out.get("generated")
-    if generated and extracted:
-        generated["cosine_with_pairs_vector"] = vector_cosine(
-            generated["vectors"]["response_avg"], vector, layer
-        )
-        generated["layer"] = layer
     return out
 
 
