@@ -29,11 +29,11 @@ def test_answers_a_chat_prompt_coherently(smollm2):
 
 def test_second_load_reads_the_cache_not_the_gguf(smollm2, monkeypatch):
     """Load time itself is measured in bench/load.py (timed tests are flaky); here: no reconversion."""
-    import persona.models
+    import persona.models.loading
 
     def fail(*args, **kwargs):
         raise AssertionError("converted the GGUF again")
 
-    monkeypatch.setattr(persona.models, "_convert_gguf", fail)
+    monkeypatch.setattr(persona.models.loading, "_convert_gguf", fail)  # where resolve_model_path looks it up
     model, _ = load_model_and_tokenizer("smollm2-135m")
     assert model.config.num_hidden_layers == 30

@@ -203,7 +203,7 @@ def test_a_cached_hub_dataset_offline(tokenizer, tmp_path, monkeypatch):
 
 def test_prepare_data_tokenises_once_and_setup_reads_the_cache(tiny_model_dirs, tmp_path, monkeypatch):
     """Under DDP, prepare_data runs once per node and every rank's setup must read its tokens back."""
-    import persona.training.data
+    import persona.data.conversations
 
     path = write_jsonl(tmp_path / "train.jsonl", conversations(6))
     module = ChatDataModule(train_files=path, model=tiny_model_dirs["llama"], val_fraction=0.0)
@@ -213,7 +213,9 @@ def test_prepare_data_tokenises_once_and_setup_reads_the_cache(tiny_model_dirs, 
     def boom(*args, **kwargs):
         raise AssertionError("setup tokenised again instead of reading the cache")
 
-    monkeypatch.setattr(persona.training.data, "tokenize_conversation", boom)
+    monkeypatch.setattr(
+        persona.data.conversations, "tokenize_conversation", boom
+    )  # where tokenize_rows reads it
     module.setup("fit")
     assert len(module.train_items) == 6
 

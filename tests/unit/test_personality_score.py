@@ -194,11 +194,13 @@ def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dir
 def no_model_load(monkeypatch):
     import persona.commands.extract
     import persona.models
+    import persona.models.loading
 
     def fail(*args, **kwargs):
         pytest.fail("a model was loaded before the input was checked")
 
     monkeypatch.setattr(persona.models, "load_model", fail)
+    monkeypatch.setattr(persona.models.loading, "load_model", fail)  # load_model_and_tokenizer's
     monkeypatch.setattr(persona.commands.extract, "extract", fail)
 
 

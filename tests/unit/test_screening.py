@@ -231,6 +231,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the input was validated")
 
     monkeypatch.setattr("persona.models.load_model", refuse)
+    monkeypatch.setattr("persona.models.loading.load_model", refuse)  # load_model_and_tokenizer's
 
 
 def bad_jsonl(path, records):

@@ -227,6 +227,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(shift_module, "load_model", refuse)
     monkeypatch.setattr("persona.models.load_model", refuse)
+    monkeypatch.setattr("persona.models.loading.load_model", refuse)  # load_model_and_tokenizer's
 
 
 @pytest.mark.parametrize(

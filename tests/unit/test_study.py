@@ -47,8 +47,12 @@ def test_a_trait_without_pairs_and_without_generation_is_refused_before_any_mode
     tmp_path, monkeypatch, tiny_model_dirs
 ):
     import persona.models
+    import persona.models.loading
 
     monkeypatch.setattr(persona.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        persona.models.loading, "load_model", lambda *a, **k: pytest.fail("model loaded")
+    )  # load_model_and_tokenizer's
     model = tiny_model_dirs["llama"]  # the unit tier never needs the embedded model's wheel
     with pytest.raises(ValueError, match=r"'apathetic' has no contrastive pairs.*generate: true"):
         study(model=model, traits=[StudyTrait("apathetic")], run_dir=str(tmp_path / "run"))

@@ -94,8 +94,12 @@ def test_a_file_of_no_trait_format_is_refused_naming_each_format(tmp_path):
 
 def test_an_unreachable_judge_is_found_before_any_model_loads(user_files, tmp_path, monkeypatch):
     import persona.models
+    import persona.models.loading
 
     monkeypatch.setattr(persona.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        persona.models.loading, "load_model", lambda *a, **k: pytest.fail("model loaded")
+    )  # load_model_and_tokenizer's
     with socket.socket() as free:  # a port nobody listens on
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
