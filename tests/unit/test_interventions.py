@@ -186,10 +186,13 @@ def test_a_gate_decides_per_row_at_prefill_and_holds_for_every_decode_step(tiny_
     assert expected.any() and not expected.all()
     push = direction(11, norm=3.0)
     spec = SteeringSpec(layer, push, 1.0, positions="all", when=Gate(gate_layer, vector, above=threshold))
-    if side == "right":  # one forward: right padding cannot generate
-        runs = lambda: tiny_model(**batch)  # noqa: E731
-    else:
-        runs = lambda: greedy(tiny_model, batch)  # noqa: E731
+
+    def runs():
+        if side == "right":  # one forward: right padding cannot generate
+            tiny_model(**batch)
+        else:
+            greedy(tiny_model, batch)
+
     before, after = around(tiny_model, layer, [spec], runs)
     assert len(before) == (1 if side == "right" else 6)
     for step_before, step_after in zip(before, after, strict=True):  # prefill and every decode step alike
