@@ -341,7 +341,10 @@ def test_mixed_batch_with_caps_gates_and_orthogonalised_rows_equals_each_row_alo
     assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= 2  # the interventions change text
 
 
-def test_fast_path_gives_the_plain_paths_tokens_with_caps_and_gates(tiny_llama, tokenizer):
+@pytest.mark.parametrize("mode", ["static", "compile"])
+def test_fast_path_gives_the_plain_paths_tokens_with_caps_and_gates(tiny_llama, tokenizer, mode):
+    from transformers import CompileConfig
+
     from persona.steering.fast import FastGenerator, fast_path_supported
 
     if fast_path_supported() is not None:
@@ -359,6 +362,15 @@ def test_fast_path_gives_the_plain_paths_tokens_with_caps_and_gates(tiny_llama, 
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with steer(tiny_llama, specs), torch.no_grad():
         plain = tiny_llama.generate(**batch, **kwargs)
-    with FastGenerator(tiny_llama, "static") as generator, torch.no_grad():
+    fast_mode = "static" if mode == "static" else CompileConfig(backend="eager", mode=None)
+    with FastGenerator(tiny_llama, fast_mode) as generator, torch.no_grad():
         fast = generator.generate(input_ids, attention_mask, specs, **kwargs)
+        again = generator.generate(
+            input_ids[:2], attention_mask[:2], specs, **kwargs
+        )  # a new prefill decides anew
+    assert generator.fallback is None  # the compiled decode step traced the gates and caps (no fallback)
     assert torch.equal(fast, plain)
+    with steer(tiny_llama, specs), torch.no_grad():
+        assert torch.equal(
+            again, tiny_llama.generate(input_ids=input_ids[:2], attention_mask=attention_mask[:2], **kwargs)
+        )
