@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from persona.data.monitor_prompts import read_monitor_prompts
 from persona.hooks import block_hooks, locate_blocks
-from persona.training.callbacks import ConceptAblation, PreventativeSteering
+from persona.training.callbacks import ConceptAblation, PreventativeSteering, ProjectionCapping
 from persona.training.monitor import ActivationMonitor
 from persona.vectors import save_vector
 
@@ -444,7 +444,13 @@ def _monitor(path, layers):
     return ActivationMonitor([path], layers, prompts=["Hi"])
 
 
-@pytest.mark.parametrize("factory", [_steering, _ablation, _monitor], ids=["steering", "ablation", "monitor"])
+def _capping(path, layers):
+    return ProjectionCapping(path, layers, lo=-1.0, hi=1.0)
+
+
+@pytest.mark.parametrize(
+    "factory", [_steering, _ablation, _capping, _monitor], ids=["steering", "ablation", "capping", "monitor"]
+)
 @pytest.mark.parametrize(
     "problem, error, message",
     [
@@ -520,3 +526,86 @@ def test_callbacks_configurable_from_yaml(tmp_path):
         32,
         1,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# ProjectionCapping
+
+
+def capped_reference(hidden, vector, hi):
+    """Independent float64 clamp from above: parallel coefficient min(c, hi), orthogonal part unchanged."""
+    h, u = hidden.double(), vector.double() / vector.double().norm()
+    coefficient = h @ u
+    return h + (coefficient.clamp(max=hi) - coefficient)[..., None] * u
+
+
+def test_capping_clamps_the_projection_in_training_steps_only(tmp_path, tokenizer, tiny_llama):
+    from persona.vectors.ranges import PROJECTION_PERCENTILES, percentile_record
+
+    layer = 2
+    vector = torch.randn(NUM_LAYERS + 1, HIDDEN, generator=torch.Generator().manual_seed(5))
+    batches = list(loader(tokenizer))
+    projections = torch.cat(
+        [
+            reference_states(tiny_llama, b)[layer][b["attention_mask"].bool()]
+            @ (vector[layer] / vector[layer].norm())
+            for b in batches
+        ]
+    )
+    hi = float(projections.median())  # about half the positions pass above: they get capped
+    table = [[0.0] * len(PROJECTION_PERCENTILES) for _ in range(NUM_LAYERS + 1)]
+    table[layer][PROJECTION_PERCENTILES.index(50)] = hi
+    path = str(
+        save_vector(
+            vector,
+            tmp_path / "evil_response_avg_diff.pt",
+            {"negative_projection_percentiles": percentile_record(table)},
+        )
+    )
+    module = TinyLM(tiny_llama, tokenizer, capture_layers=[layer])
+    callback = ProjectionCapping(path, [layer], hi="p50")
+    make_trainer(tmp_path, [callback], limit_train_batches=2).fit(
+        module, loader(tokenizer), loader(tokenizer)
+    )
+
+    assert callback.ranges == {layer: (None, hi)}
+    for batch, seen in module.captured["train"]:
+        states = reference_states(tiny_llama, batch)[layer]
+        expected = capped_reference(states, vector[layer], hi)
+        torch.testing.assert_close(seen[layer].double(), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(seen[layer], states)
+    for batch, seen in module.captured["val"]:
+        assert torch.equal(seen[layer], reference_states(tiny_llama, batch)[layer])
+    assert not callback.active
+    assert_no_hooks(tiny_llama)
+
+
+def test_capping_without_recorded_percentiles_fails_at_setup_naming_the_sidecar(
+    tmp_path, tokenizer, tiny_llama
+):
+    path = vector_file(tmp_path)  # a sidecar without negative_projection_percentiles
+    module = TinyLM(tiny_llama, tokenizer)
+    with pytest.raises(
+        ValueError, match=r"ProjectionCapping.hi='p99': .*evil_response_avg_diff.json records no"
+    ):
+        make_trainer(tmp_path, [ProjectionCapping(path, [1])]).fit(module, loader(tokenizer))
+    assert module.steps == 0
+    with pytest.raises(ValueError, match="lo and hi are both None"):
+        ProjectionCapping(path, [1], lo=None, hi=None)
+
+
+def test_capping_parses_in_a_fit_config_by_its_short_name(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  logger: false\n"
+        "  callbacks:\n"
+        "    - class_path: persona.training.ProjectionCapping\n"
+        "      init_args: {vector_path: v.pt, layers: [10], lo: p1, hi: 2.5, during_validation: true}\n"
+    )
+    cli = LightningCLI(BoringModel, args=["--config", str(config)], run=False)
+    [capping] = [cb for cb in cli.trainer.callbacks if isinstance(cb, ProjectionCapping)]
+    assert (capping.layers, capping.lo, capping.hi, capping.during_validation) == ([10], "p1", 2.5, True)

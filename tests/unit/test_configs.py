@@ -85,7 +85,7 @@ def test_every_class_the_readme_and_configs_name_resolves():
     named = {m for text in texts for m in re.findall(r"\bpersona(?:\.[a-z_]+)+\.[A-Z]\w+", text)}
     named |= {
         f"persona.training.{name}"
-        for name in ("PreventativeSteering", "ConceptAblation", "ActivationMonitor")
+        for name in ("PreventativeSteering", "ConceptAblation", "ProjectionCapping", "ActivationMonitor")
     }
     assert named and sorted(path for path in named if not importable(path)) == []
 

@@ -185,3 +185,48 @@ def test_empty_csv_is_an_error(tiny_model_dirs, tmp_path):
             neg_path=str(tmp_path / "empty.csv"),
             trait="evil",
         )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sidecar_records_negative_projection_percentiles_per_layer(arch, tiny_model_dirs, tmp_path):
+    """Issue 25: capping ranges from data, from the extraction forward itself (no second pass)."""
+    import numpy as np
+
+    from persona.vectors.ranges import PERCENTILES_KEY, PROJECTION_PERCENTILES
+
+    model_dir = tiny_model_dirs[arch]
+    tokenizer = load_tokenizer(model_dir)
+    pos_path, neg_path = write_csvs(tmp_path, tokenizer)
+    paths = extract(
+        model=model_dir,
+        pos_path=str(pos_path),
+        neg_path=str(neg_path),
+        trait="evil",
+        save_dir=str(tmp_path / "vectors"),
+        batch_size=3,
+        accelerator="cpu",
+    )
+    model = load_model(model_dir)
+    for kind in VECTOR_KINDS:
+        vector = load_vector(paths[kind])
+        unit = vector / vector.norm(dim=-1, keepdim=True).clamp_min(
+            1e-12
+        )  # same prompts: prompt_avg rows are 0
+        projections = []  # independent: one negative example at a time, all hidden states
+        for i in range(4):  # the kept pairs
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": QUESTIONS[i]}], tokenize=False, add_generation_prompt=True
+            )
+            prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = tokenizer(prompt + NEGATIVE[i], add_special_tokens=False, return_tensors="pt")
+            states = torch.stack(hidden_states_without_final_norm(model, arch, **ids))[:, 0]
+            mean = {
+                "prompt_avg": states[:, :prompt_len].mean(1),
+                "response_avg": states[:, prompt_len:].mean(1),
+                "prompt_last": states[:, prompt_len - 1],
+            }[kind]
+            projections.append((mean * unit).sum(-1))
+        expected = np.percentile(torch.stack(projections).double().numpy(), PROJECTION_PERCENTILES, axis=0).T
+        record = load_metadata(paths[kind])[PERCENTILES_KEY]
+        assert record["percentiles"] == list(PROJECTION_PERCENTILES)
+        np.testing.assert_allclose(np.array(record["per_layer"]), expected, rtol=1e-4, atol=1e-4)

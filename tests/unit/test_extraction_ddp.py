@@ -46,3 +46,16 @@ def test_ddp_spawn_two_processes_equals_one(tiny_model_dirs, tmp_path):
     for kind in VECTOR_KINDS:
         torch.testing.assert_close(load_vector(double[kind]), load_vector(single[kind]), rtol=1e-5, atol=1e-6)
         assert load_metadata(double[kind])["n_positive"] == 9
+        # every rank's negatives enter the percentiles (the ranks hold unequal shares: 5 and 4 of 9)
+        one, two = (
+            load_metadata(paths[kind])["negative_projection_percentiles"] for paths in (single, double)
+        )
+        # (pairs share prompts: the prompt kinds' rows are float noise, ~1e-10, with no direction to compare)
+        directed = load_vector(single[kind]).norm(dim=-1) > 1e-4
+        torch.testing.assert_close(
+            torch.tensor(two["per_layer"])[directed],
+            torch.tensor(one["per_layer"])[directed],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        assert directed.sum() >= 3 or kind != "response_avg"

@@ -1,5 +1,5 @@
 """Steering at inference: what to add where (``spec``: :class:`SteeringSpec` and :func:`steer`), different
-interventions per row of one batch (``rows``), whole steered replies (``generate``) and the static-cache compiled
+interventions per row of one batch (``rows``), caps, ablations and gates (``interventions``, applied by ``ops``), whole steered replies (``generate``) and the static-cache compiled
 decode (``fast``).
 
 May import: ``core``, ``models``, ``hooks``, ``data`` (chat rendering, batching). Operators live in
@@ -7,10 +7,16 @@ May import: ``core``, ``models``, ``hooks``, ``data`` (chat rendering, batching)
 """
 
 from persona.steering.generate import check_room, generate_steered
+from persona.steering.interventions import AblationSpec, CapSpec, Gate
+from persona.steering.ops import PreparedSpec, steered_positions
 from persona.steering.rows import RowInterventions, steer_rows
-from persona.steering.spec import PreparedSpec, SteeringSpec, prepare_specs, steer, steered_positions
+from persona.steering.spec import SteeringSpec, orthogonalise_specs, prepare_specs, steer
 
 __all__ = [
+    "AblationSpec",
+    "CapSpec",
+    "Gate",
+    "orthogonalise_specs",
     "PreparedSpec",
     "RowInterventions",
     "SteeringSpec",

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from persona.core.hardware import input_device
 from persona.hooks import block_hooks, locate_blocks
-from persona.hooks.operators import add_direction
 from persona.hooks.registry import ForwardState
-from persona.steering.spec import SteeringSpec, prepare_specs, steered_positions
+from persona.steering.ops import intervention_hooks
+from persona.steering.spec import Spec, prepare_specs
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class FastGenerator:
         self.layout = locate_blocks(model)
         self.config = compile_config(fast, device) if self.mode == "compile" else None
         self.state = ForwardState()
-        self.active: dict[int, tuple[tuple[str, Tensor], ...]] = {}
+        self.active: dict[int, tuple] = {}  # layer -> this call's hook fns there
         self.fallback: str | None = None  # why the compiled path was given up, once it was
         self._hooks = ExitStack()
         self._open = False
@@ -160,21 +160,18 @@ class FastGenerator:
         self._call = None
 
     def _dispatcher(self, layer: int):
-        """The one hook at ``layer``: this call's specs there, in order, as :func:`persona.steering.steer` adds them."""
+        """The one hook at ``layer``: this call's hooks there, in the order :func:`persona.steering.steer` runs them."""
 
         def hook(hidden: Tensor, state: ForwardState) -> Tensor | None:
-            specs = self.active.get(layer)
-            if not specs:
+            fns = self.active.get(layer)
+            if not fns:
                 return None
-            steered = None
-            for positions, delta in specs:
-                where = steered_positions(positions, hidden, state)
-                if where is False:
-                    continue
-                steered = add_direction(
-                    hidden if steered is None else steered, delta, 1.0, None if where is True else where
-                )
-            return steered
+            changed = None
+            for fn in fns:
+                new = fn(hidden if changed is None else changed, state)
+                if new is not None:
+                    changed = new
+            return changed
 
         return hook
 
@@ -182,10 +179,14 @@ class FastGenerator:
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        specs: Sequence[SteeringSpec] = (),
+        specs: Sequence[Spec] = (),
+        *,
+        orthogonalise: bool = False,
         **generate_kwargs,
     ) -> Tensor:
-        """``model.generate`` on a left-padded batch ``[batch, prompt_len]`` under ``specs``; returns its token ids."""
+        """``model.generate`` on a left-padded batch ``[batch, prompt_len]`` under ``specs`` (steering, caps,
+        ablations, gated or not; ``orthogonalise``: see :func:`persona.steering.orthogonalise_specs`); returns
+        its token ids."""
         if not self._open:
             raise RuntimeError(
                 "FastGenerator.generate outside its with-block. Fix: `with FastGenerator(...) as g:`."
@@ -198,10 +199,10 @@ class FastGenerator:
                 f"The fast generation path sets the cache itself and compiles decode steps only; got {refused}. "
                 "Fix: drop them, or use fast=False."
             )
-        active: dict[int, list[tuple[str, Tensor]]] = {}
-        for spec in prepare_specs(self.layout, specs):
-            # scale * direction is the product steer() adds; adding it with coefficient 1.0 gives the same bits.
-            active.setdefault(spec.layer, []).append((spec.positions, spec.scale * spec.direction))
+        active: dict[int, list] = {}
+        # The very hook functions steer() registers (gate readers first, then entries in order): the same bits.
+        for layer, fn in intervention_hooks(prepare_specs(self.layout, specs, orthogonalise=orthogonalise)):
+            active.setdefault(layer, []).append(fn)
         self.active = {layer: tuple(entries) for layer, entries in active.items()}
         self.state.prompt_mask = attention_mask
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "cache_implementation": "static"}

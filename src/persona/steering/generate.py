@@ -14,7 +14,7 @@ from persona.data.batches import bounded_batches, left_pad
 from persona.data.chat import Messages, answer_text, encode_chat
 from persona.models import context_length
 from persona.steering.fast import FastGenerator, fast_mode
-from persona.steering.spec import SteeringSpec, steer
+from persona.steering.spec import Spec, steer
 
 
 def check_room(encoded: Sequence[list[int]], max_new_tokens: int, context: int | None) -> None:
@@ -32,11 +32,12 @@ def generate_steered(
     model: nn.Module,
     tokenizer,
     prompts_or_messages: Sequence[str | Messages],
-    specs: Sequence[SteeringSpec] = (),
+    specs: Sequence[Spec] = (),
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     batch_size: int = 16,
     fast=False,
+    orthogonalise: bool = False,
     **generate_kwargs,
 ) -> list[str]:
     """Generate a completion per prompt under steering; returns the new text only, in input order.
@@ -53,6 +54,10 @@ def generate_steered(
     ``"compile"``; ``"static"``; a transformers ``CompileConfig``) opens a session for this call alone, so a
     compiling mode compiles again on every call. Every mode gives the plain path's tokens (see
     :mod:`persona.steering.fast`).
+
+    ``specs``: steering, cap and ablation specs, gated or not; ``orthogonalise``: see
+    :func:`persona.steering.orthogonalise_specs`. A gate decides per prompt at prefill, so batching never changes
+    which prompts it fires for.
     """
     if isinstance(prompts_or_messages, str):
         raise TypeError("prompts_or_messages is a single string. Fix: pass a list of prompts, e.g. [prompt].")
@@ -75,7 +80,7 @@ def generate_steered(
     outputs: list[str] = [""] * len(encoded)
     with ExitStack() as stack:
         if mode == "off":
-            stack.enter_context(steer(model, specs))
+            stack.enter_context(steer(model, specs, orthogonalise=orthogonalise))
             generator = None
         elif isinstance(fast, FastGenerator):
             generator = fast
@@ -89,7 +94,9 @@ def generate_steered(
             if generator is None:
                 generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             else:
-                generated = generator.generate(input_ids, attention_mask, specs, **kwargs)
+                generated = generator.generate(
+                    input_ids, attention_mask, specs, orthogonalise=orthogonalise, **kwargs
+                )
             for i, new_ids in zip(chunk, generated[:, input_ids.shape[1] :].tolist(), strict=True):
                 outputs[i] = answer_text(tokenizer, new_ids)
     return outputs

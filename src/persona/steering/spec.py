@@ -14,11 +14,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from persona.core.constants import POSITIONS
 from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.layers import DecoderLayout, check_layer, hidden_size
-from persona.hooks.operators import add_direction
+from persona.hooks.operators import orthogonalise as gram_schmidt
+from persona.hooks.operators import orthonormalize
 from persona.hooks.registry import ForwardState
+from persona.steering.interventions import (
+    AblationSpec,
+    CapSpec,
+    Gate,
+    check_gate,
+    check_positions,
+    direction_at,
+)
+from persona.steering.ops import (
+    PreparedGate,
+    PreparedSpec,
+    intervention_hooks,
+    steered_positions,  # noqa: F401  (its home before ops.py; rows and fast use it)
+)
 
 
 @dataclass
@@ -40,32 +54,19 @@ class SteeringSpec:
     relative to the layer's typical residual norm, which transfers across layers and models."""
     reference_norm: float | None = None
     """Typical residual norm at ``layer``, e.g. from :func:`mean_residual_norm`; required when ``relative``."""
+    when: Gate | None = None
+    """Steer only the rows whose prompt passes this :class:`~persona.steering.Gate` (decided at prefill, held for
+    the whole reply); None steers every row."""
     source_layers: int | None = field(default=None, init=False, repr=False)
     """Row count of the vector file the direction came from (checked against the model in :func:`steer`)."""
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITIONS:
-            raise ValueError(
-                f"SteeringSpec.positions={self.positions!r} is unknown. Fix: use one of {POSITIONS}."
-            )
+        check_positions("SteeringSpec", self.positions)
         self.coef = float(self.coef)
         if not math.isfinite(self.coef):
             raise ValueError(f"SteeringSpec.coef={self.coef!r} is not finite. Fix: pass a finite number.")
-        vector = torch.as_tensor(self.vector)
-        if not vector.is_floating_point() or vector.dim() not in (1, 2):
-            raise ValueError(
-                f"SteeringSpec.vector has dtype {vector.dtype} and shape {tuple(vector.shape)}. Fix: pass a float "
-                "tensor [hidden] or a vector file tensor [num_layers + 1, hidden]."
-            )
-        if vector.dim() == 2:
-            if not 0 <= self.layer < vector.shape[0]:
-                raise ValueError(
-                    f"SteeringSpec.layer={self.layer} is out of range for a vector file with {vector.shape[0]} "
-                    f"rows. Fix: choose a layer in 0..{vector.shape[0] - 1}."
-                )
-            self.source_layers = vector.shape[0]
-            vector = vector[self.layer]
-        self.vector = vector
+        self.vector, self.source_layers = direction_at("SteeringSpec", self.vector, self.layer)
+        check_gate("SteeringSpec", self.when, self.layer)
         if self.relative:
             norm = self.reference_norm
             if norm is None or not math.isfinite(norm) or norm <= 0:
@@ -84,112 +85,131 @@ class SteeringSpec:
         return self.coef * self.reference_norm / vector_norm
 
 
-def _prefill_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | None:
-    """bool [batch, seq] (or broadcastable) of the prefill positions to steer; None = all of them."""
-    batch, seq_len = hidden.shape[:2]
-    padding = state.padding_mask(seq_len, hidden.device, batch)
-    if padding is None and state.attention_mask is not None:
-        prompt = state.prompt_mask
-        found = (
-            ""
-            if prompt is None
-            else f" (the caller's prompt mask is {list(prompt.shape)}, the forward [{batch}, {seq_len}])"
-        )
-        raise ValueError(
-            f"Steering positions={positions!r} need each row's real tokens at prefill, but this forward got a "
-            f"4D or per-layer-type attention mask (a static KV cache passes one){found}. Fix: set "
-            "ForwardState.prompt_mask to the batch's 2D prompt mask (generate_steered does), or use "
-            "positions='all' or 'generated'."
-        )
-    if positions == "prompt":
-        return padding
-    return state.last_token_mask(seq_len, hidden.device, batch)
+Spec = SteeringSpec | CapSpec | AblationSpec
+"""Anything :func:`steer`, :func:`prepare_specs`, per-row batches and the fast path accept."""
 
 
-def steered_positions(positions: str, hidden: Tensor, state: ForwardState) -> Tensor | bool:
-    """Where ``positions`` steers in this forward: True (every position), False (none) or bool [batch or 1, seq].
+def orthogonalise_specs(specs: Sequence[Spec]) -> tuple[list[Spec], dict[int, Tensor]]:
+    """The :class:`SteeringSpec` entries at each layer orthogonalised in the order given (Gram-Schmidt, see
+    :func:`persona.hooks.operators.orthogonalise`); caps and ablations pass through untouched.
 
-    The one definition of the position modes, shared by :func:`steer` and per-row steering
-    (:mod:`persona.steering.rows`), so a row of a mixed batch is steered where it would be on its own.
+    Entry i then pushes ``scale_i * (v_i - its part in the span of the earlier entries' vectors at its layer)``:
+    exactly its own push minus whatever would move an earlier entry's direction. Each returned spec is absolute
+    (``coef`` = the original's :meth:`SteeringSpec.scale`, so a relative dose keeps its size). Directions at
+    different layers are left alone. Returns the new specs and, per layer with two or more entries, the cosine
+    overlap ``[k, k]`` of the original vectors (entries in their order at that layer).
     """
-    if positions == "all":
-        return True
-    if state.prefill:
-        if positions == "generated":
-            return False
-        where = _prefill_positions(positions, hidden, state)
-        return True if where is None else where
-    # A decode step's positions are all new tokens (one, unless a candidate chunk is verified at once).
-    return positions != "prompt"
+    by_layer: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        if isinstance(spec, SteeringSpec) and spec.coef != 0:
+            by_layer.setdefault(spec.layer, []).append(index)
+    result, overlaps = list(specs), {}
+    for layer, indices in by_layer.items():
+        if len(indices) < 2:
+            continue
+        vectors = torch.stack([specs[i].vector.detach().to("cpu", torch.float32) for i in indices])
+        try:
+            orthogonal, overlaps[layer] = gram_schmidt(vectors)
+        except ValueError as error:
+            raise ValueError(f"orthogonalise=True at layer {layer} (specs {indices}): {error}") from None
+        for row, index in enumerate(indices):
+            old = specs[index]
+            result[index] = SteeringSpec(
+                layer, orthogonal[row], old.scale(), positions=old.positions, when=old.when
+            )
+            result[index].source_layers = old.source_layers
+    return result, overlaps
 
 
-def _steering_hook(positions: str, direction: Tensor, scale: float):
-    """Hook fn for ``block_hooks``: no Python loop over the batch, no host sync, out-of-place add."""
+def _check_direction(layout: DecoderLayout, name: str, vector: Tensor, source_layers: int | None) -> None:
+    width = hidden_size(layout)
+    if source_layers is not None and source_layers != layout.num_layers + 1:
+        raise ValueError(
+            f"{name} came from a vector file with {source_layers} rows, but {type(layout.model).__name__} "
+            f"needs {layout.num_layers + 1} (num_layers + 1). Fix: use a vector file extracted from this model."
+        )
+    if vector.shape[-1] != width:
+        raise ValueError(
+            f"{name} has hidden size {vector.shape[-1]}, but {type(layout.model).__name__} has hidden size "
+            f"{width}. Fix: use a vector extracted from this model."
+        )
 
-    def hook(hidden: Tensor, state: ForwardState) -> Tensor | None:
-        where = steered_positions(positions, hidden, state)
-        if where is False:
-            return None
-        return add_direction(hidden, direction, scale, None if where is True else where)
 
-    return hook
+def _placed(layout: DecoderLayout, layer: int, tensor: Tensor) -> Tensor:
+    return tensor.detach().to(device=layout.layer_device(layer), dtype=torch.float32)
 
 
-@dataclass(frozen=True)
-class PreparedSpec:
-    """A validated :class:`SteeringSpec` with its direction placed for its layer: ``hidden + scale * direction``."""
+def _prepare_gate(layout: DecoderLayout, name: str, gate: Gate | None) -> PreparedGate | None:
+    if gate is None:
+        return None
+    check_layer(layout, gate.layer, what=f"{name}.when.layer")
+    _check_direction(layout, f"{name}.when.vector", gate.vector, gate.source_layers)
+    return PreparedGate(gate.layer, _placed(layout, gate.layer, gate.vector), gate.above, gate.below)
 
-    layer: int
-    positions: str
-    direction: Tensor = field(repr=False)  # float32 [hidden], on the device of the layer's block
-    scale: float
+
+def _prepare_one(layout: DecoderLayout, name: str, spec: Spec) -> PreparedSpec | None:
+    if not isinstance(spec, (SteeringSpec, CapSpec, AblationSpec)):
+        raise TypeError(
+            f"{name} is a {type(spec).__name__}. Fix: pass SteeringSpec, CapSpec or AblationSpec."
+        )
+    check_layer(layout, spec.layer, what=f"{name}.layer")
+    vector = spec.directions if isinstance(spec, AblationSpec) else spec.vector
+    what = "directions" if isinstance(spec, AblationSpec) else "vector"
+    _check_direction(layout, f"{name}.{what}", vector, getattr(spec, "source_layers", None))
+    gate = _prepare_gate(layout, name, spec.when)
+    if isinstance(spec, CapSpec):
+        direction = _placed(layout, spec.layer, spec.vector)
+        return PreparedSpec(
+            spec.layer, spec.positions, direction, kind="cap", lo=spec.lo, hi=spec.hi, gate=gate
+        )
+    if isinstance(spec, AblationSpec):
+        try:
+            basis = orthonormalize(spec.directions.detach().to("cpu", torch.float32))
+        except ValueError as error:
+            raise ValueError(f"{name}.directions: {error} Fix: pass non-zero directions.") from None
+        return PreparedSpec(
+            spec.layer, spec.positions, _placed(layout, spec.layer, basis), kind="ablate", gate=gate
+        )
+    if spec.coef == 0:
+        return None
+    direction = _placed(layout, spec.layer, spec.vector)
+    return PreparedSpec(spec.layer, spec.positions, direction, spec.scale(), gate=gate)
 
 
 def prepare_specs(
-    layout: DecoderLayout, specs: Sequence[SteeringSpec], *, what: str = "specs"
+    layout: DecoderLayout, specs: Sequence[Spec], *, what: str = "specs", orthogonalise: bool = False
 ) -> list[PreparedSpec]:
-    """Check every spec against the model (layer range, source file depth, hidden size); drop ``coef == 0`` ones."""
-    width = hidden_size(layout)
-    prepared = []
-    for index, spec in enumerate(specs):
-        name = f"{what}[{index}]"
-        if not isinstance(spec, SteeringSpec):
-            raise TypeError(f"{name} is a {type(spec).__name__}. Fix: pass SteeringSpec objects.")
-        check_layer(layout, spec.layer, what=f"{name}.layer")
-        if spec.source_layers is not None and spec.source_layers != layout.num_layers + 1:
-            raise ValueError(
-                f"{name}.vector came from a vector file with {spec.source_layers} rows, but "
-                f"{type(layout.model).__name__} needs {layout.num_layers + 1} (num_layers + 1). Fix: use a "
-                "vector file extracted from this model."
-            )
-        if spec.vector.shape[-1] != width:
-            raise ValueError(
-                f"{name}.vector has hidden size {spec.vector.shape[-1]}, but {type(layout.model).__name__} "
-                f"has hidden size {width}. Fix: use a vector extracted from this model."
-            )
-        if spec.coef == 0:
-            continue
-        direction = spec.vector.detach().to(device=layout.layer_device(spec.layer), dtype=torch.float32)
-        prepared.append(PreparedSpec(spec.layer, spec.positions, direction, spec.scale()))
-    return prepared
+    """Check every spec against the model (layers, source file depth, hidden size); drop ``coef == 0`` steering.
+
+    ``orthogonalise``: first :func:`orthogonalise_specs` (the steering entries at each layer, in order).
+    """
+    specs = list(specs)
+    if orthogonalise:
+        specs, _ = orthogonalise_specs(specs)
+    prepared = [_prepare_one(layout, f"{what}[{index}]", spec) for index, spec in enumerate(specs)]
+    return [spec for spec in prepared if spec is not None]
 
 
 @contextmanager
 def steer(
-    model: nn.Module, specs: Sequence[SteeringSpec] | SteeringSpec, *, state: ForwardState | None = None
+    model: nn.Module,
+    specs: Sequence[Spec] | Spec,
+    *,
+    state: ForwardState | None = None,
+    orthogonalise: bool = False,
 ) -> Iterator[DecoderLayout]:
-    """Apply every spec (one hook each; specs at the same layer compose in order) inside the block.
+    """Apply every spec inside the block: steering adds, caps, ablations, each optionally gated (:class:`Gate`).
 
-    All specs are validated against the model before any hook is attached. Specs with ``coef == 0``
-    attach no hook at all, so the model is bit-identical to the unsteered one. Gradients flow through
-    the hidden states; the vector itself is treated as a constant. ``state``: see :func:`block_hooks` (a
-    caller that builds batches sets ``state.prompt_mask`` so prompt positions are found under 4D masks).
+    Entries at the same layer apply in the order given, after every gate at that layer has read it. All specs
+    are validated against the model before any hook is attached. Specs with ``coef == 0`` attach no hook at all,
+    so the model is bit-identical to the unsteered one; so is a cap whose range holds every activation, and a
+    gated entry whose gate fires for no row. Gradients flow through the hidden states; vectors are constants.
+    ``state``: see :func:`block_hooks` (a caller that builds batches sets ``state.prompt_mask`` so prompt
+    positions are found under 4D masks). ``orthogonalise``: see :func:`orthogonalise_specs`.
     """
-    specs = [specs] if isinstance(specs, SteeringSpec) else list(specs)
+    if isinstance(specs, (SteeringSpec, CapSpec, AblationSpec)):
+        specs = [specs]
     layout = locate_blocks(model)
-    hooks = [
-        (spec.layer, _steering_hook(spec.positions, spec.direction, spec.scale))
-        for spec in prepare_specs(layout, specs)
-    ]
+    hooks = intervention_hooks(prepare_specs(layout, list(specs), orthogonalise=orthogonalise))
     with block_hooks(model, hooks, state=state):
         yield layout

@@ -1,10 +1,10 @@
 """LoRA fine-tuning: the LightningModule, the chat-JSONL DataModule and the callbacks that steer (preventative
-steering), ablate (CAFT) and monitor projections while it trains.
+steering), ablate (CAFT), cap (projection capping) and monitor projections while it trains.
 
 May import: ``core``, ``models``, ``hooks``, ``data``, ``vectors``, ``steering``.
 """
 
-from persona.training.callbacks import ConceptAblation, PreventativeSteering
+from persona.training.callbacks import ConceptAblation, PreventativeSteering, ProjectionCapping
 from persona.training.data import ChatCollator, ChatDataModule, read_chat_jsonl, tokenize_conversation
 from persona.training.module import (
     SEED_TARGET_MODULES,
@@ -19,6 +19,7 @@ __all__ = [
     "ActivationMonitor",
     "ConceptAblation",
     "PreventativeSteering",
+    "ProjectionCapping",
     "SEED_TARGET_MODULES",
     "ChatDataModule",
     "LoRAFineTune",

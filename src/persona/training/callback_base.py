@@ -1,6 +1,6 @@
 """What the training callbacks share: layer and vector-file checks, and hooks attached only while a batch runs.
 
-:class:`TrainStepHooks` is the base of the callbacks that intervene (steering, CAFT); the monitor uses it to
+:class:`TrainStepHooks` is the base of the callbacks that intervene (steering, CAFT, capping); the monitor uses it to
 pause them while it measures. Both callbacks.py and monitor.py import from here, and not from each other.
 """
 

@@ -1,11 +1,12 @@
-"""Training-time interventions: preventative steering and concept ablation fine-tuning (CAFT).
+"""Training-time interventions: preventative steering, concept ablation fine-tuning (CAFT) and projection capping.
 
 (:class:`~persona.training.monitor.ActivationMonitor`, which measures instead, lives in ``monitor.py``.)
 These callbacks rely only on ``pl_module.model`` (an HF causal LM, PEFT-wrapped or not) and ``pl_module.tokenizer``,
 and hook layers only through :mod:`persona.hooks`. Layers follow the vector-file convention
 (0 = embedding output, L = output of decoder block L-1).
 
-Lifetime of the training-time hooks (:class:`PreventativeSteering`, :class:`ConceptAblation`): attached in
+Lifetime of the training-time hooks (:class:`PreventativeSteering`, :class:`ConceptAblation`,
+:class:`ProjectionCapping`): attached in
 ``on_train_batch_start``, removed in ``on_train_batch_end``. That span holds the step's forward *and*
 backward (gradient checkpointing re-runs block forwards, hooks included, during backward), and nothing
 else: validation, predict and whatever runs after ``fit`` see the plain model. ``on_exception``,
@@ -29,13 +30,14 @@ from torch import Tensor, nn
 from persona.hooks import block_hooks
 from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import ablate_directions, orthonormalize
-from persona.steering import SteeringSpec, steer
+from persona.steering import CapSpec, SteeringSpec, steer
 from persona.training.callback_base import (
     TrainStepHooks,
     check_against_model,
     check_rows,
 )
-from persona.vectors import load_vector
+from persona.vectors import load_metadata, load_vector
+from persona.vectors.ranges import resolve_bound
 
 
 class PreventativeSteering(TrainStepHooks):
@@ -187,3 +189,73 @@ class ConceptAblation(TrainStepHooks):
 
     def _hooks(self, model: nn.Module) -> AbstractContextManager:
         return block_hooks(model, [(layer, _ablation_hook(basis)) for layer, basis in self._placed.items()])
+
+
+class ProjectionCapping(TrainStepHooks):
+    """Activation capping during training: clamp the projection on ``v[L]`` to ``[lo, hi]`` at every position.
+
+    Positions inside the range are left exactly as they are; outside, only the component along the unit
+    direction is moved back to the bound (:func:`persona.hooks.operators.cap`), so the fine-tuned model cannot
+    use excursions along the trait direction to fit the data, while ordinary activations pass untouched (CAFT,
+    by contrast, removes the direction everywhere). Bounds are numbers in projection units or percentiles of the
+    vector's negative (trait-free) examples recorded at extraction (``"p99"``), read per layer from its sidecar.
+    """
+
+    def __init__(
+        self,
+        vector_path: str,
+        layers: list[int],
+        lo: float | str | None = None,
+        hi: float | str | None = "p99",
+        during_validation: bool = False,
+    ) -> None:
+        """
+        Args:
+            vector_path: Persona vector file ``[num_layers + 1, hidden]``; row L is the direction capped at layer L.
+            layers: Layers to cap (0 = embeddings, L = output of block L-1).
+            lo: Lower bound on the projection (a number, a percentile such as ``"p1"``, or None: no lower bound).
+            hi: Upper bound (a number, a percentile such as ``"p99"`` — the default —, or None: no upper bound).
+            during_validation: Also cap in validation batches (default: training steps only).
+        """
+        super().__init__(layers, during_validation)
+        self.vector_path = str(vector_path)
+        if lo is None and hi is None:
+            raise ValueError(
+                "ProjectionCapping: lo and hi are both None, so nothing is capped. Fix: give lo or hi."
+            )
+        self.lo, self.hi = lo, hi
+        self.ranges: dict[int, tuple[float | None, float | None]] = {}
+        """Layer -> (lo, hi) in projection units, resolved in ``setup``."""
+        self._vector: Tensor | None = None
+        self._specs: list[CapSpec] = []
+
+    def _load_files(self) -> None:
+        self._vector = load_vector(self.vector_path)
+        check_rows("ProjectionCapping", self.vector_path, self._vector.shape[0], self.layers)
+        meta = load_metadata(self.vector_path)
+        self.ranges = {}
+        for layer in self.layers:
+            lo, hi = (
+                resolve_bound(
+                    value, path=self.vector_path, meta=meta, layer=layer, field=f"ProjectionCapping.{name}"
+                )
+                for name, value in (("lo", self.lo), ("hi", self.hi))
+            )
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(
+                    f"ProjectionCapping: at layer {layer}, lo={self.lo!r} ({lo:.4g}) is above hi={self.hi!r} "
+                    f"({hi:.4g}) for {self.vector_path}. Fix: choose a lower lo or a higher hi."
+                )
+            self.ranges[layer] = (lo, hi)
+
+    def _prepare(self, layout: DecoderLayout) -> None:
+        check_against_model("ProjectionCapping", self.vector_path, self._vector.shape, layout, rows=True)
+        for index, layer in enumerate(self.layers):
+            check_layer(layout, layer, what=f"ProjectionCapping.layers[{index}]")
+        self._specs = [
+            CapSpec(layer, self._vector[layer].to(layout.layer_device(layer)), *self.ranges[layer])
+            for layer in self.layers
+        ]
+
+    def _hooks(self, model: nn.Module) -> AbstractContextManager:
+        return steer(model, self._specs)

@@ -3,6 +3,11 @@
 Per example we take the mean over prompt tokens, the mean over response tokens and the last prompt
 token at every layer; per label we average those over examples (the seed's mean of per-example
 means) with running sums and counts, reduced across DDP ranks before dividing.
+
+The negative (trait-free) examples' per-example means are kept as well (float32, on the CPU: ``[n_negative,
+num_layers + 1, hidden]`` per kind), so that once the vectors are known their projections give the sidecar's
+per-layer percentiles (:mod:`persona.vectors.ranges`), the data a capping range or a gate threshold is taken
+from, without a second pass over the examples.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from persona.hooks.placement import KeepsDevicePlacement
 from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, is_adapter, load_model
 from persona.vectors.activations import kind_row_mask, read_example_means
 from persona.vectors.files import default_save_dir, save_vector, vector_filename
+from persona.vectors.ranges import PERCENTILES_KEY, PROJECTION_PERCENTILES, percentile_record
 
 
 class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
@@ -69,23 +75,29 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             2, len(VECTOR_KINDS), len(self.layers), hidden, dtype=torch.float64, device=device
         )
         self.counts = torch.zeros(2, len(VECTOR_KINDS), dtype=torch.float64, device=device)
+        self.negative_means: dict[str, list[torch.Tensor]] = {kind: [] for kind in VECTOR_KINDS}
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """This batch's per-label sums of per-example means ``sums: [label, kind, layer, hidden]`` and the
-        examples they add up, ``counts: [label, kind]`` (float64); ``on_predict_batch_end`` accumulates them."""
+        """This batch's per-label sums of per-example means ``sums: [label, kind, layer, hidden]``, the
+        examples they add up, ``counts: [label, kind]`` (float64), and the negative examples' means
+        ``negatives: {kind: [n, layer, hidden]}``; ``on_predict_batch_end`` accumulates them."""
         means = read_example_means(self.model, batch, self.layers)
         sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
+        negatives = {}
         for kind_index, kind in enumerate(VECTOR_KINDS):
             has_tokens = kind_row_mask(batch, kind)
             for label in (0, 1):
                 rows = (has_tokens & (batch["labels"] == label)).to(torch.float64)
                 sums[label, kind_index] = torch.einsum("b,blh->lh", rows, means[kind].double())
                 counts[label, kind_index] = rows.sum()
-        return {"sums": sums, "counts": counts}
+            negatives[kind] = means[kind][has_tokens & (batch["labels"] == 0)]
+        return {"sums": sums, "counts": counts, "negatives": negatives}
 
-    def on_predict_batch_end(self, outputs: dict[str, torch.Tensor], batch, batch_idx: int, dataloader_idx=0):
+    def on_predict_batch_end(self, outputs: dict, batch, batch_idx: int, dataloader_idx=0):
         self.sums += outputs["sums"]
         self.counts += outputs["counts"]
+        for kind, means in outputs["negatives"].items():
+            self.negative_means[kind].append(means.float().cpu())
 
     def on_predict_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.sums, reduce_op="sum")
@@ -100,9 +112,32 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             mean_pos = sums[1, kind_index] / n_pos
             mean_neg = sums[0, kind_index] / n_neg
             self.vectors[kind] = (mean_pos - mean_neg).float().cpu()
+        self.percentiles = {kind: self._negative_percentiles(kind) for kind in VECTOR_KINDS}
         self.final_counts = counts.cpu()
         if self.trainer.is_global_zero:
             self._save()
+
+    def _negative_percentiles(self, kind: str) -> dict:
+        """Per-layer percentiles of every rank's negative examples projected on the unit vector of ``kind``."""
+        vector = self.vectors[kind]
+        unit = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        means = self.negative_means[kind]
+        local = torch.cat(means) if means else torch.zeros(0, *vector.shape)
+        projections = torch.einsum("nlh,lh->nl", local.double(), unit.double())
+        projections = self._gather_rows(projections)
+        quantiles = torch.tensor(PROJECTION_PERCENTILES, dtype=torch.float64) / 100
+        return percentile_record(torch.quantile(projections, quantiles, dim=0).T.tolist())
+
+    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [n_local, layers]`` of every rank, concatenated (ranks hold different numbers of rows)."""
+        if self.trainer.world_size == 1:
+            return values
+        strategy, device = self.trainer.strategy, self.sums.device
+        counts = strategy.all_gather(torch.tensor([values.shape[0]], device=device)).flatten().tolist()
+        padded = torch.zeros(max(counts), values.shape[1], dtype=values.dtype, device=device)
+        padded[: values.shape[0]] = values.to(device)
+        gathered = strategy.all_gather(padded).cpu()  # [world, max rows, layers]
+        return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
     def _save(self) -> None:
         hp = self.hparams
@@ -121,6 +156,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "n_positive": int(self.final_counts[1, kind_index]),
                 "n_negative": int(self.final_counts[0, kind_index]),
                 "sources": sources,
+                PERCENTILES_KEY: self.percentiles[kind],
             }
             if is_adapter(hp.model):  # the fine-tuned model: which base, which adapter
                 meta.update(base_model=adapter_base(hp.model), adapter=adapter_origin(hp.model))
