@@ -22,11 +22,11 @@ from persona.models import DEFAULT_MODEL, model_on_base
 PRODUCES = ("probes.csv", "calibration.csv", "calibration.png")
 
 
-def best_layers(vector_path: str | Path, count: int) -> list[int]:
+def best_layers(vector_path: str | Path, count: int, metrics: Path | None = None) -> list[int]:
     """The ``count`` layers ``persona layers`` ranks best (held-out AUC, then normalised separation)."""
     from persona.vectors import layers_dir
 
-    metrics = layers_dir(vector_path) / "layer_metrics.csv"
+    metrics = Path(metrics) if metrics else layers_dir(vector_path) / "layer_metrics.csv"
     if not metrics.is_file():
         raise PersonaError(
             f"--layers not given and {metrics} does not exist. Fix: pass --layers (e.g. --layers 12,17), or run "
