@@ -160,3 +160,28 @@ def test_every_command_that_takes_a_coefficient_takes_a_dose():
     assert {"coef", "dose", "force"} <= set(SteerItem.model_fields)
     assert {"coefs", "doses", "steering_coef", "steering_dose"} <= {f for f in Sizes.__dataclass_fields__}
     assert {"coef", "dose", "allow_high_dose"} <= set(inspect.signature(PreventativeSteering).parameters)
+
+
+def test_preventative_steering_takes_a_dose(tokenizer, tmp_path):
+    from persona.hooks import locate_blocks
+    from persona.training.callbacks import PreventativeSteering
+
+    model = build_tiny_model("llama", len(tokenizer))
+    vector = random_vector(model)
+    norms = [float(n) for n in torch.linspace(5, 20, vector.shape[0])]
+    path = save_vector(vector, tmp_path / "v.pt", {"mean_residual_norms": norms})
+    callback = PreventativeSteering(str(path), [1, 3], dose=0.4)
+    callback._load_files()
+    callback._prepare(locate_blocks(model))
+    for layer in (1, 3):
+        coef = 0.4 * norms[layer] / float(vector[layer].double().norm())
+        assert callback.strengths[layer] == (pytest.approx(coef, rel=1e-6), 0.4)
+    assert [spec.coef for spec in callback._specs] == [callback.strengths[1][0], callback.strengths[3][0]]
+    with pytest.raises(PersonaError, match=r"PreventativeSteering\.dose=2 exceeds .*allow_high_dose"):
+        too_high = PreventativeSteering(str(path), [1], dose=2.0)
+        too_high._load_files()
+        too_high._prepare(locate_blocks(model))
+    with pytest.raises(
+        PersonaError, match="PreventativeSteering.coef and PreventativeSteering.dose were both"
+    ):
+        PreventativeSteering(str(path), [1], coef=1.0, dose=0.1)
