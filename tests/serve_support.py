@@ -51,7 +51,13 @@ def build_service(
     from persona.serve.traits import load_traits
 
     layout = locate_blocks(model)
-    traits = load_traits(vectors_dir, num_layers=layout.num_layers, hidden_size=hidden_size(layout))
+    traits = load_traits(
+        vectors_dir,
+        num_layers=layout.num_layers,
+        hidden_size=hidden_size(layout),
+        lm=model,
+        tokenizer=tokenizer,
+    )
     service = PersonaService(model, tokenizer, traits, ServeSettings(served_model_name=name, **settings))
     service.measure_baseline(max_tokens=baseline_tokens)
     return service

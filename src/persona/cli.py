@@ -57,6 +57,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Judge trait and coherence of steered answers over a coefficient grid",
         "persona.commands.steer_eval:steer_eval",
     ),
+    "calibrate": Subcommand(
+        "Per layer, the steering dose at a coherence target (TA@C80); recommend a layer and dose",
+        "persona.commands.calibrate:calibrate",
+    ),
     "personality": Subcommand(
         "Judge-free TRAIT personality scores (likelihood, multiple choice) over steering coefficients",
         "persona.commands.personality:personality",

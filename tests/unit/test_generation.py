@@ -235,7 +235,7 @@ def test_other_settings_on_the_same_output_are_refused(tiny_model_dirs, trait_fi
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"coef": 1.0}, "Steering needs --coef, --vector_path and --layer together"),
+        ({"coef": 1.0}, "Steering needs --vector_path; got --coef without it"),
         ({"persona_instruction_type": "both"}, "use pos, neg or none"),
         ({"steering_type": "last"}, "--steering_type 'last'"),
         ({"trait": "no_such_trait"}, "Unknown trait 'no_such_trait'.*Available"),

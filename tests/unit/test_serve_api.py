@@ -13,6 +13,8 @@ import pytest
 from persona.data.chat import answer_text
 from persona.models import load_model_and_tokenizer
 from persona.steering import SteeringSpec
+from persona.vectors.dose import neutral_texts
+from persona.vectors.norms import mean_residual_norm
 from serve_support import build_service, http, reference_ids, running, write_trait_vectors
 
 HI = [{"role": "user", "content": "Tell me a joke about cats and dogs."}]
@@ -78,9 +80,14 @@ def test_steered_reply_equals_steer_on_its_own_and_differs_from_plain(
     _, plain = reference_ids(*model_and_tokenizer, HI, max_new_tokens=6)
     assert steered != plain
     assert reply.choices[0].message.content == answer_text(model_and_tokenizer[1], steered)
-    assert reply.model_extra["persona"]["steer"] == [
-        {"trait": "evil", "coef": 4.0, "layer": 1, "positions": "all"}
-    ]
+    # The dose beside the coefficient, against an independent norm: layer 1 over the neutral texts.
+    norm = mean_residual_norm(*model_and_tokenizer, neutral_texts(), 1)
+    dose = 4.0 * float(service.traits["evil"].vectors[1].norm()) / norm
+    echo = reply.model_extra["persona"]["steer"][0]
+    assert echo.pop("dose") == pytest.approx(dose, rel=1e-5)
+    assert echo == {
+        "trait": "evil", "coef": 4.0, "layer": 1, "positions": "all", "strength": "request", "layer_from": "default"
+    }  # fmt: skip
 
 
 def test_monitored_reply_reports_projections_z_scores_and_alert(server):
@@ -164,7 +171,7 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(server):
             400,
             "persona.steer.0.coef",
         ),
-        ({"extra_body": {"persona": {"steer": [{"trait": "evil", "cof": 1}]}}}, 400, "persona.steer.0.coef"),
+        ({"extra_body": {"persona": {"steer": [{"trait": "evil", "cof": 1}]}}}, 400, "persona.steer.0.cof"),
         ({"max_tokens": 300}, 413, "messages"),
         ({"messages": [{"role": "user", "content": "cat " * 300}]}, 413, "messages"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),

@@ -145,6 +145,11 @@ def small_study(model_dir: str, run_dir: Path, base_url: str, **phases) -> dict:
             finetune_epochs=1,
             finetune_mixtures=[0.0, 0.5, 1.0],
             finetune_interventions=False,
+            calibration_layers=1,
+            calibration_probes=3,
+            calibration_questions=1,
+            calibration_tokens=3,
+            calibration_pairs=2,
         ),  # fmt: skip
         run_dir=str(run_dir),
         title="tiny study",
@@ -173,6 +178,18 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     generated = pd.read_csv(wicked["generated"]["pos_csv"])
     assert generated["judge"].eq("openai:judge-model").all() and generated["wicked"].notna().all()
     assert wicked["judged_sweep"]["effect"] is not None
+    # Issue 24: a calibration phase per trait with pairs; the judged sweep and the generations use its advice.
+    advice = wicked["calibration"]["recommended"]
+    assert (
+        wicked["judged_sweep"]["layer"] == advice["layer"]
+        and wicked["judged_sweep"]["doses_from"] == "calibration"
+    )
+    assert sorted(round(r["dose"], 9) for r in wicked["judged_sweep"]["table"]) == sorted(
+        round(advice["dose"] * f, 9) for f in (-1, -0.5, 0, 0.5, 1)
+    )
+    assert results["traits"]["kindness"]["calibration"]["proxies"]["coherence"].startswith("perplexity ratio")
+    assert results["generations"]["from"] == "calibration"
+    assert len(wicked["calibration"]["layers"]) == 1 and wicked["calibration"]["layers"][0]["probes"] <= 3
     assert results["finetune"]["runs"] == ["mix_0", "mix_0.5", "mix_1"]
     representation = results["finetune"]["representation"]
     assert [row["run"] for row in representation["table"]] == ["mix_0", "mix_0.5", "mix_1"]
@@ -192,6 +209,7 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
         "# tiny study report" in text and "## Summary" in text and "## Timings" in text and "GFLOP/s" in text
     )
     assert "**Representation shift.**" in text and "representation.png" in text
+    assert "**Calibration** (`persona calibrate`, judge-free proxies" in text and "calibration.png" in text
 
     # Everything finished is reused: a second invocation computes nothing and calls the judge no more.
     calls = served_judge.calls

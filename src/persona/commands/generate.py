@@ -40,9 +40,11 @@ def generate(
     judge_timeout: float | None = None,
     judge_concurrency: int | None = None,
     coef: float | None = None,
+    dose: float | None = None,
     vector_path: str | None = None,
     layer: int | None = None,
     steering_type: str = "response",
+    allow_high_dose: bool = False,
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
@@ -72,10 +74,12 @@ def generate(
         judge_min_mass: Local judges only: least probability on numeric answers for a score (default the seed's 0.25); 0 scores the expected number given a numeric answer, which small judges such as the embedded model need.
         judge_timeout: API judges: seconds per call before it is retried (default 30; raise it for slow local servers).
         judge_concurrency: API judges: calls in flight at once (default 8; 1-2 for a local server on one GPU).
-        coef: Steering coefficient (with vector_path and layer).
-        vector_path: Vector file [num_layers+1, hidden] to steer with.
+        coef: Steering coefficient, a raw multiplier of the vector (with vector_path and layer; or --dose).
+        dose: Steering strength relative to the layer's typical residual norm: |coef|·‖v‖/mean‖h‖ (transfers across layers and models; instead of --coef).
+        vector_path: Vector file [num_layers+1, hidden] to steer with; alone, its calibrated recommendation (`persona calibrate`) gives layer and dose.
         layer: Layer to steer at (0 = embeddings, L = output of block L-1).
         steering_type: Positions to steer: response, generated, prompt or all.
+        allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed; each batch's seed is derived from it and the batch's keys.
         overwrite: Start over, deleting an existing output_path and its journal.
@@ -90,7 +94,15 @@ def generate(
         steering_type,
     )
     model_source(model)
-    steering = check_steering(model, coef, vector_path, layer, hardware.trust_remote_code)
+    steering = check_steering(
+        model,
+        coef,
+        vector_path,
+        layer,
+        hardware.trust_remote_code,
+        dose=dose,
+        allow_high_dose=allow_high_dose,
+    )
     if steering is not None:
         steering["steering_type"] = steering_type
     if temperature is None:
@@ -153,24 +165,39 @@ def check_flags(
     return instruction_type
 
 
-def check_steering(model, coef, vector_path, layer, trust_remote_code) -> dict | None:
-    """The steering settings, all three given or none, checked against the model (no weights loaded)."""
-    steering = {"coef": coef, "vector_path": vector_path, "layer": layer}
-    given = [f"--{k}" for k, v in steering.items() if v is not None]
-    if not given:
+def check_steering(
+    model, coef, vector_path, layer, trust_remote_code, *, dose=None, allow_high_dose=False
+) -> dict | None:
+    """The steering settings checked against the model (no weights loaded; norms measured once for an old file).
+
+    --vector_path with --layer and --coef or --dose; or --vector_path alone (or with --layer) when its sidecar
+    holds `persona calibrate`'s recommendation. Nothing given: no steering."""
+    from persona.commands.strength import resolve_strength
+
+    given = {"--coef": coef, "--dose": dose, "--vector_path": vector_path, "--layer": layer}
+    if all(value is None for value in given.values()):
         return None
-    if len(given) != 3:
-        absent = [f"--{k}" for k, v in steering.items() if v is None]
+    if vector_path is None:
+        named = ", ".join(flag for flag, value in given.items() if value is not None)
         raise PersonaError(
-            f"Steering needs --coef, --vector_path and --layer together; got {', '.join(given)} "
-            f"without {', '.join(absent)}. Fix: pass all three, or none."
+            f"Steering needs --vector_path; got {named} without it. Fix: pass --vector_path (with --layer and "
+            "--coef or --dose), or none of them."
         )
-    checks.finite(coef, "--coef")
-    vector_for_model(model, vector_path, layers=[layer], trust_remote_code=trust_remote_code)
+    if coef is not None:
+        checks.finite(coef, "--coef")
+    vector_for_model(
+        model, vector_path, layers=[] if layer is None else [layer], trust_remote_code=trust_remote_code
+    )
+    strength = resolve_strength(
+        model, vector_path, layer, coef=coef, dose=dose, allow_high_dose=allow_high_dose
+    )
+    if strength.layer != layer:
+        vector_for_model(model, vector_path, layers=[strength.layer], trust_remote_code=trust_remote_code)
+    print(f"steering: {strength.describe()}", flush=True)
     source_model = load_metadata(vector_path).get("model")
     if source_model not in (None, model):
         log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)
-    return {"vector_path": str(vector_path), "layer": layer, "coef": float(coef)}
+    return {"vector_path": str(vector_path), "layer": strength.layer, "coef": strength.coef}
 
 
 def run_signature(

@@ -96,13 +96,20 @@ def serve(
     )
     layout = locate_blocks(lm)
     traits = load_traits(
-        vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout), fallback_layer=fallback_layer
-    )
+        vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout), fallback_layer=fallback_layer,
+        lm=lm, tokenizer=tokenizer, model=model,
+    )  # fmt: skip
     service = PersonaService(lm, tokenizer, traits, settings)
     baseline = service.measure_baseline(max_tokens=baseline_max_tokens)
     for name, trait in traits.items():
         log.info("trait %s: default layer %d (%s); baseline %s", name, trait.default_layer, trait.layer_source,
                  baseline.describe(name))  # fmt: skip
+        if trait.recommended:
+            advice = trait.recommended
+            log.info(
+                "trait %s: a steer entry without layer/strength uses the calibrated recommendation: layer %s, "
+                "dose %.4g (coef %.4g)", name, advice["layer"], advice["dose"], advice["coef"],
+            )  # fmt: skip
     log.info(
         "serving %s on http://%s:%d (API key %s)",
         settings.served_model_name,

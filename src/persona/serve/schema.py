@@ -51,9 +51,13 @@ class SteerItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trait: str
-    coef: FiniteFloat
-    layer: int | None = None  # None: the trait's default layer (listed in /v1/models)
+    coef: FiniteFloat | None = None  # raw multiplier of the vector; or
+    dose: FiniteFloat | None = (
+        None  # |coef|·‖v‖/mean‖h‖ at the layer (signed); neither: the calibrated recommendation
+    )
+    layer: int | None = None  # None: the recommendation's layer, else the trait's default layer (/v1/models)
     positions: Positions = "response"
+    force: bool = False  # steer above the trait's dose limit
 
 
 class AblateItem(BaseModel):

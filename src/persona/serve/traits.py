@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from persona.hooks.operators import orthonormalize
-from persona.serve.schema import AblateItem, ApiError, PersonaFields
+from persona.serve.schema import AblateItem, ApiError, PersonaFields, SteerItem
 from persona.steering import SteeringSpec
 from persona.steering.rows import RowInterventions
 from persona.vectors import layers_dir, load_vector
@@ -31,6 +31,10 @@ class Trait:
     vectors: Tensor = field(repr=False)  # [num_layers + 1, hidden] float32
     default_layer: int
     layer_source: str  # layer_metrics | fallback_layer | depth
+    norms: tuple[float, ...] | None = (
+        None  # mean residual norm per layer (persona.vectors.dose), None: unknown
+    )
+    recommended: dict | None = None  # `persona calibrate`'s {layer, dose, coef, ...} from the sidecar
 
     def direction(self, layer: int) -> Tensor:
         return self.vectors[layer]
@@ -41,6 +45,19 @@ class Trait:
             "default_layer_source": self.layer_source,
             "vector_file": self.path.name,
             "vector_norm_at_default_layer": round(float(self.vectors[self.default_layer].norm()), 4),
+            "recommended": self.recommended,
+            "doses": self.norms is not None,
+        }
+
+    def calibrated_doses(self) -> dict[int, float]:
+        """The dose limit per calibrated layer (``persona calibrate``), read from the sidecar."""
+        from persona.vectors import load_metadata
+
+        layers = (load_metadata(self.path).get("calibration") or {}).get("layers", {})
+        return {
+            int(layer): float(entry["dose"])
+            for layer, entry in layers.items()
+            if entry.get("dose") is not None
         }
 
 
@@ -83,9 +100,15 @@ def check_vectors_fit_adapter(directory: str | Path, adapter: str) -> str:
 
 
 def load_traits(
-    directory: str | Path, *, num_layers: int, hidden_size: int, fallback_layer: int | None = None
-) -> dict[str, Trait]:
-    """Every ``<trait>_response_avg_diff.pt`` in ``directory``, checked against the model's shape."""
+    directory: str | Path, *, num_layers: int, hidden_size: int, fallback_layer: int | None = None,
+    lm=None, tokenizer=None, model: str | None = None,
+) -> dict[str, Trait]:  # fmt: skip
+    """Every ``<trait>_response_avg_diff.pt`` in ``directory``, checked against the model's shape.
+
+    With the loaded model (``lm``, ``tokenizer``), a file whose sidecar has no residual norms gets them measured
+    once and cached beside it, so every trait takes doses; without it such a trait takes coefficients only."""
+    from persona.vectors.dose import layer_norms, recommendation, stored_norms
+
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -103,7 +126,12 @@ def load_traits(
             layer, source = fallback_layer, "fallback_layer"
         if layer is None:
             layer, source = max(1, round(0.6 * num_layers)), "depth"
-        traits[name] = Trait(name, path, vectors, layer, source)
+        if lm is not None:
+            norms = layer_norms(path, model=model, lm=lm, tokenizer=tokenizer)
+        else:
+            norms = stored_norms(path)
+        norms = None if norms is None else tuple(norms)
+        traits[name] = Trait(name, path, vectors, layer, source, norms, recommendation(path))
     if not traits:
         raise ValueError(
             f"{directory} holds no <trait>{VECTOR_SUFFIX} files. Fix: run `persona extract` for the served model, "
@@ -159,6 +187,45 @@ def _ablation_layers(item: AblateItem, trait: Trait, num_layers: int, param: str
     return [_layer(item.layer, trait, num_layers, f"{param}.layer")]
 
 
+def _strength(item: SteerItem, trait: Trait, layer: int, param: str) -> tuple[float, float | None, str]:
+    """(coef, dose, "request" | "recommended") of one steer entry; the dose guard answers 400."""
+    from persona.vectors.dose import DEFAULT_MAX_DOSE, coef_to_dose, dose_to_coef
+
+    if item.coef is not None and item.dose is not None:
+        raise ApiError(
+            400, f"{param}: give coef or dose, not both.", param=f"{param}.dose", code="coef_and_dose"
+        )
+    advice, source, dose = trait.recommended, "request", item.dose
+    if item.coef is None and dose is None:
+        if advice is None or int(advice["layer"]) != layer:
+            raise ApiError(
+                400,
+                f"{param}: no coef or dose, and trait {trait.name!r} has no calibrated recommendation for layer "
+                f"{layer}. Fix: pass coef or dose (or run `persona calibrate` on its vector).",
+                param=f"{param}.dose",
+                code="strength_missing",
+            )
+        dose, source = float(advice["dose"]), "recommended"
+    if trait.norms is None:
+        if dose is not None:
+            raise ApiError(400, f"{param}.dose: trait {trait.name!r} has no residual norms. Fix: pass coef.",
+                           param=f"{param}.dose", code="dose_unavailable")  # fmt: skip
+        return item.coef, None, source
+    norm = trait.norms[layer]
+    if dose is None:
+        return item.coef, coef_to_dose(item.coef, trait.direction(layer), norm), source
+    limit = (trait.calibrated_doses() or {}).get(layer, DEFAULT_MAX_DOSE)
+    if source == "request" and not item.force and abs(dose) > limit + 1e-12:
+        raise ApiError(
+            400,
+            f"{param}.dose={dose:g} exceeds the dose limit {limit:.3g} of trait {trait.name!r} at layer {layer}. "
+            'Fix: a smaller dose, or "force": true.',
+            param=f"{param}.dose",
+            code="dose_above_limit",
+        )
+    return dose_to_coef(dose, trait.direction(layer), norm), dose, source
+
+
 def resolve_persona(
     fields: PersonaFields | None, traits: dict[str, Trait], num_layers: int
 ) -> ResolvedPersona:
@@ -169,11 +236,18 @@ def resolve_persona(
     for index, item in enumerate(fields.steer):
         param = f"persona.steer.{index}"
         trait = _trait(traits, item.trait, f"{param}.trait")
-        layer = _layer(item.layer, trait, num_layers, f"{param}.layer")
-        specs.append(SteeringSpec(layer, trait.vectors, item.coef, positions=item.positions))
-        steer_echo.append(
-            {"trait": trait.name, "coef": item.coef, "layer": layer, "positions": item.positions}
+        advised = item.layer is None and trait.recommended is not None
+        layer = (
+            int(trait.recommended["layer"])
+            if advised
+            else _layer(item.layer, trait, num_layers, f"{param}.layer")
         )
+        coef, dose, source = _strength(item, trait, layer, param)
+        specs.append(SteeringSpec(layer, trait.vectors, coef, positions=item.positions))
+        steer_echo.append(
+            {"trait": trait.name, "coef": coef, "dose": dose, "layer": layer, "positions": item.positions,
+             "strength": source, "layer_from": "recommended" if advised else ("request" if item.layer is not None else "default")}
+        )  # fmt: skip
     per_layer: dict[int, list[Tensor]] = {}
     ablate_echo = []
     for index, raw in enumerate(fields.ablate):

@@ -43,8 +43,7 @@ def check_config(
     checks.at_least(sizes.finetune_epochs, 1, "sizes.finetune_epochs")
     if sizes.filter_threshold is not None and not 0 <= sizes.filter_threshold <= 100:
         raise PersonaError(f"sizes.filter_threshold={sizes.filter_threshold}: a score in [0, 100], or null.")
-    if not sizes.coefs or not all(math.isfinite(c) for c in sizes.coefs):
-        raise PersonaError(f"sizes.coefs={sizes.coefs}: give finite coefficients, e.g. [-2, -1, 0, 1, 2].")
+    check_strengths(sizes)
     check_min_mass(judge.model, judge.min_mass, flag="judge.min_mass", local="judge.model: local")
     if judge.base_url is not None and judge.model.startswith("local"):
         raise PersonaError(
@@ -85,3 +84,28 @@ def check_personality_arm(model: str, trait: str) -> None:
             f"personality_arm: {items} has splits {sorted(map(str, splits))}; the arm trains on 'train' items "
             "and measures on 'test' ones. Fix: give its items both splits."
         )
+
+
+def check_strengths(sizes: Sizes) -> None:
+    """Coefficients or doses (exactly one of each pair), finite; the calibration target inside 0-100."""
+    from persona.core import checks
+
+    for coef_field, dose_field in (("coefs", "doses"), ("steering_coef", "steering_dose")):
+        coef, dose = getattr(sizes, coef_field), getattr(sizes, dose_field)
+        if (coef is None) == (dose is None):
+            raise PersonaError(
+                f"sizes.{coef_field}={coef} and sizes.{dose_field}={dose}: give exactly one. Fix: set the other "
+                "to null."
+            )
+        values = coef if coef is not None else dose
+        values = values if isinstance(values, list) else [values]
+        if not values or not all(math.isfinite(v) for v in values):
+            name = coef_field if coef is not None else dose_field
+            raise PersonaError(f"sizes.{name}={values}: give finite numbers, e.g. [-2, -1, 0, 1, 2].")
+    if not 0 < sizes.calibration_target < 100:
+        raise PersonaError(
+            f"sizes.calibration_target={sizes.calibration_target}: a coherence between 0 and 100. Fix: e.g. 80."
+        )
+    for name in ("calibration_layers", "calibration_questions", "calibration_tokens"):
+        checks.at_least(getattr(sizes, name), 1, f"sizes.{name}")
+    checks.at_least(sizes.calibration_probes, 2, "sizes.calibration_probes")

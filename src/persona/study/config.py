@@ -53,6 +53,9 @@ class Phases:
     """Judged steering sweep (persona steer-eval): trait and coherence scores of steered answers."""
     generated: bool = True
     """The paper's route for traits with ``generate: true``."""
+    calibrate: bool = True
+    """Per trait, the dose where coherence falls to sizes.calibration_target at its best layers (persona calibrate,
+    judge-free proxies); later phases steer with the recommendation."""
     generations: bool = True
     """Steered answers side by side at -coef, 0, +coef."""
     finetune: bool = True
@@ -75,8 +78,10 @@ class Hardware:
 @dataclass
 class Sizes:
     batch_size: int = 8
-    coefs: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
-    """Coefficient grid of the sweeps."""
+    coefs: list[float] | None = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+    """Coefficient grid of the sweeps (null with doses)."""
+    doses: list[float] | None = None
+    """Instead of coefs: a grid of doses (|coef|·‖v‖/mean‖h‖ at the layer, signed), converted per trait's vector."""
     max_new_tokens: int = 48
     """Length of generated answers (generation route, steered generations, judged sweep)."""
     questions: int = 2
@@ -95,5 +100,19 @@ class Sizes:
     finetune_mixtures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     finetune_interventions: bool = True
     """Also the all-trait mixture with preventative steering and with CAFT."""
-    steering_coef: float = 4.0
-    """Preventative steering coefficient of the fine-tuning study."""
+    steering_coef: float | None = 4.0
+    """Preventative steering coefficient of the fine-tuning study (null with steering_dose)."""
+    steering_dose: float | None = None
+    """Instead of steering_coef: the preventative steering dose."""
+    calibration_target: float = 80.0
+    """Coherence (0-100) the calibration phase calibrates each trait's dose to."""
+    calibration_layers: int = 2
+    """How many of the best layers (held-out AUC) each trait's calibration searches."""
+    calibration_probes: int = 6
+    """At most this many probes per layer."""
+    calibration_questions: int = 4
+    """Held-out questions answered per probe."""
+    calibration_tokens: int = 24
+    """New tokens per greedy answer of a probe."""
+    calibration_pairs: int | None = 6
+    """Held-out pairs scored per probe (null: all)."""

@@ -99,15 +99,26 @@ class StudyContext:
         lm, tokenizer = self.lm_and_tokenizer()
         return phases.sweep_phase(
             phase_dir, lm, tokenizer, trait=trait, vector_path=vector_path, source=source, layer=layer,
-            coefs=self.sizes.coefs, batch_size=self.sizes.batch_size, split=split,
+            coefs=self.sizes.coefs, batch_size=self.sizes.batch_size, split=split, doses=self.sizes.doses,
         )  # fmt: skip
 
-    def judged_sweep(self, phase_dir: Path, artifact: str, vector_path: str, layer: int) -> dict:
+    def calibrate(
+        self, phase_dir: Path, trait: str, vector_path: str, pairs: Path, split, metrics_csv: str
+    ) -> dict:
+        from persona.study import phases
+
+        lm, tokenizer = self.lm_and_tokenizer()
+        return phases.calibrate_phase(
+            phase_dir, lm, tokenizer, model=self.model, trait=trait, vector_path=vector_path, pairs=pairs,
+            split=split, metrics_csv=metrics_csv, sizes=self.sizes, dtype=self.hardware.dtype,
+        )  # fmt: skip
+
+    def judged_sweep(self, phase_dir: Path, artifact: str, vector_path: str, layer: int, doses=None) -> dict:
         from persona.study import phases
 
         return phases.judged_sweep_phase(
             phase_dir, model=self.model, trait=artifact, vector_path=vector_path, layer=layer, sizes=self.sizes,
-            judge=self.judge, **self.lightning(),
+            judge=self.judge, doses=doses, **self.lightning(),
         )  # fmt: skip
 
     def generated(self, phase_dir: Path, trait: str, artifact: str) -> dict:
@@ -118,12 +129,34 @@ class StudyContext:
             **self.lightning(),
         )  # fmt: skip
 
-    def generations(self, phase_dir: Path, vector_path: str, layer: int) -> dict:
+    def generations(
+        self, phase_dir: Path, vector_path: str, layer: int, recommended: dict | None = None
+    ) -> dict:
+        """Steered answers at -s, 0, +s: s the calibrated recommendation when there is one (its layer too), else
+        the grid's largest coefficient (or dose)."""
         from persona.study import phases
+        from persona.vectors import load_vector
+        from persona.vectors.dose import coef_to_dose, dose_to_coef, layer_norms
 
         lm, tokenizer = self.lm_and_tokenizer()
+        if recommended is not None:
+            layer, coef, dose, source = (
+                recommended["layer"],
+                abs(recommended["coef"]),
+                abs(recommended["dose"]),
+                "calibration",
+            )
+        else:
+            norm = layer_norms(vector_path, model=None, lm=lm, tokenizer=tokenizer)[layer]
+            row = load_vector(vector_path)[layer]
+            if self.sizes.doses:
+                dose, source = max(self.sizes.doses), "sizes.doses"
+                coef = dose_to_coef(dose, row, norm)
+            else:
+                coef, source = max(self.sizes.coefs), "sizes.coefs"
+                dose = coef_to_dose(coef, row, norm)
         return phases.generations_phase(
-            phase_dir, lm, tokenizer, vector_path=vector_path, layer=layer, coef=max(self.sizes.coefs),
+            phase_dir, lm, tokenizer, vector_path=vector_path, layer=layer, coef=coef, dose=dose, source=source,
             max_new_tokens=self.sizes.max_new_tokens,
         )  # fmt: skip
 

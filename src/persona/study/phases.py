@@ -3,6 +3,7 @@ route, steered generations, export. Each writes its CSVs and PNGs into its phase
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -77,9 +78,10 @@ def sweep_phase(
     vector_path: str,
     source: Path,
     layer: int,
-    coefs: list[float],
+    coefs: list[float] | None,
     batch_size: int = 8,
     split: str | None = "test",
+    doses: list[float] | None = None,
 ) -> dict:
     """Judge-free trait score over the coefficient grid: log p(positive) − log p(negative) per token, on the
     ``split`` pairs (None: every pair, in-sample)."""
@@ -87,16 +89,22 @@ def sweep_phase(
     from persona.data.examples import contrastive_pair_examples
     from persona.steering import SteeringSpec, steer
     from persona.vectors import load_vector
+    from persona.vectors.dose import coef_to_dose, dose_to_coef, layer_norms
 
     vector = load_vector(vector_path)
     examples = contrastive_pair_examples(source, tokenizer, split=split)
+    norm = layer_norms(vector_path, model=None, lm=lm, tokenizer=tokenizer)[layer]
+    grid = [(dose_to_coef(d, vector[layer], norm), d) for d in doses] if doses else [
+        (c, coef_to_dose(c, vector[layer], norm)) for c in coefs
+    ]  # fmt: skip
     rows = []
-    for coef in coefs:
+    for coef, dose in grid:
         with steer(lm, [SteeringSpec(layer=layer, vector=vector, coef=coef, positions="all")]):
             preference = pair_preference(lm, tokenizer, examples, batch_size=batch_size)
         rows.append(
             {
                 "coef": coef,
+                "dose": dose,
                 "preference_mean": float(preference.mean()),
                 "preference_sem": float(preference.std() / len(preference) ** 0.5),
                 "share_preferring_positive": float((preference > 0).float().mean()),
@@ -106,8 +114,9 @@ def sweep_phase(
     frame = pd.DataFrame(rows)
     write_csv(phase_dir / "likelihood_sweep.csv", frame)
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.errorbar(frame["coef"], frame["preference_mean"], yerr=frame["preference_sem"], marker="o")
-    axis.set_xlabel(f"steering coefficient (layer {layer}, all positions)")
+    unit = "dose" if doses else "coef"
+    axis.errorbar(frame[unit], frame["preference_mean"], yerr=frame["preference_sem"], marker="o")
+    axis.set_xlabel(f"steering {'dose' if doses else 'coefficient'} (layer {layer}, all positions)")
     axis.set_ylabel("log p(trait) − log p(opposite)\nper response token")
     axis.set_title(f"{trait}: {'held-out' if split else 'all (in-sample)'} pairs")
     axis.axhline(0, color="grey", lw=0.5)
@@ -192,9 +201,19 @@ def judge_flags(judge) -> dict:
 
 
 def judged_sweep_phase(
-    phase_dir: Path, *, model: str, trait: str, vector_path: str, layer: int, sizes, judge, **lightning
+    phase_dir: Path,
+    *,
+    model: str,
+    trait: str,
+    vector_path: str,
+    layer: int,
+    sizes,
+    judge,
+    doses=None,
+    **lightning,
 ) -> dict:
-    """persona steer-eval over the study's coefficients: judged trait and coherence of steered answers."""
+    """persona steer-eval over the study's coefficients (or ``doses``, e.g. around the calibrated one): judged
+    trait and coherence of steered answers."""
     from persona.commands.steer_eval import steer_eval
 
     flags = judge_flags(judge)
@@ -204,7 +223,9 @@ def judged_sweep_phase(
         vector_path=vector_path,
         layer=layer,
         model=model,
-        coefs=sizes.coefs,
+        coefs=None if doses or sizes.doses else sizes.coefs,
+        doses=doses or sizes.doses,
+        allow_high_dose=True,  # the study's grid is the user's choice; the calibration phase reports the limits
         max_questions=sizes.judged_questions,
         max_tokens=sizes.max_new_tokens,
         output_dir=str(phase_dir),
@@ -221,6 +242,7 @@ def judged_sweep_phase(
     means = frame.sort_values("coef")["trait_mean"].tolist()
     return {
         "layer": layer,
+        "doses_from": "calibration" if doses else ("sizes.doses" if sizes.doses else "sizes.coefs"),
         "csv": csv_path,
         "png": str(Path(csv_path).with_suffix(".png")),
         "table": frame.to_dict("records"),
@@ -228,9 +250,39 @@ def judged_sweep_phase(
     }
 
 
+def calibrate_phase(
+    phase_dir: Path, lm, tokenizer, *, model: str, trait: str, vector_path: str, pairs: Path, split: str | None,
+    metrics_csv: str, sizes, dtype: str,
+) -> dict:  # fmt: skip
+    """persona calibrate at the trait's best layers (judge-free proxies): the dose at the coherence target per
+    layer and the recommended (layer, dose), written into the vector's sidecar for the later phases."""
+    from persona.commands.calibrate import best_layers, run_calibration
+    from persona.commands.flags import Hardware
+    from persona.vectors import load_metadata
+
+    layers = best_layers(vector_path, sizes.calibration_layers, metrics_csv)
+    settings = dict(
+        model=model, trait=trait, layers=layers, target=sizes.calibration_target, tolerance=3.0,
+        max_probes=sizes.calibration_probes, max_dose=1.5, pairs_path=str(pairs), split=split or "all",
+        max_pairs=sizes.calibration_pairs, max_questions=sizes.calibration_questions,
+        max_tokens=sizes.calibration_tokens, dtype=dtype,
+    )  # fmt: skip
+    csv_path = run_calibration(vector_path, phase_dir, settings, Hardware(), loaded=(lm, tokenizer))
+    meta = load_metadata(vector_path)
+    return {
+        "recommended": meta["recommended"],
+        "layers": pd.read_csv(csv_path).to_dict("records"),
+        "csv": csv_path,
+        "probes_csv": str(phase_dir / "probes.csv"),
+        "png": str(phase_dir / "calibration.png"),
+        "proxies": meta["recommended"]["proxies"],
+    }
+
+
 def generations_phase(
-    phase_dir: Path, lm, tokenizer, *, vector_path: str, layer: int, coef: float, max_new_tokens: int
-) -> dict:
+    phase_dir: Path, lm, tokenizer, *, vector_path: str, layer: int, coef: float, max_new_tokens: int,
+    dose: float | None = None, source: str = "sizes",
+) -> dict:  # fmt: skip
     from persona.steering import SteeringSpec, generate_steered
     from persona.vectors import load_vector
 
@@ -247,11 +299,22 @@ def generations_phase(
             temperature=0,
         )
         rows += [
-            {"prompt": p, "coef": value, "answer": a.strip()}
+            {
+                "prompt": p,
+                "coef": value,
+                "dose": None if dose is None else math.copysign(dose, value) * (value != 0),
+                "answer": a.strip(),
+            }  # fmt: skip
             for p, a in zip(STEER_PROMPTS, answers, strict=True)
         ]
     write_csv(phase_dir / "generations.csv", pd.DataFrame(rows))
-    return {"layer": layer, "coef": coef, "csv": str(phase_dir / "generations.csv")}
+    return {
+        "layer": layer,
+        "coef": coef,
+        "dose": dose,
+        "from": source,
+        "csv": str(phase_dir / "generations.csv"),
+    }
 
 
 def export_phase(phase_dir: Path, *, trait: str, vector_path: str, layer: int) -> dict:

@@ -37,6 +37,8 @@ def vector_sections(results: dict, run: Path) -> list[str]:
             lines += layers_section(result["layers"], run)
         if result.get("sweep"):
             lines += sweep_section(result["sweep"], run)
+        if result.get("calibration"):
+            lines += calibration_section(result["calibration"], run)
         if result.get("judged_sweep"):
             lines += judged_sweep_section(result["judged_sweep"], name, results, run)
         if result.get("generated"):
@@ -67,6 +69,31 @@ def sweep_section(sweep: dict, run: Path) -> list[str]:
         markdown_table(pd.DataFrame(sweep["table"])),
         "",
         f"![likelihood sweep]({relative(sweep['png'], run)})",
+        "",
+    ]
+
+
+def calibration_section(calibration: dict, run: Path) -> list[str]:
+    """The calibration phase's table: per layer the dose at the coherence target, its coef, the trait there."""
+    best, proxies = calibration["recommended"], calibration["proxies"]
+    target = best["target_coherence"]
+    rows = [
+        {"layer": row["layer"], "dose": row["dose"], "coef": row["coef"],
+         f"trait at coherence {target:g}": row[f"trait_at_c{target:g}"], "coherence": row["coherence"],
+         "rounds (probes)": row["probes"], "reached ±3": row["reached"], "recommended": row["recommended"]}
+        for row in calibration["layers"]
+    ]  # fmt: skip
+    return [
+        f"**Calibration** (`persona calibrate`, judge-free proxies — trait: {proxies['trait']}; coherence: "
+        f"{proxies['coherence']}): per layer the dose where coherence falls to {target:g}. Recommended: layer "
+        f"**{best['layer']}**, dose **{best['dose']:.3g}** (coef {best['coef']:.3g}), trait {best['trait_score']:.3f} "
+        f"at coherence {best['coherence']:.1f} (unsteered trait {best['trait_score_unsteered']:.3f}); the steered "
+        f"generations and the judged sweep use it. Numbers: {link(calibration['csv'], run)}, every probe: "
+        f"{link(calibration['probes_csv'], run)}.",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+        "",
+        f"![calibration]({relative(calibration['png'], run)})",
         "",
     ]
 
@@ -245,9 +272,15 @@ def write_report(run: Path) -> Path:
 def generations_section(generations: dict, trait: str, run: Path) -> list[str]:
     frame = pd.read_csv(generations["csv"])
     wide = frame.pivot(index="prompt", columns="coef", values="answer").reset_index()
-    wide.columns = ["prompt"] + [f"coef {c:+g}" for c in wide.columns[1:]]
+    wide.columns = ["prompt"] + [f"coef {c:+.3g}" for c in wide.columns[1:]]
+    dose = generations.get("dose")
+    strength = (
+        ""
+        if dose is None
+        else f", coef ±{generations['coef']:.3g} = dose ±{dose:.3g} (from {generations.get('from')})"
+    )
     return [
-        f"## Steered generations ({trait}, layer {generations['layer']}, `response` positions, greedy)",
+        f"## Steered generations ({trait}, layer {generations['layer']}{strength}, `response` positions, greedy)",
         "",
         markdown_table(wide),
         "",

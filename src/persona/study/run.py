@@ -49,7 +49,7 @@ def run_study(
     plans, notes = [plan for plan, _ in prepared], {plan.key: note for plan, note in prepared}
     on = {"generations": phases.generations, "finetune": phases.finetune, "export_gguf": phases.export}
     steps = 1 + sum(
-        (p.pairs is not None) * (1 + phases.sweep)
+        (p.pairs is not None) * (1 + phases.sweep + phases.calibrate)
         + phases.layers
         + (phases.judged_sweep and p.artifact is not None)
         for p in plans
@@ -135,11 +135,15 @@ def later_phases(runner, context, results: dict, main, why_not: str, on: dict, l
         return
     out = results["traits"][main.key]
     vector_path = out["vectors"]["response_avg"]
+    explicit_layer = layer is not None
     layer = layer if layer is not None else out["layers"]["recommended"]
     stamp = {"vectors": vector_path, "layer": layer, **context.stamp()}
     if on["generations"]:
+        advice = None if explicit_layer else (out.get("calibration") or {}).get("recommended")
         results["generations"] = runner.run(
-            "generations", stamp, lambda d: context.generations(d, vector_path, layer)
+            "generations",
+            {**stamp, "recommended": advice},
+            lambda d: context.generations(d, vector_path, layer, advice),
         )
     if on["finetune"]:
         results["finetune"] = runner.run(
@@ -172,6 +176,7 @@ def trait_phases(
         for name, wanted in (
             ("layers", phases.layers),
             ("sweep", phases.sweep and source is not None),
+            ("calibrate", phases.calibrate and source is not None and phases.layers),
             ("judged_sweep", phases.judged_sweep and plan.artifact is not None),
         )
         if wanted
@@ -191,6 +196,7 @@ def trait_phases(
         )
         if layers:
             out["layers"] = {**layers, "examples": label}
+    explicit_layer = layer is not None
     layer = layer if layer is not None else out.get("layers", {}).get("recommended")
     if layer is None:
         for name in wanted[1:]:
@@ -244,11 +250,22 @@ def sweep_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[str
         )
         if sweep:
             out["sweep"] = sweep
+    if "calibrate" in wanted and "layers" in out:
+        calibrated = runner.run(
+            f"calibrate_{key}",
+            {**stamp, "vectors": vector, "split": split, "layers_csv": out["layers"]["csv"]},
+            lambda d: context.calibrate(d, key, vector, source, split, out["layers"]["csv"]),
+        )
+        if calibrated:
+            out["calibration"] = calibrated
     if "judged_sweep" in wanted:
+        advice = (out.get("calibration") or {}).get("recommended") if not explicit_layer else None
+        judged_layer = advice["layer"] if advice else layer
+        doses = [abs(advice["dose"]) * f for f in (-1, -0.5, 0, 0.5, 1)] if advice else None
         judged = runner.run(
             f"judged_sweep_{key}",
-            {**stamp, "layer": layer, "artifact": plan.artifact},
-            lambda d: context.judged_sweep(d, plan.artifact, vector, layer),
+            {**stamp, "layer": judged_layer, "artifact": plan.artifact, "doses": doses},
+            lambda d: context.judged_sweep(d, plan.artifact, vector, judged_layer, doses),
         )
         if judged:
             out["judged_sweep"] = judged

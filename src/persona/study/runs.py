@@ -18,7 +18,19 @@ def planned_runs(
     plan = [(share, f"mix_{share:g}", []) for share in mixtures]
     if sizes.finetune_interventions and 1.0 in mixtures:
         plan.append(
-            (1.0, "mix_1+steer", [PreventativeSteering(vector_path, [layer], coef=sizes.steering_coef)])
+            (
+                1.0,
+                "mix_1+steer",
+                [
+                    PreventativeSteering(
+                        vector_path,
+                        [layer],
+                        coef=sizes.steering_coef,
+                        dose=sizes.steering_dose,
+                        allow_high_dose=True,
+                    )
+                ],
+            )  # fmt: skip
         )
         plan.append((1.0, "mix_1+caft", [ConceptAblation(vector_paths=[vector_path], layers=[layer])]))
     return plan

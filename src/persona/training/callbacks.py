@@ -48,7 +48,13 @@ class PreventativeSteering(TrainStepHooks):
     """
 
     def __init__(
-        self, vector_path: str, layers: list[int], coef: float, during_validation: bool = False
+        self,
+        vector_path: str,
+        layers: list[int],
+        coef: float | None = None,
+        during_validation: bool = False,
+        dose: float | None = None,
+        allow_high_dose: bool = False,
     ) -> None:
         """
         Args:
@@ -56,11 +62,20 @@ class PreventativeSteering(TrainStepHooks):
             layers: Layers to steer (0 = embeddings, L = output of block L-1); row L of the file is added at layer L.
             coef: Multiplier of the vector; positive pushes toward the trait, as preventative steering does.
             during_validation: Also steer validation batches (default: training steps only).
+            dose: Instead of coef: the push relative to each layer's typical residual norm, |coef|·‖v‖/mean‖h‖.
+            allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
         """
+        from persona.vectors.dose import one_of
+
         super().__init__(layers, during_validation)
         self.vector_path = str(vector_path)
-        self.coef = float(coef)
-        if not math.isfinite(self.coef):
+        one_of(coef, dose, coef_flag="PreventativeSteering.coef", dose_flag="PreventativeSteering.dose")
+        if coef is None and dose is None:
+            raise ValueError("PreventativeSteering needs coef or dose. Fix: pass one (e.g. dose: 0.3).")
+        self.coef, self.dose, self.allow_high_dose = coef, dose, allow_high_dose
+        self.strengths: dict[int, tuple[float, float | None]] = {}  # layer -> (coef, dose) as applied
+        self._tokenizer = None
+        if not math.isfinite(float(coef if dose is None else dose)):
             raise ValueError(f"PreventativeSteering: coef={coef!r} is not finite. Fix: pass a finite number.")
         self._vector: Tensor | None = None
         self._specs: list[SteeringSpec] = []
@@ -73,15 +88,46 @@ class PreventativeSteering(TrainStepHooks):
         check_against_model("PreventativeSteering", self.vector_path, self._vector.shape, layout, rows=True)
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"PreventativeSteering.layers[{index}]")
+        self.strengths = {layer: self._strength(layout, layer) for layer in self.layers}
         self._specs = [
             SteeringSpec(
                 layer=layer,
                 vector=self._vector[layer].to(layout.layer_device(layer)),
-                coef=self.coef,
+                coef=self.strengths[layer][0],
                 positions="all",
             )
             for layer in self.layers
         ]
+
+    def _bind(self, pl_module):
+        self._tokenizer = getattr(pl_module, "tokenizer", None)  # to measure residual norms for an old file
+        model = super()._bind(pl_module)
+        logger = getattr(pl_module, "logger", None)
+        if logger is not None:  # the dose beside the coefficient in TensorBoard's hparams
+            applied = {}
+            for layer, (coef, dose) in self.strengths.items():
+                applied[f"preventative_steering/layer{layer}/coef"] = coef
+                if dose is not None:
+                    applied[f"preventative_steering/layer{layer}/dose"] = dose
+            logger.log_hyperparams(applied)
+        return model
+
+    def _strength(self, layout: DecoderLayout, layer: int) -> tuple[float, float | None]:
+        """(coef, dose) at ``layer``: the dose of a coef when the file's norms are known, the coef of a dose."""
+        from persona.vectors.dose import layer_norms, resolve, stored_norms
+
+        norms = stored_norms(self.vector_path)
+        if norms is None and self.dose is not None:
+            norms = layer_norms(self.vector_path, model=None, lm=layout.model, tokenizer=self._tokenizer)
+        if norms is None:
+            return float(self.coef), None
+        flags = (
+            "PreventativeSteering.coef",
+            "PreventativeSteering.dose",
+            "PreventativeSteering.allow_high_dose",
+        )
+        return resolve(self.vector_path, self._vector[layer], layer, norms, coef=self.coef, dose=self.dose,
+                       force=self.allow_high_dose, flags=flags)  # fmt: skip
 
     def _hooks(self, model: nn.Module) -> AbstractContextManager:
         return steer(model, self._specs)

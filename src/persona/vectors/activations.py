@@ -24,11 +24,15 @@ def read_example_means(
     batch: dict[str, torch.Tensor],
     layers: Sequence[int],
     kinds: Sequence[str] = VECTOR_KINDS,
+    *,
+    norm_sums: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example means at ``layers``: ``{kind: [batch, len(layers), hidden]}`` in float32.
 
     ``batch`` comes from :func:`persona.data.batches.collate` (any padding side works: positions are
-    taken from its masks).
+    taken from its masks). ``norm_sums`` (float64 ``[len(layers)]``): the same forward adds each layer's sum of
+    residual norms over the batch's real tokens but each row's first (an attention sink, see
+    :func:`persona.vectors.norms.mean_residual_norm`) to it; :func:`norm_token_mask` counts those tokens.
     """
     unknown = set(kinds) - set(VECTOR_KINDS)
     if unknown:
@@ -38,9 +42,14 @@ def read_example_means(
         "input_ids"
     ].device  # a model split across devices (device_map) reads each layer where it runs
 
+    typical = None if norm_sums is None else norm_token_mask(batch).double()
+
     def reader(slot: int):
         def hook(hidden: torch.Tensor, _state) -> None:
             hidden = hidden.float()
+            if typical is not None:
+                norms = hidden.double().norm(dim=-1) * typical.to(hidden.device)
+                norm_sums[slot] += norms.sum().to(norm_sums.device)
             if "prompt_avg" in out:
                 mean = masked_mean(hidden, batch["prompt_mask"].to(hidden.device))
                 out["prompt_avg"][slot] = mean.to(device)
@@ -58,6 +67,13 @@ def read_example_means(
     ):
         forward_until(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return {kind: torch.stack(values, dim=1) for kind, values in out.items()}
+
+
+def norm_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """bool [batch, seq]: every real token but each row's first (either padding side)."""
+    real = batch["attention_mask"].bool()
+    first = real & (real.long().cumsum(dim=1) == 1)
+    return real & ~first
 
 
 def kind_row_mask(batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:

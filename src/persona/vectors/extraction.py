@@ -22,7 +22,7 @@ from persona.core.hardware import input_device
 from persona.hooks import locate_blocks
 from persona.hooks.placement import KeepsDevicePlacement
 from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, is_adapter, load_model
-from persona.vectors.activations import kind_row_mask, read_example_means
+from persona.vectors.activations import kind_row_mask, norm_token_mask, read_example_means
 from persona.vectors.files import default_save_dir, save_vector, vector_filename
 from persona.vectors.ranges import PERCENTILES_KEY, PROJECTION_PERCENTILES, percentile_record
 
@@ -76,12 +76,18 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
         )
         self.counts = torch.zeros(2, len(VECTOR_KINDS), dtype=torch.float64, device=device)
         self.negative_means: dict[str, list[torch.Tensor]] = {kind: [] for kind in VECTOR_KINDS}
+        # Residual norms per layer over every real token but each row's first, from the same forward: the
+        # sidecar's mean_residual_norms, the yardstick of a steering dose (persona.vectors.dose).
+        self.norm_sums = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.norm_tokens = torch.zeros((), dtype=torch.float64, device=device)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """This batch's per-label sums of per-example means ``sums: [label, kind, layer, hidden]``, the
-        examples they add up, ``counts: [label, kind]`` (float64), and the negative examples' means
-        ``negatives: {kind: [n, layer, hidden]}``; ``on_predict_batch_end`` accumulates them."""
-        means = read_example_means(self.model, batch, self.layers)
+        examples they add up, ``counts: [label, kind]`` (float64), the negative examples' means
+        ``negatives: {kind: [n, layer, hidden]}`` and the residual norms' sums; ``on_predict_batch_end``
+        accumulates them."""
+        norm_sums = torch.zeros_like(self.norm_sums)
+        means = read_example_means(self.model, batch, self.layers, norm_sums=norm_sums)
         sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
         negatives = {}
         for kind_index, kind in enumerate(VECTOR_KINDS):
@@ -91,17 +97,24 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 sums[label, kind_index] = torch.einsum("b,blh->lh", rows, means[kind].double())
                 counts[label, kind_index] = rows.sum()
             negatives[kind] = means[kind][has_tokens & (batch["labels"] == 0)]
-        return {"sums": sums, "counts": counts, "negatives": negatives}
+        norm_tokens = norm_token_mask(batch).sum().to(self.norm_tokens)
+        return {"sums": sums, "counts": counts, "negatives": negatives, "norm_sums": norm_sums,
+                "norm_tokens": norm_tokens}  # fmt: skip
 
     def on_predict_batch_end(self, outputs: dict, batch, batch_idx: int, dataloader_idx=0):
         self.sums += outputs["sums"]
         self.counts += outputs["counts"]
         for kind, means in outputs["negatives"].items():
             self.negative_means[kind].append(means.float().cpu())
+        self.norm_sums += outputs["norm_sums"]
+        self.norm_tokens += outputs["norm_tokens"]
 
     def on_predict_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(self.counts, reduce_op="sum")
+        norm_sums = self.trainer.strategy.reduce(self.norm_sums, reduce_op="sum")
+        norm_tokens = self.trainer.strategy.reduce(self.norm_tokens, reduce_op="sum")
+        self.mean_residual_norms = (norm_sums / norm_tokens.clamp_min(1)).cpu().tolist()
         for kind_index, kind in enumerate(VECTOR_KINDS):
             n_neg, n_pos = (int(c) for c in counts[:, kind_index].tolist())
             if n_pos == 0 or n_neg == 0:
@@ -157,6 +170,9 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "n_negative": int(self.final_counts[0, kind_index]),
                 "sources": sources,
                 PERCENTILES_KEY: self.percentiles[kind],
+                "mean_residual_norms": [round(value, 6) for value in self.mean_residual_norms],
+                "mean_residual_norms_source": "extraction: every real token but each example's first, "
+                f"{int(self.final_counts[:, 0].sum())} examples",
             }
             if is_adapter(hp.model):  # the fine-tuned model: which base, which adapter
                 meta.update(base_model=adapter_base(hp.model), adapter=adapter_origin(hp.model))

@@ -28,6 +28,22 @@ def mean_residual_norm(
     the rest (SmolLM2-135M, layer 15: ~25,000 vs ~160), so including it makes the "typical" norm ~20x
     too large. The forward stops right after ``layer``; texts are right-padded so tokens keep their positions.
     """
+    return mean_residual_norms(
+        model, tokenizer, texts, [layer], batch_size, skip_first_token=skip_first_token
+    )[0]
+
+
+@torch.no_grad()
+def mean_residual_norms(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 8,
+    *,
+    skip_first_token: bool = True,
+) -> list[float]:
+    """:func:`mean_residual_norm` at every one of ``layers`` from one forward per batch (up to the deepest)."""
     if isinstance(texts, str) or not texts:
         raise ValueError("mean_residual_norm needs a non-empty list of texts. Fix: pass e.g. [text1, text2].")
     if tokenizer.pad_token_id is None:
@@ -35,17 +51,22 @@ def mean_residual_norm(
             "The tokenizer has no pad token. Fix: set tokenizer.pad_token = tokenizer.eos_token."
         )
     device = input_device(model)
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
+    totals = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def capture(hidden: Tensor, state: ForwardState) -> None:
-        mask = state.attention_mask[:, -hidden.shape[1] :].to(hidden.device, torch.float32)
-        if skip_first_token:
-            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)  # right padding: column 0
-        total.add_((hidden.float().norm(dim=-1) * mask).sum().to(device))
-        count.add_(mask.sum().to(device))
+    def capture(slot: int):
+        def hook(hidden: Tensor, state: ForwardState) -> None:
+            mask = state.attention_mask[:, -hidden.shape[1] :].to(hidden.device, torch.float64)
+            if skip_first_token:
+                mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)  # right padding
+            totals[slot] += (hidden.double().norm(dim=-1) * mask).sum().to(device)
+            if slot == 0:
+                count.add_(mask.sum().to(device))
 
-    with block_hooks(model, [(layer, capture)], stop_after_layer=layer):
+        return hook
+
+    hooks = [(layer, capture(slot)) for slot, layer in enumerate(layers)]
+    with block_hooks(model, hooks, stop_after_layer=max(layers)):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(
                 list(texts[start : start + batch_size]),
@@ -63,4 +84,4 @@ def mean_residual_norm(
             "mean_residual_norm: no tokens to average (texts are empty, or one token each with "
             "skip_first_token=True). Fix: pass longer texts."
         )
-    return float(total / count)
+    return (totals / count).tolist()
