@@ -86,23 +86,11 @@ def generate(
     """
     model = model_on_base(model, base_model)
     instruction_type = check_flags(
-        persona_instruction_type,
-        n_per_question,
-        max_tokens,
-        batch_size,
-        max_questions,
-        steering_type,
+        persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type
     )
     model_source(model)
-    steering = check_steering(
-        model,
-        coef,
-        vector_path,
-        layer,
-        hardware.trust_remote_code,
-        dose=dose,
-        allow_high_dose=allow_high_dose,
-    )
+    steering = check_steering(model, coef, vector_path, layer, hardware.trust_remote_code, dose=dose,
+                              allow_high_dose=allow_high_dose)  # fmt: skip
     if steering is not None:
         steering["steering_type"] = steering_type
     if temperature is None:
@@ -124,18 +112,8 @@ def generate(
     )
     items = plan_items(loaded, instruction_type, assistant_name, n_per_question, max_questions)
     store = ResponseStore(path, loaded.name)
-    signature = run_signature(
-        loaded,
-        model,
-        hardware.dtype,
-        version,
-        instruction_type,
-        assistant_name,
-        max_tokens,
-        temperature,
-        seed,
-        steering,
-    )
+    signature = run_signature(loaded, model, hardware.dtype, version, instruction_type, assistant_name, max_tokens,
+                              temperature, seed, steering)  # fmt: skip
     from persona.generation.predict_loop import run_generation
 
     return run_generation(

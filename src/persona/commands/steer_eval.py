@@ -217,29 +217,13 @@ def steer_eval(
                 flush=True,
             )
             paths[coef] = Path(
-                generate(
-                    trait=trait,
-                    output_path=str(out / filename),
-                    model=model,
-                    persona_instruction_type=None,
-                    version="eval",
-                    n_per_question=n_per_question,
-                    max_questions=max_questions,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    judge_model=judge_model,
-                    judge_base_url=judge_base_url,
-                    judge_min_mass=judge_min_mass,
-                    coef=coef,
-                    vector_path=vector_path,
-                    layer=layer,
-                    steering_type=steering_type,
-                    batch_size=batch_size,
-                    seed=seed,
-                    overwrite=overwrite,
-                    hardware=hardware,
-                )
-            )
+                generate(trait=trait, output_path=str(out / filename), model=model, persona_instruction_type=None,
+                         version="eval", n_per_question=n_per_question, max_questions=max_questions,
+                         max_tokens=max_tokens, temperature=temperature, judge_model=judge_model,
+                         judge_base_url=judge_base_url, judge_min_mass=judge_min_mass, coef=coef,
+                         vector_path=vector_path, layer=layer, steering_type=steering_type, batch_size=batch_size,
+                         seed=seed, overwrite=overwrite, hardware=hardware)
+            )  # fmt: skip
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return str(out / "summary.csv")

@@ -202,7 +202,8 @@ def trait_phases(
         for name in wanted[1:]:
             runner.skip(f"{name}_{key}", f"no layer for {key} (its layer metrics missed; or set layer:)")
         return out
-    out.update(sweep_phases(runner, context, plan, wanted, stamp, vector, layer, split))
+    out.update(steering_phases(runner, context, plan, wanted, stamp, vector, layer, split,
+                               layers=out.get("layers"), explicit_layer=explicit_layer))  # fmt: skip
     generated = out.get("generated")
     if generated and extracted:
         generated["cosine_with_pairs_vector"] = vector_cosine(
@@ -238,9 +239,11 @@ def vector_phases(runner: PhaseRunner, context, plan: TraitPlan, notes: dict, ph
     return out, extracted
 
 
-def sweep_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[str], stamp: dict, vector: str,
-                 layer: int, split: str | None) -> dict:  # fmt: skip
-    """The steering sweeps at the chosen layer: judge-free (likelihood) and judged, as the config asks."""
+def steering_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[str], stamp: dict, vector: str,
+                    layer: int, split: str | None, *, layers: dict | None, explicit_layer: bool) -> dict:  # fmt: skip
+    """Steering at the chosen layer: the judge-free sweep (likelihood), the dose calibration on the layers
+    ``layers`` (the layer metrics) ranks best, and the judged sweep at the calibrated point unless ``layer:`` was
+    set, as the config asks."""
     key, source, out = plan.key, plan.pairs, {}
     if "sweep" in wanted:
         sweep = runner.run(
@@ -250,11 +253,11 @@ def sweep_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[str
         )
         if sweep:
             out["sweep"] = sweep
-    if "calibrate" in wanted and "layers" in out:
+    if "calibrate" in wanted and layers:
         calibrated = runner.run(
             f"calibrate_{key}",
-            {**stamp, "vectors": vector, "split": split, "layers_csv": out["layers"]["csv"]},
-            lambda d: context.calibrate(d, key, vector, source, split, out["layers"]["csv"]),
+            {**stamp, "vectors": vector, "split": split, "layers_csv": layers["csv"]},
+            lambda d: context.calibrate(d, key, vector, source, split, layers["csv"]),
         )
         if calibrated:
             out["calibration"] = calibrated
