@@ -204,7 +204,7 @@ def test_sidecar_records_negative_projection_percentiles_per_layer(arch, tiny_mo
         trait="evil",
         save_dir=str(tmp_path / "vectors"),
         batch_size=3,
-        accelerator="cpu",
+        hardware=Hardware(accelerator="cpu"),
     )
     model = load_model(model_dir)
     for kind in VECTOR_KINDS:

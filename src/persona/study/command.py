@@ -88,9 +88,10 @@ def demo(run_dir: str = "runs/demo", quick: bool = False, accelerator: str = "au
 def demo_config(*, quick: bool = False) -> dict:
     """The demo's study settings (configs/study/demo.yaml holds the same; a test keeps them equal)."""
     traits = [StudyTrait("evil", generate=True), StudyTrait("psychopathy")]
-    sizes = Sizes(
-        filter_threshold=None
-    )  # the embedded judge scores its own answers far below the seed's filter
+    # The embedded judge scores its own answers far below the seed's filter; the calibration is the demo's smallest
+    # (one layer, <= 5 probes of 3 short answers and 4 pairs) to keep its time budget.
+    sizes = Sizes(filter_threshold=None, calibration_layers=1, calibration_probes=5, calibration_questions=3,
+                  calibration_tokens=16, calibration_pairs=4)  # fmt: skip
     phases = Phases()
     if quick:
         traits = traits[:1]
