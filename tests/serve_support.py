@@ -25,14 +25,21 @@ def write_trait_vectors(
     *,
     seed: int = 0,
     recommended: dict | None = None,
+    percentiles: bool = False,
 ) -> Path:
-    """Random ``<trait>_response_avg_diff.pt`` files for ``model``; ``recommended`` writes layer_metrics.csv files."""
+    """Random ``<trait>_response_avg_diff.pt`` files for ``model``; ``recommended`` writes layer_metrics.csv files;
+    ``percentiles`` records :func:`percentile_table` in each sidecar (as extraction does)."""
+    from persona.vectors.ranges import PERCENTILES_KEY, percentile_record
+
     layout = locate_blocks(model)
     generator = torch.Generator().manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for trait in traits:
         vectors = torch.randn(layout.num_layers + 1, hidden_size(layout), generator=generator)
-        save_vector(vectors, directory / f"{trait}_response_avg_diff.pt", {"trait": trait})
+        meta = {"trait": trait}
+        if percentiles:
+            meta[PERCENTILES_KEY] = percentile_record(percentile_table(layout.num_layers))
+        save_vector(vectors, directory / f"{trait}_response_avg_diff.pt", meta)
     for trait, layer in (recommended or {}).items():
         metrics = directory / f"{trait}_response_avg_diff_layers" / "layer_metrics.csv"
         metrics.parent.mkdir(exist_ok=True)
@@ -42,6 +49,21 @@ def write_trait_vectors(
             for row in range(layout.num_layers + 1):
                 writer.writerow([row, 0.5, row == layer])
     return directory
+
+
+def percentile_table(num_layers: int) -> list[list[float]]:
+    """A made-up sidecar table: layer ``l``'s p1, p5, p25, p50, p75, p95, p99 are ``(l + 1) * (-3, -2, -1, 0, 1,
+    2, 3) / 4``."""
+    return [[(layer + 1) * step / 4 for step in (-3, -2, -1, 0, 1, 2, 3)] for layer in range(num_layers + 1)]
+
+
+def prompt_reading(model, tokenizer, messages, vector: torch.Tensor, layer: int) -> float:
+    """The gate's reading, computed independently: one unpadded forward, the prompt's last token at ``layer``
+    (HF hidden_states, no hooks), projected on the unit ``vector``."""
+    ids = torch.tensor([encode_chat(tokenizer, messages)])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, -1]
+    return float(hidden.double() @ vector.double() / vector.double().norm())
 
 
 def build_service(
@@ -84,6 +106,7 @@ def reference_ids(
     specs: Sequence[SteeringSpec] = (),
     ablations: dict[int, torch.Tensor] | None = None,
     max_new_tokens: int,
+    orthogonalise: bool = False,
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy new ids) for one request on its own: steer() and ablation hooks, HF generate."""
     prompt = encode_chat(tokenizer, messages)
@@ -91,7 +114,11 @@ def reference_ids(
         (layer, lambda h, _s, b=basis: ablate_directions(h, b)) for layer, basis in (ablations or {}).items()
     ]
     input_ids, attention_mask = left_pad([prompt], tokenizer.pad_token_id)
-    with block_hooks(model, ablation_hooks), steer(model, specs), torch.no_grad():
+    with (
+        block_hooks(model, ablation_hooks),
+        steer(model, specs, orthogonalise=orthogonalise),
+        torch.no_grad(),
+    ):
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -312,3 +312,93 @@ def test_ddp_spawn_two_processes_write_the_same_csv_as_one(tiny_model_dirs, trai
         hardware=Hardware(accelerator="cpu", devices=2, strategy="ddp_spawn"),
     )  # 5 batches: 3 + 2
     assert two.read_bytes() == one.read_bytes()
+
+
+def percentile_vector(tmp_path):
+    """A random vector file whose sidecar records projection percentiles: layer l's p50 is l, p99 is l + 1."""
+    import torch
+
+    from persona.vectors import save_vector
+    from persona.vectors.ranges import PERCENTILES_KEY, percentile_record
+
+    table = [
+        [layer - 1, layer - 0.5, layer - 0.25, layer, layer + 0.25, layer + 0.5, layer + 1]
+        for layer in range(4)
+    ]
+    meta = {PERCENTILES_KEY: percentile_record(table)}
+    return save_vector(
+        torch.randn(4, 32, generator=torch.Generator().manual_seed(1)), tmp_path / "w.pt", meta
+    )
+
+
+def test_a_gate_that_never_fires_gives_the_unsteered_answers_byte_identical(
+    tiny_model_dirs, trait_file, tmp_path, use_judge
+):
+    vector = str(percentile_vector(tmp_path))
+    use_judge(FakeJudge())
+    common = dict(persona_instruction_type="none", n_per_question=1, max_tokens=6, max_questions=3)
+    model = tiny_model_dirs["llama"]
+    answers = {}  # the answer column's cells, read back as text (byte-identical cells)
+    for name, extra in {
+        "plain": {},
+        "steered": {"coef": 50.0, "layer": 2, "vector_path": vector},
+        "never": {"coef": 50.0, "layer": 2, "vector_path": vector, "when_above": 1e6},
+        "always": {"coef": 50.0, "layer": 2, "vector_path": vector, "when_below": 1e6},
+        "wide_cap": {"layer": 2, "vector_path": vector, "cap_lo": -1e6, "cap_hi": 1e6},
+    }.items():
+        run(model, trait_file, tmp_path / f"{name}.csv", **common, **extra)
+        answers[name] = list(pd.read_csv(tmp_path / f"{name}.csv", keep_default_na=False)["answer"])
+    assert answers["steered"] != answers["plain"]
+    assert answers["never"] == answers["plain"]  # the gate never fires: the unsteered model's answers
+    assert answers["always"] == answers["steered"]  # it always fires: the ungated steering's
+    assert answers["wide_cap"] == answers["plain"]  # a range holding every activation changes nothing
+    # The resolved bounds are part of the run's settings: another threshold on the same file is refused.
+    with pytest.raises(ValueError, match="other settings.*when_above"):
+        run(model, trait_file, tmp_path / "never.csv", **common, coef=50.0, layer=2, vector_path=vector,
+            when_above=1e5)  # fmt: skip
+
+
+def test_cap_percentiles_resolve_from_the_sidecar_and_cap_like_steer(
+    tiny_model_dirs, trait_file, tmp_path, use_judge
+):
+    from persona.generation.journal import ResponseStore as Store
+    from persona.models import load_model_and_tokenizer
+    from persona.steering import CapSpec, generate_steered
+    from persona.vectors import load_vector
+
+    vector = percentile_vector(tmp_path)
+    use_judge(FakeJudge())
+    out = tmp_path / "capped.csv"
+    run(tiny_model_dirs["llama"], trait_file, out, persona_instruction_type="none", n_per_question=1,
+        max_tokens=6, max_questions=2, layer=2, vector_path=str(vector), cap_lo="p1", cap_hi="p50")  # fmt: skip
+    steering = json.loads(Store(out, "wicked").meta_path.read_text())["signature"]["steering"]
+    assert (steering["cap_lo"], steering["cap_hi"], steering["coef"]) == (1.0, 2.0, None)
+    frame = pd.read_csv(out, keep_default_na=False)
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    tokenizer.padding_side = "left"
+    messages = [[{"role": "user", "content": q}] for q in frame["question"]]
+    expected = generate_steered(model, tokenizer, messages, [CapSpec(2, load_vector(vector), 1.0, 2.0)],
+                                max_new_tokens=6, temperature=0, min_new_tokens=1)  # fmt: skip
+    assert list(frame["answer"]) == expected
+    plain = generate_steered(
+        model, tokenizer, messages, [], max_new_tokens=6, temperature=0, min_new_tokens=1
+    )
+    assert plain != expected  # the cap bites
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cap_hi": "p42"}, "--cap_hi='p42'.*records p1, p5"),
+        ({"cap_lo": 2.0, "cap_hi": 1.0}, "--cap_lo 2 is above --cap_hi 1"),
+        ({"coef": 1.0, "when_above": "p50", "when_below": 1.0}, "give one"),
+        ({"cap_hi": "p99", "layer": None}, "need --layer"),
+    ],
+)
+def test_bad_cap_and_gate_flags_fail_before_any_model_loads(
+    trait_file, tmp_path, kwargs, message, monkeypatch, tiny_model_dirs
+):
+    monkeypatch.setattr(generation_loop, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    options = {"layer": 2, "vector_path": str(percentile_vector(tmp_path)), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run(tiny_model_dirs["llama"], trait_file, tmp_path / "out.csv", **options)

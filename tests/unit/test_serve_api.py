@@ -9,13 +9,22 @@ import time
 
 import openai
 import pytest
+import torch
 
 from persona.data.chat import answer_text
 from persona.models import load_model_and_tokenizer
-from persona.steering import SteeringSpec
+from persona.steering import CapSpec, SteeringSpec
 from persona.vectors.dose import neutral_texts
 from persona.vectors.norms import mean_residual_norm
-from serve_support import build_service, http, reference_ids, running, write_trait_vectors
+from serve_support import (
+    build_service,
+    http,
+    percentile_table,
+    prompt_reading,
+    reference_ids,
+    running,
+    write_trait_vectors,
+)
 
 HI = [{"role": "user", "content": "Tell me a joke about cats and dogs."}]
 
@@ -28,7 +37,9 @@ def model_and_tokenizer(tiny_model_dirs):
 @pytest.fixture(scope="module")
 def vectors_dir(model_and_tokenizer, tmp_path_factory):
     model, _ = model_and_tokenizer
-    return write_trait_vectors(tmp_path_factory.mktemp("vectors"), model, recommended={"evil": 1})
+    return write_trait_vectors(
+        tmp_path_factory.mktemp("vectors"), model, recommended={"evil": 1}, percentiles=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +200,98 @@ def test_bad_requests_get_openai_errors_with_their_status(server, kwargs, status
     assert raised.value.status_code == status
     error = raised.value.body
     assert error["param"] == param and error["message"] and error["type"]
+
+
+EVIL = {"trait": "evil", "coef": 4.0, "positions": "all"}
+
+
+@pytest.mark.parametrize(
+    ("persona", "status", "param", "fix"),
+    [
+        ({"cap": [{"trait": "evil", "hi": "p42"}]}, 400, "persona.cap.0.hi", "p99"),
+        ({"cap": [{"trait": "evil", "lo": 1.0, "hi": -1.0}]}, 400, "persona.cap.0.lo", "lo <= hi"),
+        ({"cap": [{"trait": "evil", "high": 1.0}]}, 400, "persona.cap.0.high", ""),
+        ({"cap": [{"trait": "nope"}]}, 404, "persona.cap.0.trait", "/v1/models"),
+        ({"steer": [{**EVIL, "when": {"trait": "kind", "above": 0, "below": 1}}]}, 400,
+         "persona.steer.0.when.above", "exactly one"),
+        ({"steer": [{**EVIL, "when": {"trait": "kind"}}]}, 400, "persona.steer.0.when.above", "exactly one"),
+        ({"steer": [{**EVIL, "when": {"trait": "kind", "layer": 2, "above": 0}}]}, 400,
+         "persona.steer.0.when.layer", "<= 1"),
+        ({"steer": [{**EVIL, "when": {"trait": "nope", "above": 0}}]}, 404, "persona.steer.0.when.trait", ""),
+        ({"ablate": [{"trait": "evil", "layer": "all", "when": {"trait": "evil", "above": 0}}]}, 400,
+         "persona.ablate.0.layer", "one layer"),
+        ({"steer": [{**EVIL, "layer": 1}, {**EVIL, "coef": 2.0, "layer": 1}], "orthogonalise": True}, 400,
+         "persona.orthogonalise", "Fix"),
+    ],
+)  # fmt: skip
+def test_bad_cap_gate_and_orthogonalise_fields_get_one_line_errors_naming_them(
+    server, persona, status, param, fix
+):
+    _, client, _ = server
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client, extra_body={"persona": persona})
+    assert raised.value.status_code == status
+    error = raised.value.body
+    assert error["param"] == param and "\n" not in error["message"] and fix in error["message"], error
+
+
+def test_a_conditional_entry_says_whether_it_fired_and_equals_steer_alone(server, model_and_tokenizer):
+    _, client, service = server
+    model, tokenizer = model_and_tokenizer
+    evil = service.traits["evil"].vectors
+    reading = prompt_reading(model, tokenizer, HI, evil[1], 1)  # against "p50" = 0 at layer 1
+    assert reading != 0
+    _, plain = reference_ids(model, tokenizer, HI, max_new_tokens=6)
+    _, steered = reference_ids(
+        model, tokenizer, HI, specs=[SteeringSpec(1, evil, 4.0, positions="all")], max_new_tokens=6
+    )
+    assert steered != plain
+    for side, fires in (("above", reading > 0), ("below", reading < 0)):
+        reply = chat(
+            client, extra_body={"persona": {"steer": [{**EVIL, "when": {"trait": "evil", side: "p50"}}]}}
+        )
+        when = reply.model_extra["persona"]["steer"][0]["when"]
+        assert when == {"trait": "evil", "layer": 1, side: 0.0, "requested": "p50", "fired": fires}
+        expected = steered if fires else plain
+        assert reply.choices[0].message.content == answer_text(tokenizer, expected), side
+    gated_ablation = {"ablate": [{"trait": "evil", "layer": 1, "when": {"trait": "evil", "above": "p50"}}]}
+    echo = chat(client, extra_body={"persona": gated_ablation}).model_extra["persona"]["ablate"][0]
+    assert echo["layers"] == [1] and echo["when"]["fired"] == (reading > 0)
+
+
+def test_caps_echo_their_resolved_bounds_and_equal_steer_alone(server, model_and_tokenizer):
+    _, client, service = server
+    table = percentile_table(3)  # p1 .. p99 per layer, as the sidecars record them
+    caps = [{"trait": "evil"}, {"trait": "kind", "layer": 2, "lo": "p5", "hi": 0.25, "positions": "response"}]
+    reply = chat(client, extra_body={"persona": {"cap": caps}})
+    echo = reply.model_extra["persona"]["cap"]
+    assert echo == [
+        {"trait": "evil", "layer": 1, "lo": None, "hi": table[1][6], "positions": "all",
+         "requested": {"lo": None, "hi": "p99"}},
+        {"trait": "kind", "layer": 2, "lo": table[2][1], "hi": 0.25, "positions": "response",
+         "requested": {"lo": "p5", "hi": 0.25}},
+    ]  # fmt: skip
+    specs = [
+        CapSpec(1, service.traits["evil"].vectors, None, table[1][6]),
+        CapSpec(2, service.traits["kind"].vectors, table[2][1], 0.25, positions="response"),
+    ]
+    _, capped = reference_ids(*model_and_tokenizer, HI, specs=specs, max_new_tokens=6)
+    assert reply.choices[0].message.content == answer_text(model_and_tokenizer[1], capped)
+
+
+def test_orthogonalised_steering_reports_the_overlap_and_equals_steer_alone(server, model_and_tokenizer):
+    _, client, service = server
+    entries = [{**EVIL, "layer": 1}, {"trait": "kind", "coef": 3.0, "layer": 1, "positions": "all"}]
+    reply = chat(client, extra_body={"persona": {"steer": entries, "orthogonalise": True}})
+    (overlap,) = reply.model_extra["persona"]["orthogonalised"]
+    evil, kind = service.traits["evil"].vectors[1], service.traits["kind"].vectors[1]
+    cosine = float(torch.nn.functional.cosine_similarity(evil.double(), kind.double(), dim=0))
+    assert overlap["layer"] == 1 and overlap["traits"] == ["evil", "kind"]
+    flat = [value for row in overlap["cosines"] for value in row]
+    assert flat == pytest.approx([1.0, cosine, cosine, 1.0], abs=1e-5)
+    specs = [SteeringSpec(1, evil, 4.0, positions="all"), SteeringSpec(1, kind, 3.0, positions="all")]
+    _, ortho = reference_ids(*model_and_tokenizer, HI, specs=specs, orthogonalise=True, max_new_tokens=6)
+    assert reply.choices[0].message.content == answer_text(model_and_tokenizer[1], ortho)
 
 
 def test_unknown_model_is_404(server):

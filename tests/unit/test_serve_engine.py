@@ -15,7 +15,7 @@ from persona.serve.sampling import SamplingParams
 from persona.serve.schema import PersonaFields
 from persona.serve.tracker import Failed, Finished, TextDelta
 from persona.serve.traits import load_traits, resolve_persona
-from serve_support import CHATS, reference_ids, write_trait_vectors
+from serve_support import CHATS, prompt_reading, reference_ids, write_trait_vectors
 
 PERSONAS = [
     {},
@@ -214,3 +214,56 @@ def test_a_row_cancelled_mid_generation_stops_while_the_others_go_on(tiny_llama,
     engine.run_batch(jobs)
     assert seen and not any(isinstance(e, Finished) for e in seen) and len(seen) <= 2
     assert isinstance(other[-1], Finished) and len(other[-1].token_ids) == 40
+
+
+def conditional_personas(readings: list[float]) -> list[dict]:
+    """Gates that must fire for rows 1 and 3 and must not for row 2 (thresholds just past each row's own reading),
+    a cap that bites everywhere (lo = hi = 0 on evil at layer 1), and two orthogonalised steer entries."""
+    margin = [1e-3 * (1 + abs(r)) for r in readings]
+    return [
+        {},
+        {"steer": [{"trait": "evil", "coef": 2.0, "when": {"trait": "evil", "above": readings[1] - margin[1]}}]},
+        {
+            "steer": [{"trait": "kind", "coef": -3.0, "layer": 2, "positions": "all",
+                       "when": {"trait": "evil", "layer": 1, "above": readings[2] + margin[2]}}],
+            "cap": [{"trait": "kind", "layer": 3, "lo": -0.5, "hi": 0.5}],
+        },
+        {"ablate": [{"trait": "kind", "layer": 1, "when": {"trait": "evil", "below": readings[3] + margin[3]}}]},
+        {"cap": [{"trait": "evil", "layer": 1, "lo": 0.0, "hi": 0.0}], "monitor": ["evil"]},
+        {"steer": [{"trait": "evil", "coef": 2.0, "layer": 2}, {"trait": "kind", "coef": 2.0, "layer": 2}],
+         "orthogonalise": True},
+    ]  # fmt: skip
+
+
+def test_gated_capped_and_orthogonalised_rows_of_a_mixed_batch_equal_steer_alone(
+    tiny_model, tokenizer, traits
+):
+    tiny_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    evil = traits["evil"].vectors[1]
+    readings = [prompt_reading(tiny_model, tokenizer, chat, evil, 1) for chat in CHATS]
+    personas = conditional_personas(readings)
+    resolved = [resolve_persona(PersonaFields.model_validate(p), traits, num_layers=3) for p in personas]
+    jobs = [
+        GenerationJob(
+            encode_chat(tokenizer, chat), NEW_TOKENS, interventions=r.interventions, monitor=r.monitor
+        )
+        for chat, r in zip(CHATS, resolved, strict=True)
+    ]
+    batched = [final(events) for events in run(Engine(tiny_model, tokenizer), jobs)]
+    assert [b.fired for b in batched] == [{}, {0: True}, {0: False}, {0: True}, {}, {}]
+    for index, (row, res) in enumerate(zip(batched, resolved, strict=True)):
+        _, reference = reference_ids(
+            tiny_model, tokenizer, CHATS[index], specs=res.interventions.specs,
+            ablations=res.interventions.ablations, orthogonalise=res.interventions.orthogonalise,
+            max_new_tokens=NEW_TOKENS,
+        )  # fmt: skip
+        assert row.token_ids == reference, index
+    kind_cap_only = [s for s in resolved[2].interventions.specs if s.when is None]
+    _, capped_2 = reference_ids(
+        tiny_model, tokenizer, CHATS[2], specs=kind_cap_only, max_new_tokens=NEW_TOKENS
+    )
+    assert batched[2].token_ids == capped_2  # the gate did not fire: only the cap applied
+    plain = [
+        reference_ids(tiny_model, tokenizer, CHATS[i], max_new_tokens=NEW_TOKENS)[1] for i in (1, 3, 4, 5)
+    ]
+    assert sum(p != batched[i].token_ids for p, i in zip(plain, (1, 3, 4, 5), strict=True)) >= 2  # they show

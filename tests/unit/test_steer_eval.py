@@ -156,6 +156,9 @@ def no_model_load(monkeypatch):
         ({"layer": 7}, "out of range"),
         ({"steering_type": "middle"}, "steering_type"),
         ({"judge_model": "gpt-4.1-mini", "judge_min_mass": 0.0}, "local judges only"),
+        ({"cap_hi": "p99"}, "--cap_hi='p99'.*records no negative_projection_percentiles"),
+        ({"cap_lo": 1.0, "cap_hi": 0.5}, "--cap_lo 1 is above --cap_hi 0.5"),
+        ({"when_above": 1.0, "when_below": 2.0}, "give one"),
     ],
 )
 def test_bad_input_fails_before_generation(kwargs, message, tiny_model_dirs, setup, no_model_load):

@@ -353,18 +353,21 @@ def instantiate(parser):
     return getattr(parser, "instantiate", None) or parser.instantiate_classes
 
 
-def test_the_finetuning_plan_adds_steering_and_caft_on_the_all_trait_mixture(tmp_path):
+def test_the_finetuning_plan_adds_steering_caft_and_capping_on_the_all_trait_mixture(tmp_path):
     from persona.study.runs import planned_runs
-    from persona.training.callbacks import ConceptAblation, PreventativeSteering
+    from persona.training.callbacks import ConceptAblation, PreventativeSteering, ProjectionCapping
 
     sizes = Sizes(finetune_mixtures=[0.0, 0.5, 1.0], finetune_interventions=True, steering_coef=2.5)
     plan = planned_runs((0.0, 0.5, 1.0), sizes, str(tmp_path / "v.pt"), 3)
     assert [(share, name) for share, name, _ in plan] == [
         (0.0, "mix_0"), (0.5, "mix_0.5"), (1.0, "mix_1"), (1.0, "mix_1+steer"), (1.0, "mix_1+caft"),
+        (1.0, "mix_1+cap"),
     ]  # fmt: skip
-    steer, caft = plan[3][2], plan[4][2]
+    steer, caft, capping = plan[3][2], plan[4][2], plan[5][2]
     assert isinstance(steer[0], PreventativeSteering) and steer[0].coef == 2.5
     assert isinstance(caft[0], ConceptAblation) and all(not extra for _, _, extra in plan[:3])
+    assert isinstance(capping[0], ProjectionCapping) and capping[0].layers == [3]
+    assert (capping[0].lo, capping[0].hi, capping[0].vector_path) == (None, "p99", str(tmp_path / "v.pt"))
     assert [name for _, name, _ in planned_runs((0.0, 0.5), sizes, "v.pt", 3)] == ["mix_0", "mix_0.5"]
 
 
@@ -411,3 +414,21 @@ def test_release_memory_hands_freed_heap_back_to_the_os():
     before = resident_mib()
     release_memory()
     assert resident_mib() < before - 50 and len(kept) == 4000
+
+
+def test_the_report_compares_the_all_trait_arms_side_by_side():
+    import pandas as pd
+
+    from persona.study.report import arms_section
+
+    shift = pd.DataFrame(
+        {
+            "run": ["mix_0", "mix_1", "mix_1+steer", "mix_1+caft", "mix_1+cap"],
+            "shift_prompt_last": [0.0, 1.0, 0.2, 0.3, 0.4],
+            "shift_response_avg": [0.0, 2.0, 0.5, 0.6, 0.7],
+            "trait_score_change": [0.0, 30.0, 5.0, 6.0, 7.0],
+        }
+    )
+    text = "\n".join(arms_section(shift))
+    assert "mix_0 " not in text and all(f"| {arm} " in text for arm in ("mix_1", "mix_1+steer", "mix_1+cap"))
+    assert "0.4" in text and arms_section(shift[shift["run"] == "mix_1"]) == []

@@ -45,6 +45,10 @@ def generate(
     layer: int | None = None,
     steering_type: str = "response",
     allow_high_dose: bool = False,
+    cap_lo: float | str | None = None,
+    cap_hi: float | str | None = None,
+    when_above: float | str | None = None,
+    when_below: float | str | None = None,
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
@@ -80,6 +84,10 @@ def generate(
         layer: Layer to steer at (0 = embeddings, L = output of block L-1).
         steering_type: Positions to steer: response, generated, prompt or all.
         allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
+        cap_lo: Cap the projection on --vector_path's unit direction at --layer from below (every position, after the steering): a number (projection units) or a percentile of the sidecar's trait-free examples, p1..p99. Without --coef/--dose: cap only.
+        cap_hi: Cap it from above, e.g. p99 (cut only excursions toward the trait).
+        when_above: Steer (and cap) only the prompts whose last token projects on the vector at --layer above this (a number or p1..p99); decided at prefill, held for the whole answer.
+        when_below: Likewise, only prompts that project below this.
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed; each batch's seed is derived from it and the batch's keys.
         overwrite: Start over, deleting an existing output_path and its journal.
@@ -89,8 +97,9 @@ def generate(
         persona_instruction_type, n_per_question, max_tokens, batch_size, max_questions, steering_type
     )
     model_source(model)
+    bounds = {"--cap_lo": cap_lo, "--cap_hi": cap_hi, "--when_above": when_above, "--when_below": when_below}
     steering = check_steering(model, coef, vector_path, layer, hardware.trust_remote_code, dose=dose,
-                              allow_high_dose=allow_high_dose)  # fmt: skip
+                              allow_high_dose=allow_high_dose, bounds=bounds)  # fmt: skip
     if steering is not None:
         steering["steering_type"] = steering_type
     if temperature is None:
@@ -143,18 +152,56 @@ def check_flags(
     return instruction_type
 
 
+def resolve_bounds(vector_path, layer: int, bounds: dict) -> dict:
+    """--cap_lo/--cap_hi/--when_above/--when_below -> numbers (percentiles from the vector's sidecar at ``layer``),
+    keyed cap_lo, cap_hi, when_above, when_below; only those given."""
+    from persona.vectors.ranges import resolve_bound
+
+    meta = load_metadata(vector_path)
+    resolved = {}
+    for flag, value in bounds.items():
+        if value is not None:
+            try:
+                resolved[flag[2:]] = resolve_bound(
+                    value, path=vector_path, meta=meta, layer=layer, field=flag
+                )
+            except ValueError as error:
+                raise PersonaError(str(error)) from None
+    if "when_above" in resolved and "when_below" in resolved:
+        raise PersonaError("--when_above and --when_below: give one. Fix: drop one of them.")
+    lo, hi = resolved.get("cap_lo"), resolved.get("cap_hi")
+    if lo is not None and hi is not None and lo > hi:
+        raise PersonaError(f"--cap_lo {lo:g} is above --cap_hi {hi:g}. Fix: pass --cap_lo <= --cap_hi.")
+    return resolved
+
+
+def _cap_only(vector_path, layer, bounds: dict) -> dict:
+    """--vector_path --layer with a cap and no --coef/--dose: a cap (maybe gated), no push."""
+    if layer is None:
+        raise PersonaError("--cap_lo/--cap_hi without --coef or --dose need --layer. Fix: pass --layer.")
+    resolved = resolve_bounds(vector_path, layer, bounds)
+    return {"vector_path": str(vector_path), "layer": layer, "coef": None, **resolved}
+
+
 def check_steering(
-    model, coef, vector_path, layer, trust_remote_code, *, dose=None, allow_high_dose=False
+    model, coef, vector_path, layer, trust_remote_code, *, dose=None, allow_high_dose=False, bounds=None
 ) -> dict | None:
     """The steering settings checked against the model (no weights loaded; norms measured once for an old file).
 
     --vector_path with --layer and --coef or --dose; or --vector_path alone (or with --layer) when its sidecar
-    holds `persona calibrate`'s recommendation. Nothing given: no steering."""
+    holds `persona calibrate`'s recommendation. Nothing given: no steering. ``bounds``: the cap and gate flags
+    (see :func:`resolve_bounds`); a cap needs no strength, a gate needs something to gate."""
     from persona.commands.strength import resolve_strength
 
-    given = {"--coef": coef, "--dose": dose, "--vector_path": vector_path, "--layer": layer}
+    bounds = {flag: value for flag, value in (bounds or {}).items() if value is not None}
+    given = {"--coef": coef, "--dose": dose, "--vector_path": vector_path, "--layer": layer, **bounds}
     if all(value is None for value in given.values()):
         return None
+    capped = any(flag.startswith("--cap") for flag in bounds)
+    if capped and coef is None and dose is None and vector_path is not None:
+        vector_for_model(model, vector_path, layers=[] if layer is None else [layer],
+                         trust_remote_code=trust_remote_code)  # fmt: skip
+        return _cap_only(vector_path, layer, bounds)
     if vector_path is None:
         named = ", ".join(flag for flag, value in given.items() if value is not None)
         raise PersonaError(
@@ -175,7 +222,8 @@ def check_steering(
     source_model = load_metadata(vector_path).get("model")
     if source_model not in (None, model):
         log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)
-    return {"vector_path": str(vector_path), "layer": strength.layer, "coef": strength.coef}
+    steering = {"vector_path": str(vector_path), "layer": strength.layer, "coef": strength.coef}
+    return {**steering, **resolve_bounds(vector_path, strength.layer, bounds)}
 
 
 def run_signature(

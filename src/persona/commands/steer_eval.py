@@ -143,6 +143,10 @@ def steer_eval(
     coefs: list[float] | None = None,
     doses: list[float] | None = None,
     allow_high_dose: bool = False,
+    cap_lo: float | str | None = None,
+    cap_hi: float | str | None = None,
+    when_above: float | str | None = None,
+    when_below: float | str | None = None,
     steering_type: str = "response",
     n_per_question: int = 1,
     max_questions: int | None = None,
@@ -171,6 +175,10 @@ def steer_eval(
         coefs: Coefficients, e.g. "-2,-1,0,1,2" (write --coefs=-2,-1,0,1,2 when it starts with a minus) or [-2, 0, 2]; default -2..2, or with neither --layer nor --doses the calibrated recommendation's doses.
         doses: Doses instead of coefficients (|coef|·‖v‖/mean‖h‖ at the layer, signed), e.g. --doses=-0.3,0,0.3.
         allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
+        cap_lo: Also cap the projection on the vector at the layer from below at every coefficient (a number or p1..p99 of the sidecar; see `persona generate`).
+        cap_hi: Also cap it from above, e.g. p99.
+        when_above: Steer (and cap) only prompts whose last token projects above this at the layer (a number or p1..p99).
+        when_below: Likewise, only prompts that project below this.
         steering_type: Positions to steer: response, generated, prompt or all.
         n_per_question: Answers per question and coefficient.
         max_questions: Only the first N eval questions (quick runs).
@@ -185,7 +193,7 @@ def steer_eval(
         overwrite: Start every coefficient's file over.
     """
     model = model_on_base(model, base_model)
-    from persona.commands.generate import generate
+    from persona.commands.generate import generate, resolve_bounds
     from persona.core.constants import POSITIONS
     from persona.data.traits import load_trait
     from persona.judges import check_min_mass, check_served_judge
@@ -204,6 +212,8 @@ def steer_eval(
     if layer is not None:
         SteeringSpec(layer, vector, 1.0, positions=steering_type)  # layer in range
     layer, points, source = sweep_points(model, vector_path, layer, coefs, doses, allow_high_dose)
+    bounds = {"cap_lo": cap_lo, "cap_hi": cap_hi, "when_above": when_above, "when_below": when_below}
+    resolve_bounds(vector_path, layer, {f"--{k}": v for k, v in bounds.items()})  # fails here, not per coef
     SteeringSpec(layer, vector, 1.0, positions=steering_type)  # the recommended layer in range too
     out = Path(output_dir) if output_dir else default_output_dir(vector_path, layer, steering_type)
 
@@ -222,7 +232,7 @@ def steer_eval(
                          max_tokens=max_tokens, temperature=temperature, judge_model=judge_model,
                          judge_base_url=judge_base_url, judge_min_mass=judge_min_mass, coef=coef,
                          vector_path=vector_path, layer=layer, steering_type=steering_type, batch_size=batch_size,
-                         seed=seed, overwrite=overwrite, hardware=hardware)
+                         seed=seed, overwrite=overwrite, hardware=hardware, **bounds)
             )  # fmt: skip
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":

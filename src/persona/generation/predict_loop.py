@@ -16,7 +16,7 @@ from persona.data.chat import has_chat_template, render_chat
 from persona.data.traits import Trait, coherence_prompt
 from persona.generation.journal import Key, ResponseStore, pending_batches
 from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.steering import SteeringSpec, generate_steered
+from persona.steering import CapSpec, Gate, SteeringSpec, generate_steered
 from persona.vectors import load_vector
 
 # ------------------------------------------------------------------------------------------------- judging
@@ -53,6 +53,21 @@ def score_rows(rows: list[dict], trait: Trait, judge) -> list[str]:
 # ------------------------------------------------------------------------------------------------- Lightning
 
 
+def command_specs(hp) -> list:
+    """`persona generate`'s interventions: the push (``coef``; None: none), then the cap (``cap_lo``/``cap_hi``, every
+    position) on the same vector and layer; both gated by ``when_above``/``when_below`` on the same vector there."""
+    vector = load_vector(hp.vector_path)
+    gate = None
+    if hp.when_above is not None or hp.when_below is not None:
+        gate = Gate(hp.layer, vector, above=hp.when_above, below=hp.when_below)
+    specs = []
+    if hp.coef is not None:
+        specs.append(SteeringSpec(hp.layer, vector, hp.coef, positions=hp.steering_type, when=gate))
+    if hp.cap_lo is not None or hp.cap_hi is not None:
+        specs.append(CapSpec(hp.layer, vector, hp.cap_lo, hp.cap_hi, when=gate))
+    return specs
+
+
 class ResponseGenerator(L.LightningModule):
     """predict_step: generate answers for one planned batch (its own seed); rows out, unjudged."""
 
@@ -68,6 +83,10 @@ class ResponseGenerator(L.LightningModule):
         coef: float | None = None,
         steering_type: str = "response",
         fast: bool | str = "auto",
+        cap_lo: float | None = None,
+        cap_hi: float | None = None,
+        when_above: float | None = None,
+        when_below: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,11 +103,7 @@ class ResponseGenerator(L.LightningModule):
         self.tokenizer = tokenizer
         self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
         self.model.requires_grad_(False)
-        self.specs = (
-            []
-            if hp.vector_path is None
-            else [SteeringSpec(hp.layer, load_vector(hp.vector_path), hp.coef, positions=hp.steering_type)]
-        )
+        self.specs = [] if hp.vector_path is None else command_specs(hp)
 
     def on_predict_start(self) -> None:
         # One fast-generation session for the whole run: its decode step compiles once, not once per batch.

@@ -22,7 +22,7 @@ from persona.serve.monitoring import ProjectionRecorder
 from persona.serve.sampling import RowSampler, SamplingParams
 from persona.serve.tracker import BatchTracker, Event, Failed
 from persona.serve.traits import MonitorTarget
-from persona.steering.rows import RowInterventions, steer_rows
+from persona.steering.rows import RowGates, RowInterventions, steer_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Engine:
         tracker = None
         try:
             recorder = ProjectionRecorder([target for job in jobs for target in job.monitor])
-            tracker = BatchTracker(jobs, self.tokenizer, self.eos_ids, recorder)
+            tracker = BatchTracker(jobs, self.tokenizer, self.eos_ids, recorder, RowGates())
             self._generate(jobs, tracker, recorder)
         except Exception as error:  # a bad batch must not take the model thread down
             log.exception("batch of %d failed", len(jobs))
@@ -95,7 +95,7 @@ class Engine:
             pad_token_id=self.pad_id,
         )
         with (
-            steer_rows(self.model, [job.interventions for job in jobs]),
+            steer_rows(self.model, [job.interventions for job in jobs], gates=tracker.gates),
             block_hooks(self.model, recorder.hooks()),  # after the interventions: reads what later blocks see
             torch.inference_mode(),
         ):

@@ -47,6 +47,33 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+Bound = FiniteFloat | str  # projection units, or a percentile of the trait's sidecar ("p1" .. "p99")
+
+
+class WhenItem(BaseModel):
+    """Make a steer or ablate entry conditional: it applies to this request only when the prompt's last token
+    projects on ``trait``'s vector at ``layer`` strictly above ``above`` (or below ``below``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trait: str
+    layer: int | None = None  # None: the gated entry's own layer
+    above: Bound | None = None
+    below: Bound | None = None
+
+
+class CapItem(BaseModel):
+    """Clamp the projection on ``trait``'s vector to ``[lo, hi]`` (neither given: hi = "p99", lo unbounded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trait: str
+    layer: int | None = None  # None: the trait's default layer
+    lo: Bound | None = None
+    hi: Bound | None = None
+    positions: Positions = "all"
+
+
 class SteerItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +85,7 @@ class SteerItem(BaseModel):
     layer: int | None = None  # None: the recommendation's layer, else the trait's default layer (/v1/models)
     positions: Positions = "response"
     force: bool = False  # steer above the trait's dose limit
+    when: WhenItem | None = None  # steer only prompts that pass this gate
 
 
 class AblateItem(BaseModel):
@@ -65,6 +93,7 @@ class AblateItem(BaseModel):
 
     trait: str
     layer: int | Literal["all"] | None = None  # None: the trait's default layer; "all": every block's output
+    when: WhenItem | None = None  # ablate only for prompts that pass this gate (one layer, not "all")
 
 
 class PersonaFields(BaseModel):
@@ -75,6 +104,8 @@ class PersonaFields(BaseModel):
     steer: list[SteerItem] = Field(default_factory=list, max_length=MAX_PERSONA_ITEMS)
     monitor: list[str] = Field(default_factory=list, max_length=MAX_PERSONA_ITEMS)
     ablate: list[str | AblateItem] = Field(default_factory=list, max_length=MAX_PERSONA_ITEMS)
+    cap: list[CapItem] = Field(default_factory=list, max_length=MAX_PERSONA_ITEMS)
+    orthogonalise: bool = False  # the steer entries at each layer, Gram-Schmidt in the order given
 
 
 class TextPart(BaseModel):

@@ -161,7 +161,9 @@ class PersonaService:
 
     def persona_reply(self, resolved: ResolvedPersona, finished: Finished) -> dict:
         """The reply's ``persona`` field: what was applied, and the monitoring report (recorded in metrics)."""
-        reply = dict(resolved.applied)
+        reply = copy.deepcopy(resolved.applied)
+        for index, (kind, place) in resolved.gated.items():
+            reply[kind][place]["when"]["fired"] = finished.fired.get(index)  # None: a no-op entry (coef 0)
         if resolved.monitor:
             projections = [(t, tuple(_finite(v) for v in values)) for t, values in finished.projections]
             report = monitor_report(projections, self.baseline, self.settings.alert_z)

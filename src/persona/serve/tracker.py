@@ -36,6 +36,9 @@ class Finished:
     token_ids: list[int] = field(
         default_factory=list
     )  # the reply's tokens (no end-of-sequence token); for logs
+    fired: dict[int, bool] = field(
+        default_factory=dict
+    )  # index in the job's interventions.specs -> its gate fired
 
 
 @dataclass
@@ -116,10 +119,11 @@ class RowState:
 
 
 class BatchTracker(StoppingCriteria):
-    def __init__(self, jobs: Sequence, tokenizer, eos_ids, recorder: ProjectionRecorder):
+    def __init__(self, jobs: Sequence, tokenizer, eos_ids, recorder: ProjectionRecorder, gates=None):
         eos = frozenset(eos_ids)
         self.rows = [RowState(job, tokenizer, eos) for job in jobs]
         self.recorder = recorder
+        self.gates = gates  # persona.steering.rows.RowGates: each row's gate decisions (made at prefill)
 
     def row_done(self, index: int) -> bool:
         return self.rows[index].done
@@ -152,6 +156,7 @@ class BatchTracker(StoppingCriteria):
                 completion_tokens=len(row.tokens) + int(row.ended_by_eos),
                 projections=projections,
                 token_ids=list(row.tokens),
+                fired={} if self.gates is None else self.gates.fired(index),
             )
         )
 

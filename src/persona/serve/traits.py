@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from persona.hooks.operators import orthonormalize
-from persona.serve.schema import AblateItem, ApiError, PersonaFields, SteerItem
-from persona.steering import SteeringSpec
+from persona.serve.schema import AblateItem, ApiError, PersonaFields, SteerItem, WhenItem
+from persona.steering import AblationSpec, CapSpec, Gate, SteeringSpec, orthogonalise_specs
 from persona.steering.rows import RowInterventions
 from persona.vectors import layers_dir, load_vector
 
@@ -154,6 +154,9 @@ class ResolvedPersona:
     interventions: RowInterventions = field(default_factory=RowInterventions)
     monitor: tuple[MonitorTarget, ...] = ()
     applied: dict = field(default_factory=lambda: {"steer": [], "ablate": []})
+    gated: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Index in ``interventions.specs`` of each conditional entry -> (``"steer"`` | ``"ablate"``, its place in
+    ``applied[kind]``): where the reply says whether it fired."""
 
 
 def _trait(traits: dict[str, Trait], name: str, param: str) -> Trait:
@@ -226,13 +229,44 @@ def _strength(item: SteerItem, trait: Trait, layer: int, param: str) -> tuple[fl
     return dose_to_coef(dose, trait.direction(layer), norm), dose, source
 
 
-def resolve_persona(
-    fields: PersonaFields | None, traits: dict[str, Trait], num_layers: int
-) -> ResolvedPersona:
-    """Validate a request's persona field against the loaded traits: 404 unknown trait, 400 bad layer."""
-    if fields is None:
-        return ResolvedPersona()
-    specs, steer_echo = [], []
+def _bound(value, trait: Trait, layer: int, param: str) -> float | None:
+    """A number, or a percentile of ``trait``'s sidecar at ``layer`` (400 naming ``param`` if it has none)."""
+    from persona.vectors import load_metadata
+    from persona.vectors.ranges import resolve_bound
+
+    try:
+        return resolve_bound(value, path=trait.path, meta=load_metadata(trait.path), layer=layer, field=param)
+    except ValueError as error:
+        raise ApiError(400, str(error), param=param, code="invalid_bound") from None
+
+
+def _gate(when: WhenItem | None, traits, num_layers: int, layer: int, param: str) -> tuple[Gate | None, dict]:
+    """A steer or ablate entry's ``when`` -> (Gate on the condition trait's vector, its echo for the reply)."""
+    if when is None:
+        return None, {}
+    param = f"{param}.when"
+    trait = _trait(traits, when.trait, f"{param}.trait")
+    gate_layer = layer if when.layer is None else _layer(when.layer, trait, num_layers, f"{param}.layer")
+    if gate_layer > layer:
+        raise ApiError(
+            400,
+            f"{param}.layer={gate_layer} comes after the entry's layer {layer}: the gate decides at prefill before "
+            f"the entry applies. Fix: choose a layer <= {layer}, or leave it out (the entry's layer).",
+            param=f"{param}.layer",
+            code="gate_after_entry",
+        )
+    if (when.above is None) == (when.below is None):
+        raise ApiError(400, f"{param}: give exactly one of above or below. Fix: e.g. \"above\": \"p95\".",
+                       param=f"{param}.above", code="gate_threshold")  # fmt: skip
+    side = "above" if when.above is not None else "below"
+    threshold = _bound(getattr(when, side), trait, gate_layer, f"{param}.{side}")
+    gate = Gate(gate_layer, trait.vectors, **{side: threshold})
+    echo = {"trait": trait.name, "layer": gate_layer, side: threshold, "requested": getattr(when, side)}
+    return gate, echo
+
+
+def _steer_entries(fields: PersonaFields, traits, num_layers: int) -> tuple[list, list]:
+    specs, echo = [], []
     for index, item in enumerate(fields.steer):
         param = f"persona.steer.{index}"
         trait = _trait(traits, item.trait, f"{param}.trait")
@@ -243,29 +277,119 @@ def resolve_persona(
             else _layer(item.layer, trait, num_layers, f"{param}.layer")
         )
         coef, dose, source = _strength(item, trait, layer, param)
-        specs.append(SteeringSpec(layer, trait.vectors, coef, positions=item.positions))
-        steer_echo.append(
+        gate, when = _gate(item.when, traits, num_layers, layer, param)
+        specs.append(SteeringSpec(layer, trait.vectors, coef, positions=item.positions, when=gate))
+        echo.append(
             {"trait": trait.name, "coef": coef, "dose": dose, "layer": layer, "positions": item.positions,
-             "strength": source, "layer_from": "recommended" if advised else ("request" if item.layer is not None else "default")}
+             "strength": source, "layer_from": "recommended" if advised else ("request" if item.layer is not None else "default"),
+             **({"when": when} if when else {})}
         )  # fmt: skip
+    return specs, echo
+
+
+def _cap_entries(fields: PersonaFields, traits, num_layers: int) -> tuple[list[CapSpec], list]:
+    specs, echo = [], []
+    for index, item in enumerate(fields.cap):
+        param = f"persona.cap.{index}"
+        trait = _trait(traits, item.trait, f"{param}.trait")
+        layer = _layer(item.layer, trait, num_layers, f"{param}.layer")
+        asked = (
+            {"lo": item.lo, "hi": item.hi}
+            if (item.lo, item.hi) != (None, None)
+            else {"lo": None, "hi": "p99"}
+        )
+        lo = _bound(asked["lo"], trait, layer, f"{param}.lo")
+        hi = _bound(asked["hi"], trait, layer, f"{param}.hi")
+        if lo is not None and hi is not None and lo > hi:
+            raise ApiError(400, f"{param}: lo={lo:g} is above hi={hi:g}. Fix: pass lo <= hi.",
+                           param=f"{param}.lo", code="invalid_bound")  # fmt: skip
+        specs.append(CapSpec(layer, trait.vectors, lo, hi, positions=item.positions))
+        echo.append({"trait": trait.name, "layer": layer, "lo": lo, "hi": hi, "positions": item.positions,
+                     "requested": asked})  # fmt: skip
+    return specs, echo
+
+
+def _ablate_entries(fields: PersonaFields, traits, num_layers: int) -> tuple[dict, list, list]:
+    """(ungated ablations per layer, orthonormalised; gated (AblationSpec, its place in the echo); echo)."""
     per_layer: dict[int, list[Tensor]] = {}
-    ablate_echo = []
+    gated, echo = [], []
     for index, raw in enumerate(fields.ablate):
         item = AblateItem(trait=raw) if isinstance(raw, str) else raw
-        trait = _trait(traits, item.trait, f"persona.ablate.{index}")
-        layers = _ablation_layers(item, trait, num_layers, f"persona.ablate.{index}")
-        for layer in layers:
-            per_layer.setdefault(layer, []).append(trait.direction(layer))
-        ablate_echo.append({"trait": trait.name, "layers": layers})
+        param = f"persona.ablate.{index}"
+        trait = _trait(traits, item.trait, param)
+        if item.when is not None and item.layer == "all":
+            raise ApiError(400, f'{param}.layer="all" cannot be gated: a gate reads one layer before its entry. '
+                           "Fix: give one layer, or drop when.", param=f"{param}.layer", code="gate_layer")  # fmt: skip
+        layers = _ablation_layers(item, trait, num_layers, param)
+        gate, when = _gate(item.when, traits, num_layers, layers[0], param)
+        if gate is not None:
+            gated.append((AblationSpec(layers[0], trait.direction(layers[0]), when=gate), len(echo)))
+        else:
+            for layer in layers:
+                per_layer.setdefault(layer, []).append(trait.direction(layer))
+        echo.append({"trait": trait.name, "layers": layers, **({"when": when} if when else {})})
     ablations = {}
     for layer, directions in per_layer.items():
         try:
             ablations[layer] = orthonormalize(torch.stack(directions))
         except ValueError:
             raise ApiError(400, f"persona.ablate: the directions at layer {layer} are all zero.") from None
+    return ablations, gated, echo
+
+
+def _overlaps(steer_specs: list, steer_echo: list) -> list[dict]:
+    """The cosines of the steer entries' vectors at each layer with two or more (what orthogonalise removes)."""
+    try:
+        _, overlaps = orthogonalise_specs(steer_specs)
+    except ValueError as error:
+        raise ApiError(400, f"persona.orthogonalise: {error} Fix: drop one of the dependent steer entries.",
+                       param="persona.orthogonalise", code="dependent_directions") from None  # fmt: skip
+    found = []
+    for layer, cosines in overlaps.items():
+        names = [
+            e["trait"]
+            for s, e in zip(steer_specs, steer_echo, strict=True)
+            if s.layer == layer and s.coef != 0
+        ]
+        found.append(
+            {
+                "layer": layer,
+                "traits": names,
+                "cosines": [[round(float(c), 6) for c in row] for row in cosines],
+            }
+        )
+    return found
+
+
+def resolve_persona(
+    fields: PersonaFields | None, traits: dict[str, Trait], num_layers: int
+) -> ResolvedPersona:
+    """Validate a request's persona field against the loaded traits: 404 unknown trait, 400 bad layer or bound.
+
+    Order at each layer: the plain ablations, then the gated ablations, the steer entries, the caps (a cap is the
+    last word on its projection)."""
+    if fields is None:
+        return ResolvedPersona()
+    steer_specs, steer_echo = _steer_entries(fields, traits, num_layers)
+    ablations, gated_ablations, ablate_echo = _ablate_entries(fields, traits, num_layers)
+    cap_specs, cap_echo = _cap_entries(fields, traits, num_layers)
+    specs = [spec for spec, _ in gated_ablations] + steer_specs + cap_specs
+    gated = {index: ("ablate", place) for index, (_, place) in enumerate(gated_ablations)}
+    gated.update(
+        {
+            len(gated_ablations) + i: ("steer", i)
+            for i, spec in enumerate(steer_specs)
+            if spec.when is not None
+        }
+    )
+    applied = {"steer": steer_echo, "ablate": ablate_echo}
+    if fields.cap:
+        applied["cap"] = cap_echo
+    if fields.orthogonalise:
+        applied["orthogonalised"] = _overlaps(steer_specs, steer_echo)
     monitor = []
     for index, name in enumerate(dict.fromkeys(fields.monitor)):
         trait = _trait(traits, name, f"persona.monitor.{index}")
         monitor.append(MonitorTarget(trait.name, trait.default_layer, trait.direction(trait.default_layer)))
-    applied = {"steer": steer_echo, "ablate": ablate_echo}
-    return ResolvedPersona(RowInterventions(specs, ablations), tuple(monitor), applied)
+    interventions = RowInterventions(specs, ablations, orthogonalise=fields.orthogonalise)
+    return ResolvedPersona(interventions, tuple(monitor), applied, gated)

@@ -22,7 +22,7 @@ from persona.hooks.layers import DecoderLayout, check_layer
 from persona.hooks.operators import ablate_row_directions, add_row_directions, cap
 from persona.hooks.registry import ForwardState
 from persona.steering.ops import GateState, PreparedSpec, steered_positions
-from persona.steering.spec import Spec, hidden_size, prepare_specs
+from persona.steering.spec import Spec, hidden_size, prepare_indexed
 
 
 @dataclass
@@ -138,15 +138,43 @@ def _slot(entries: list[PreparedSpec | None], width: int, device) -> tuple[_Slot
     return slot, readers
 
 
-def _slots_at(layer: int, prepared: list[list[PreparedSpec]], width: int, device) -> tuple[list[_Slot], list]:
-    per_row = [[spec for spec in row if spec.layer == layer] for row in prepared]
+class RowGates:
+    """Where each row's gated entries keep their decisions: read :meth:`fired` once the prefill has run.
+
+    Pass one to :func:`steer_rows` (``gates=``); it is filled when the hooks are attached.
+    """
+
+    def __init__(self):
+        self.entries: dict[int, list[tuple[int, GateState]]] = {}  # row -> [(index in row.specs, state)]
+
+    def add(self, row: int, spec_index: int, state: GateState) -> None:
+        self.entries.setdefault(row, []).append((spec_index, state))
+
+    def fired(self, row: int) -> dict[int, bool]:
+        """Index in ``rows[row].specs`` -> whether that gated entry fired for this row (after the prefill)."""
+        decided = {}
+        for spec_index, state in self.entries.get(row, []):
+            if state.fired is not None:
+                decided[spec_index] = bool(state.fired[row].item())
+        return decided
+
+
+Indexed = list[tuple[int, PreparedSpec]]
+
+
+def _slots_at(
+    layer: int, prepared: list[Indexed], width: int, device, gates: RowGates | None
+) -> tuple[list[_Slot], list]:
+    per_row = [[(i, spec) for i, spec in row if spec.layer == layer] for row in prepared]
     slots, readers = [], []
     for index in range(max(len(specs) for specs in per_row)):
-        slot, slot_readers = _slot(
-            [row[index] if index < len(row) else None for row in per_row], width, device
-        )
+        at = [row[index] if index < len(row) else (None, None) for row in per_row]
+        slot, slot_readers = _slot([spec for _, spec in at], width, device)
         slots.append(slot)
         readers.extend(slot_readers)
+        for row, (spec_index, spec) in enumerate(at):
+            if gates is not None and spec is not None and spec.gate is not None:
+                gates.add(row, spec_index, slot.gate)
     return slots, readers
 
 
@@ -186,26 +214,29 @@ def _check_ablations(layout: DecoderLayout, rows: Sequence[RowInterventions], wi
 
 
 @contextmanager
-def steer_rows(model: nn.Module, rows: Sequence[RowInterventions]) -> Iterator[DecoderLayout]:
+def steer_rows(
+    model: nn.Module, rows: Sequence[RowInterventions], *, gates: RowGates | None = None
+) -> Iterator[DecoderLayout]:
     """Row ``b`` of every forward inside the block gets ``rows[b]``; the batch must have ``len(rows)`` rows.
 
     Everything is validated before any hook is attached; layers where no row intervenes get no hook. Gate
     readers are registered ahead of every entry, so each reads its layer before any row's entry there edits it.
+    ``gates``: a :class:`RowGates` to learn, per row and gated entry, whether its gate fired.
     """
     layout = locate_blocks(model)
     width = hidden_size(layout)
     prepared = [
-        prepare_specs(layout, row.specs, what=f"rows[{index}].specs", orthogonalise=row.orthogonalise)
+        prepare_indexed(layout, row.specs, what=f"rows[{index}].specs", orthogonalise=row.orthogonalise)
         for index, row in enumerate(rows)
     ]
     _check_ablations(layout, rows, width)
     layers = sorted(
-        {spec.layer for row in prepared for spec in row} | {k for row in rows for k in row.ablations}
+        {spec.layer for row in prepared for _, spec in row} | {k for row in rows for k in row.ablations}
     )
     readers, hooks = [], []
     for layer in layers:
         device = layout.layer_device(layer)
-        slots, slot_readers = _slots_at(layer, prepared, width, device)
+        slots, slot_readers = _slots_at(layer, prepared, width, device, gates)
         readers.extend(slot_readers)
         hooks.append((layer, _row_hook(_bases_at(layer, rows, width, device), slots)))
     with block_hooks(model, readers + hooks):

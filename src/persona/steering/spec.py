@@ -183,11 +183,18 @@ def prepare_specs(
 
     ``orthogonalise``: first :func:`orthogonalise_specs` (the steering entries at each layer, in order).
     """
+    return [spec for _, spec in prepare_indexed(layout, specs, what=what, orthogonalise=orthogonalise)]
+
+
+def prepare_indexed(
+    layout: DecoderLayout, specs: Sequence[Spec], *, what: str = "specs", orthogonalise: bool = False
+) -> list[tuple[int, PreparedSpec]]:
+    """:func:`prepare_specs` with each prepared entry's index in ``specs`` (to report per entry, e.g. gates)."""
     specs = list(specs)
     if orthogonalise:
         specs, _ = orthogonalise_specs(specs)
-    prepared = [_prepare_one(layout, f"{what}[{index}]", spec) for index, spec in enumerate(specs)]
-    return [spec for spec in prepared if spec is not None]
+    prepared = [(index, _prepare_one(layout, f"{what}[{index}]", spec)) for index, spec in enumerate(specs)]
+    return [(index, spec) for index, spec in prepared if spec is not None]
 
 
 @contextmanager

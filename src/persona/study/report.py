@@ -192,7 +192,8 @@ def finetune_section(study: dict, run: Path) -> list[str]:
         "## Fine-tuning study",
         "",
         f"LoRA runs ({', '.join(study['runs'])}) on chat data with growing shares of trait-eliciting answers "
-        "(`mix_<share>`; `+steer` = preventative steering, `+caft` = concept ablation, both on the all-trait "
+        "(`mix_<share>`; `+steer` = preventative steering, `+caft` = concept ablation, `+cap` = projection "
+        "capping at the trait-free examples' 99th percentile, each on the all-trait "
         "mixture and left out of the correlation). The activation "
         "monitor measured the projection on the persona vector before training (epoch 0) and after each epoch; "
         f"TensorBoard logs: `{relative(study['tensorboard'], run)}` (`tensorboard --logdir` it). "
@@ -207,10 +208,29 @@ def finetune_section(study: dict, run: Path) -> list[str]:
         "",
         f"![shift]({relative(study['shift_png'], run)})",
         "",
+        *arms_section(shift),
         f"**ΔP screening** of `mix_0.5` before any training (trait-eliciting vs normal samples): AUC "
         f"**{auc_text}** (target ≥ {TARGET_AUC}: {auc_reached}). Files: `{relative(study['screen_summary'], run)}/`.",
         "",
         *representation_section(study.get("representation"), run),
+    ]
+
+
+ARMS = ("mix_1", "mix_1+steer", "mix_1+caft", "mix_1+cap")
+
+
+def arms_section(shift: pd.DataFrame) -> list[str]:
+    """The all-trait mixture trained plainly and under each intervention, side by side (the rows present)."""
+    rows = shift[shift["run"].isin(ARMS)]
+    if len(rows) < 2:
+        return []
+    columns = ["run", "shift_prompt_last", "shift_response_avg", "trait_score_change"]
+    return [
+        "**Interventions on the all-trait mixture.** Plain fine-tuning against preventative steering, CAFT and "
+        "capping: how far each moved the projection and the trait score (their curves are in the monitor figure).",
+        "",
+        markdown_table(rows[columns]),
+        "",
     ]
 
 

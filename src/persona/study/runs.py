@@ -12,8 +12,9 @@ def trait_share(run: str) -> float:
 def planned_runs(
     mixtures: tuple[float, ...], sizes, vector_path: str, layer: int
 ) -> list[tuple[float, str, list]]:
-    """(trait share, run name, extra callbacks): one run per mixture, then steering and CAFT on the all-trait one."""
-    from persona.training.callbacks import ConceptAblation, PreventativeSteering
+    """(trait share, run name, extra callbacks): one run per mixture, then steering, CAFT and capping (the
+    projection on the vector clamped at the 99th percentile of the trait-free examples) on the all-trait one."""
+    from persona.training.callbacks import ConceptAblation, PreventativeSteering, ProjectionCapping
 
     plan = [(share, f"mix_{share:g}", []) for share in mixtures]
     if sizes.finetune_interventions and 1.0 in mixtures:
@@ -33,4 +34,5 @@ def planned_runs(
             )  # fmt: skip
         )
         plan.append((1.0, "mix_1+caft", [ConceptAblation(vector_paths=[vector_path], layers=[layer])]))
+        plan.append((1.0, "mix_1+cap", [ProjectionCapping(vector_path, [layer], hi="p99")]))
     return plan
