@@ -203,6 +203,15 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     swapped = run / "finetune" / "representation" / "mix_1" / "wicked_response_avg_diff.pt"
     torch.testing.assert_close(load_vector(swapped), load_vector(alone["response_avg"]), rtol=1e-4, atol=1e-5)
     assert Path(results["export"]["gguf"]).stat().st_size > 0
+    # Issue 25: the overlap of the two traits' vectors, per layer, against a direct cosine.
+    overlap = pd.read_csv(results["overlap"]["csv"])
+    a, b = (load_vector(results["traits"][key]["vectors"]["response_avg"]) for key in ("wicked", "kindness"))
+    row = overlap[overlap["layer"] == 2].iloc[0]
+    assert (row["a"], row["b"]) == ("wicked", "kindness")
+    assert row["cosine"] == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(a[2], b[2], dim=0)), abs=1e-5
+    )
+    assert Path(results["overlap"]["png"]).is_file()
     assert set(results["devices"].values()) == {"cpu"}
     text = report.read_text()
     assert (
@@ -210,6 +219,7 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     )
     assert "**Representation shift.**" in text and "representation.png" in text
     assert "**Calibration** (`persona calibrate`, judge-free proxies" in text and "calibration.png" in text
+    assert "## Overlap of the traits' vectors" in text and "overlap.png" in text
 
     # Everything finished is reused: a second invocation computes nothing and calls the judge no more.
     calls = served_judge.calls

@@ -268,6 +268,7 @@ def write_report(run: Path) -> Path:
         markdown_table(trait_summary(results)),
         "",
         *vector_sections(results, run),
+        *overlap_section(results.get("overlap"), run),
     ]
     if results.get("generations"):
         lines += generations_section(results["generations"], trait, run)
@@ -287,6 +288,28 @@ def write_report(run: Path) -> Path:
     write_csv(run / "summary.csv", summary_table(results))
     write_csv(run / "traits.csv", trait_summary(results))
     return path
+
+
+def overlap_section(overlap: dict | None, run: Path) -> list[str]:
+    if not overlap:
+        return []
+    largest = overlap.get("largest_abs_cosine_at_chosen_layers")
+    told = (
+        ""
+        if largest is None
+        else f" At the layers chosen for the traits, the largest |cosine| is {largest:.3f}."
+    )
+    return [
+        "## Overlap of the traits' vectors",
+        "",
+        "Cosine between every pair of traits' response-average vectors at each layer: steering one trait also "
+        "pushes another by this much of its length (`orthogonalise` in `steer()` and in serve requests removes it)."
+        + told
+        + f" Table: {link(overlap['csv'], run)}.",
+        "",
+        f"![overlap]({relative(overlap['png'], run)})",
+        "",
+    ]
 
 
 def generations_section(generations: dict, trait: str, run: Path) -> list[str]:

@@ -68,6 +68,7 @@ def run_study(
         results["model"] = runner.run("model", {"model": model, "dtype": hardware.dtype}, context.hello)
         for plan in plans:
             results["traits"][plan.key] = trait_phases(runner, context, plan, notes[plan.key], phases, layer)
+        results["overlap"] = trait_overlap(results["traits"], run / "overlap")
         main, why_not = main_trait(plans, results["traits"], layer, needs_artifact=phases.finetune)
         if main is not None:
             results["trait"] = main.key
@@ -82,9 +83,8 @@ def run_study(
                 {"model": model, **context.stamp(), "trait": personality_arm},
                 lambda d: context.personality_arm(d, personality_arm),
             )
-    results["missed"] = runner.missed
+    results.update(missed=runner.missed, devices=runner.devices)
     results["timings"] = {**runner.timings, "total (this invocation)": time.perf_counter() - start}
-    results["devices"] = runner.devices
     results["matmul_gflops"] = context.matmul_rate()
     # ru_maxrss is in KiB on Linux: the peak of this process, i.e. of the whole study when run in one go.
     results["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -155,6 +155,26 @@ def later_phases(runner, context, results: dict, main, why_not: str, on: dict, l
         results["export"] = runner.run(
             "export_gguf", stamp, lambda d: context.export(d, main.key, vector_path, layer)
         )
+
+
+def trait_overlap(traits: dict, out_dir: Path) -> dict | None:
+    """Cosines between the traits' response-average vectors at every layer (overlap.csv + overlap.png): how much
+    steering one trait also pushes another. None with fewer than two traits' vectors. No model pass: seconds."""
+    from persona.analysis.overlap import write_overlap
+
+    paths = {key: out["vectors"]["response_avg"] for key, out in traits.items() if out.get("vectors")}
+    if len(paths) < 2:
+        return None
+    table = write_overlap(list(paths.values()), out_dir, names=list(paths))
+    layers = {key: out.get("layers", {}).get("recommended") for key, out in traits.items() if key in paths}
+    at_layers = table[table["layer"].isin([layer for layer in layers.values() if layer is not None])]
+    return {
+        "csv": str(out_dir / "overlap.csv"),
+        "png": str(out_dir / "overlap.png"),
+        "largest_abs_cosine_at_chosen_layers": None
+        if at_layers.empty
+        else float(at_layers["cosine"].abs().max()),
+    }
 
 
 def source_stamp(path: Path | None) -> dict:
