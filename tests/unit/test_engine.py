@@ -139,10 +139,8 @@ def run_staggered(engine: Engine, all_cases: list[dict], timeout: float = 300) -
         while pending and engine.steps >= all_cases[pending[0]]["arrive"]:
             index = pending.pop(0)
             ids[engine.submit(engine_request(all_cases[index]))] = index
-        engine.poll(0.01)
-        for request_id, index in ids.items():
-            if index not in results and request_id in engine._done:
-                results[index] = engine.result(request_id)
+        for request_id in engine.poll(0.01):
+            results[ids[request_id]] = engine.result(request_id)
     return results
 
 
@@ -163,14 +161,21 @@ def prepared_cases(model, vocab: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
-def test_each_request_of_a_mixed_packed_batch_equals_it_alone(arch, tokenizer):
+def test_each_request_of_a_mixed_packed_batch_equals_it_alone(arch, tokenizer, monkeypatch):
     torch.set_num_threads(1)
     model = build_tiny_model(arch, len(tokenizer))
     vocab = len(tokenizer)
     all_cases = prepared_cases(model, vocab)
+    seen = spy_segments(monkeypatch)
     with Engine(model, config()) as engine:
         results = run_staggered(engine, all_cases)
         assert engine.restarts == 0
+    mixed_forwards = [
+        step
+        for step in seen
+        if any(s.first >= s.prompt_len for s, _ in step) and any(s.first < s.prompt_len for s, _ in step)
+    ]
+    assert mixed_forwards, "some forward must pack a decoding request with another one's prefill"
     differs = 0
     for index, case in enumerate(all_cases):
         tokens, readings, plain = reference(model, case, vocab)
@@ -403,3 +408,17 @@ def test_gpt_neox_still_disagrees_with_generate_under_continuous_batching(tokeni
         for p in prompts
     ]
     assert replies != alone
+
+
+def test_find_packed_reads_a_continuous_batching_forward_and_nothing_else():
+    from persona.hooks.phase import PackedForward, find_packed
+
+    cu, positions = torch.tensor([0, 1, 6]), torch.tensor([[41, 0, 1, 2, 3, 4]])
+    assert find_packed({"cu_seq_lens_q": cu, "position_ids": positions}) == PackedForward(cu, positions)
+    assert find_packed({"attention_mask": torch.ones(1, 4), "position_ids": positions}) is None
+
+    class PagedAttentionCache:  # the class name is what find_packed recognises
+        pass
+
+    with pytest.raises(PhaseError, match="cu_seq_lens_q"):
+        find_packed({"cache": PagedAttentionCache()})
