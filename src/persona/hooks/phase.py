@@ -50,8 +50,10 @@ def find_packed(kwargs: Mapping[str, Any]) -> PackedForward | None:
 
     A paged cache without ``cu_seq_lens_q`` is a packed forward whose layout is unknown: an error, not a guess.
     """
+    if torch.compiler.is_compiling():  # the engine never compiles; a compiled static-cache step is not packed
+        return None
     cu = kwargs.get("cu_seq_lens_q")
-    paged = any(type(value).__name__ == "PagedAttentionCache" for value in kwargs.values())
+    paged = type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__ == "PagedAttentionCache"
     if cu is None and not paged:
         return None
     positions = kwargs.get("position_ids")
