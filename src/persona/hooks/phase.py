@@ -13,6 +13,7 @@ host every step). See :func:`cached_tokens` for what is known without one.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,49 @@ import torch
 
 class PhaseError(RuntimeError):
     """The forward's arguments do not say whether it is a prefill pass or a cached decode step."""
+
+
+@dataclass(frozen=True)
+class PackedForward:
+    """A forward that packs several requests into one sequence (transformers' continuous batching).
+
+    ``hidden`` is ``[1, total_tokens, width]``; request ``i`` owns tokens ``cu_seq_lens_q[i]:cu_seq_lens_q[i+1]``
+    at the absolute positions ``position_ids[0, ...]``. Some requests are in prefill, some decode, some run one
+    chunk of a long prompt: there is no single phase, so only a caller that knows the scheduler's state (the
+    engine, :mod:`persona.generation.engine`) can tell which token is whose.
+    """
+
+    cu_seq_lens_q: Any  # int tensor [requests + 1]
+    position_ids: Any  # int tensor [1, total_tokens]
+
+
+PACKED_REFUSAL = (
+    "This forward packs several requests into one sequence (transformers continuous batching: it carries "
+    "cu_seq_lens_q and a paged KV cache), so prefill and decode tokens of different requests mix and "
+    "steer()/steer_rows() cannot tell them apart. Fix: run per-request interventions through "
+    "persona.generation.engine.Engine, or generate with model.generate."
+)
+
+
+def find_packed(kwargs: Mapping[str, Any]) -> PackedForward | None:
+    """The packing of a continuous-batching forward (by its ``cu_seq_lens_q`` and ``position_ids``), or None.
+
+    A paged cache without ``cu_seq_lens_q`` is a packed forward whose layout is unknown: an error, not a guess.
+    """
+    if torch.compiler.is_compiling():  # the engine never compiles; a compiled static-cache step is not packed
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    paged = type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__ == "PagedAttentionCache"
+    if cu is None and not paged:
+        return None
+    positions = kwargs.get("position_ids")
+    if not isinstance(cu, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        raise PhaseError(
+            "A continuous-batching forward (paged KV cache) came without cu_seq_lens_q and position_ids tensors, "
+            "so no token can be mapped to its request. Fix: pin transformers to the version in the project's "
+            "lock (requirements/lock.txt) and report this."
+        )
+    return PackedForward(cu, positions)
 
 
 def _cache_base_class() -> type | None:

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from persona.hooks.layers import DecoderLayout, check_layer, locate_blocks
-from persona.hooks.phase import PhaseError, cached_tokens, decide_prefill, find_cache
+from persona.hooks.phase import (
+    PACKED_REFUSAL,
+    PackedForward,
+    PhaseError,
+    cached_tokens,
+    decide_prefill,
+    find_cache,
+    find_packed,
+)
 
 HookFn = Callable[[torch.Tensor, "ForwardState"], torch.Tensor | None]
 
@@ -46,6 +54,8 @@ class ForwardState:
     )
     phase: bool | str = True  # True prefill, False decode, str: why it is unknown
     prompt_mask: torch.Tensor | None = None  # [batch, prompt_len], set by the caller that built the batch
+    packed: PackedForward | None = None
+    """Set for a continuous-batching forward: then ``phase`` is the refusal message (there is no one phase)."""
 
     @property
     def prefill(self) -> bool:
@@ -124,10 +134,15 @@ def _state_trackers(layout: DecoderLayout, state: ForwardState):
     seen: dict = {}
 
     def stack_pre_hook(module, args, kwargs):
-        seen["cache_tokens"] = cached_tokens(find_cache(args, kwargs))
+        state.packed = find_packed(kwargs)
         state.attention_mask = read_mask(args, kwargs)
+        if state.packed is None:
+            seen["cache_tokens"] = cached_tokens(find_cache(args, kwargs))
 
     def block_pre_hook(module, args, kwargs):
+        if state.packed is not None:
+            state.phase = PACKED_REFUSAL
+            return
         seq_len = _first_tensor(args, kwargs).shape[1]
         state.phase = decide_prefill(
             cache_tokens=seen.get("cache_tokens"),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from persona.hooks.operators import ablate_directions, add_direction, cap, gate_fires, gather_positions
+from persona.hooks.phase import PhaseError
 from persona.hooks.registry import ForwardState, HookFn
 
 
@@ -46,6 +47,8 @@ def steered_positions(positions: str, hidden: Tensor, state: ForwardState) -> Te
     The one definition of the position modes, shared by :func:`persona.steering.steer`, per-row steering
     (:mod:`persona.steering.rows`) and the fast path, so a row of a mixed batch is steered where it would be alone.
     """
+    if state.packed is not None:  # one packed forward mixes requests and phases: no mode is right for all
+        raise PhaseError(state.phase)
     if positions == "all":
         return True
     if state.prefill:

@@ -1,0 +1,279 @@
+"""The engine: transformers' continuous batching with per-request persona interventions, sampling and read-outs.
+
+Scheduling is transformers' (``ContinuousBatchingManager``): requests join the running batch at the next step
+and leave it the step they finish; a long prompt is prefilled in chunks alongside decoding requests; the paged
+KV cache is bounded by :class:`EngineConfig`. This module adds what persona needs on top:
+
+- every forward, before block 0, a plan maps each packed token to its request and phase from the scheduler's
+  state, cross-checked against the forward (:mod:`.plan`), and the hooks apply each request's own interventions
+  (:mod:`.steps`) through :func:`persona.hooks.block_hooks`;
+- each sampled request draws with its own generator (``ModelRunner._sample`` is replaced on the instance), so a
+  seeded reply does not depend on its batch mates;
+- prefix sharing is off (it would reuse KV computed under another request's steering), CUDA graphs and async
+  batching are off (hooks run in Python each step);
+- a request too large for the cache is refused when submitted; if a forward raises (a plan disagreement, a
+  hook error), transformers fails every request in flight: each gets ``status="failed"`` with the reason and
+  the engine starts a fresh manager for the next ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor, nn
+
+from persona.generation.engine.plan import PlanError, check_segments, scheduled_segments
+from persona.generation.engine.requests import EngineConfig, EngineRequest, EngineResult
+from persona.generation.engine.steps import Live, apply_plan, build_plan
+from persona.generation.sampling import sample_token
+from persona.hooks import block_hooks, locate_blocks
+from persona.hooks.layers import check_layer, hidden_size
+from persona.hooks.registry import ForwardState
+from persona.steering import PreparedSpec, prepare_specs
+
+UNSUPPORTED = {
+    "gpt_neox": "its attention takes the cache as `layer_past` and ignores the paged cache, so continuous "
+    "batching gives different tokens from generate (transformers 5.24)",
+}
+
+
+def cb_config(config: EngineConfig):
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(
+        num_blocks=config.num_blocks,
+        page_size=config.page_size,
+        max_batch_tokens=config.max_batch_tokens,
+        max_requests_per_batch=config.max_requests_per_batch,
+        allow_block_sharing=False,
+        use_cuda_graph=False,
+        use_async_batching=False,
+        max_queue_size=config.max_queue_size,
+    )
+
+
+class Engine:
+    """Submit :class:`EngineRequest`s, collect :class:`EngineResult`s; ``close()`` (or ``with``) when done."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig | None = None):
+        model_type = getattr(model.config, "model_type", "")
+        if model_type in UNSUPPORTED:
+            raise ValueError(
+                f"The engine cannot run {model_type}: {UNSUPPORTED[model_type]}. Fix: use the static path "
+                "(persona.steering.generate_steered)."
+            )
+        self.model, self.config = model, config or EngineConfig()
+        self.layout = locate_blocks(model)
+        self.width = hidden_size(self.layout)
+        self.steps = 0
+        self.restarts = 0
+        self._live: dict[str, Live] = {}
+        self._done: dict[str, EngineResult] = {}
+        self._ids = itertools.count()
+        self._plan: dict = {}
+        self._hooks = ExitStack()
+        self._hooks.enter_context(block_hooks(model, self._hook_fns()))
+        self._manager = None
+        self._start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
+
+        generation = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        manager = self.model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=cb_config(self.config)
+        )
+        manager.warmup()  # creates the batch processor here, so its sampler can be replaced before start()
+        processor = manager.batch_processor
+        processor.model_runner._sample = self._sampler(processor)
+        self.max_request_tokens = infer_max_single_request_tokens(processor.cache)
+        self._manager = manager
+        manager.start()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.stop(block=True)
+            self._manager.destroy()
+            self._manager = None
+        self._hooks.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _recover(self, error: BaseException) -> None:
+        """The manager's thread died: fail what it did not deliver, then start a fresh manager."""
+        for request_id in list(self._live):
+            self._live.pop(request_id)
+            self._done[request_id] = EngineResult(
+                request_id, [], "failed", error=f"the engine stopped: {type(error).__name__}: {error}"
+            )
+        self._manager.stop(block=True)
+        self._manager.destroy()
+        self.restarts += 1
+        self._start()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: EngineRequest, request_id: str | None = None) -> str:
+        """Queue ``request``; it joins the running batch at the next step. Returns its id."""
+        live = self._prepare(request)
+        request_id = f"engine-{next(self._ids)}" if request_id is None else request_id
+        if request_id in self._live or request_id in self._done:
+            raise ValueError(f"request_id={request_id!r} is in use. Fix: pass a new id or None.")
+        self._check_running()
+        self._live[request_id] = live
+        stops = [int(token) for token in request.stop_token_ids] or -1
+        accepted = self._manager.add_request(
+            list(request.prompt),
+            request_id=request_id,
+            max_new_tokens=request.max_new_tokens,
+            eos_token_id=stops,
+        )
+        if accepted is None:
+            self._live.pop(request_id)
+            raise RuntimeError("The engine is stopping and accepts no requests. Fix: submit to a new Engine.")
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop ``request_id`` now: its cache pages are freed at the next step, its result is ``cancelled``."""
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        self._manager.cancel_request(request_id)
+        self._done[request_id] = EngineResult(request_id, [], "cancelled", readings=live.stacked_readings())
+
+    def result(self, request_id: str, timeout: float | None = None) -> EngineResult:
+        """Wait for ``request_id`` to finish (or fail, or be cancelled) and return its result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while request_id not in self._done:
+            if request_id not in self._live:
+                raise KeyError(f"request_id={request_id!r} was never submitted (or its result was taken).")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {request_id!r} did not finish within {timeout} s")
+            self.poll(0.05)
+        return self._done.pop(request_id)
+
+    def poll(self, timeout: float = 0.0) -> list[str]:
+        """Collect what finished (waiting up to ``timeout`` s for one); returns the ids that finished."""
+        finished = []
+        output = self._manager.get_result(timeout=timeout)
+        while output is not None:
+            if output.is_finished() and output.request_id in self._live:
+                live = self._live.pop(output.request_id)
+                status = "failed" if output.error else "finished"
+                self._done[output.request_id] = EngineResult(
+                    output.request_id,
+                    list(output.generated_tokens),
+                    status,
+                    output.error,
+                    live.stacked_readings(),
+                )
+                finished.append(output.request_id)
+            output = self._manager.get_result(timeout=0)
+        self._check_running()
+        return finished
+
+    def _check_running(self) -> None:
+        status = self._manager.background_thread_status
+        if status.fatal_error is not None and self._manager.output_router.output_queue.empty():
+            self._recover(status.fatal_error)
+
+    def _prepare(self, request: EngineRequest) -> Live:
+        _check_request(request, self.max_request_tokens)
+        rows = request.interventions
+        specs = prepare_specs(
+            self.layout, rows.specs, what="interventions.specs", orthogonalise=rows.orthogonalise
+        )
+        entries: dict[int, list[PreparedSpec]] = {}
+        for layer, basis in rows.ablations.items():
+            check_layer(self.layout, layer, what="interventions.ablations layer")
+            placed = basis.detach().to(self.layout.layer_device(layer), torch.float32)
+            entries.setdefault(layer, []).append(PreparedSpec(layer, "all", placed, kind="ablate"))
+        for spec in specs:
+            if spec.gate is not None:
+                raise ValueError(
+                    f"interventions.specs at layer {spec.layer} is gated (when=...), which the engine does not "
+                    "support yet. Fix: drop the gate, or use persona.steering.generate_steered."
+                )
+            entries.setdefault(spec.layer, []).append(spec)
+        monitor = {}
+        for layer, directions in request.monitor.items():
+            check_layer(self.layout, layer, what="monitor layer")
+            monitor[layer] = (
+                directions.detach().to(self.layout.layer_device(layer), torch.float32).reshape(-1, self.width)
+            )
+        generator = None
+        if request.temperature > 0:
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            generator = torch.Generator().manual_seed(seed % 2**63)
+        return Live(entries, monitor, request.temperature, request.top_p, generator)
+
+    # ------------------------------------------------------------------ hooks (run in the manager's thread)
+    def _hook_fns(self) -> list:
+        fns = [(0, self._build_plan)]
+        for layer in range(self.layout.num_layers + 1):
+            fns.append((layer, self._layer_hook(layer)))
+        return fns
+
+    def _build_plan(self, hidden: Tensor, state: ForwardState) -> None:
+        self._plan = {}
+        if state.packed is None or self._manager is None:
+            return None  # a plain forward of the model (the engine's hooks leave it alone)
+        segments = scheduled_segments(self._manager.batch_processor.inputs_and_outputs.requests_in_batch)
+        if self.config.check_forward:
+            check_segments(segments, state.packed, hidden.shape[1])
+        self.steps += 1
+        self._plan = build_plan(segments, self._live, hidden.shape[1], self.width, self.layout.layer_device)
+        return None
+
+    def _layer_hook(self, layer: int):
+        def hook(hidden: Tensor, state: ForwardState) -> Tensor | None:
+            layer_plan = self._plan.get(layer)
+            return None if layer_plan is None else apply_plan(layer_plan, layer, hidden)
+
+        return hook
+
+    def _sampler(self, processor):
+        def sample(scores: Tensor, output_ids: Tensor) -> None:
+            batch = processor.inputs_and_outputs.requests_in_batch
+            rows = [future.state.request_id for future in batch if future.has_new_token]
+            logits = scores[0]
+            if logits.shape[0] < len(rows):
+                raise PlanError(f"{logits.shape[0]} logit rows for {len(rows)} requests with a new token")
+            tokens = logits.argmax(dim=-1)
+            for index, request_id in enumerate(rows):
+                live = self._live.get(request_id)
+                if live is not None and live.generator is not None:
+                    tokens[index] = sample_token(logits[index], live.temperature, live.top_p, live.generator)
+            output_ids[0, : tokens.shape[0]].copy_(tokens)
+
+        return sample
+
+
+def _check_request(request: EngineRequest, room: int) -> None:
+    if len(request.prompt) == 0:
+        raise ValueError("EngineRequest.prompt is empty. Fix: pass at least one token id.")
+    if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+        raise ValueError(
+            f"EngineRequest.max_new_tokens={request.max_new_tokens!r}. Fix: pass an integer >= 1."
+        )
+    if request.temperature < 0 or not 0 < request.top_p <= 1:
+        raise ValueError(
+            f"EngineRequest.temperature={request.temperature}, top_p={request.top_p}. Fix: temperature >= 0 "
+            "(0 = greedy) and 0 < top_p <= 1."
+        )
+    total = len(request.prompt) + request.max_new_tokens
+    if total > room:
+        raise ValueError(
+            f"EngineRequest: prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = "
+            f"{total} exceeds the {room} tokens one request can hold in this engine's cache. Fix: raise "
+            "EngineConfig.num_blocks (or page_size), or lower max_new_tokens."
+        )
