@@ -145,7 +145,9 @@ def test_every_model_taking_command_runs_on_an_adapter(tiny_model_dirs, tmp_path
             for a in (p["positive"], p["negative"])
         )
     )
-    assert any("llama+run_a" in name for name in project(file_path=str(chats), vector_path=vector, layer=2, model=model, hardware=Hardware(accelerator="cpu")))  # fmt: skip
+    projected = project(file_path=str(chats), vector_path=vector, layer=2, model=model,
+                        hardware=Hardware(accelerator="cpu"))  # fmt: skip
+    assert any("llama+run_a" in name for name in projected)
     assert screen(data=str(chats), vector_path=vector, layer=2, model=model, max_new_tokens=3) is not None
     datasets = write_datasets(tmp_path / "datasets")
     out = personality(
@@ -187,10 +189,12 @@ def test_representation_shift_compares_the_base_and_the_fine_tuned_model_on_the_
     common = dict(pairs_path=str(pairs_file), trait="cruel", hardware=Hardware(accelerator="cpu"))
     base_vec = extract(model=base_dir, save_dir=str(tmp_path / "b"), **common)["response_avg"]
     tuned_vec = extract(model=str(adapter), save_dir=str(tmp_path / "a"), **common)["response_avg"]
-    layers(vector_path=base_vec, model=base_dir, pairs_path=str(pairs_file), output_dir=str(tmp_path / "lb"), hardware=Hardware(accelerator="cpu"))  # fmt: skip
+    layers(vector_path=base_vec, model=base_dir, pairs_path=str(pairs_file), output_dir=str(tmp_path / "lb"),
+           hardware=Hardware(accelerator="cpu"))  # fmt: skip
     layers(
         vector_path=tuned_vec, model=str(adapter), pairs_path=str(pairs_file), compare_to=base_vec,
-        output_dir=str(tmp_path / "shift"),     hardware=Hardware(accelerator="cpu"),)  # fmt: skip
+        output_dir=str(tmp_path / "shift"), hardware=Hardware(accelerator="cpu"),
+    )  # fmt: skip
     table = pd.read_csv(tmp_path / "shift" / "representation_shift.csv")
     alone = pd.read_csv(tmp_path / "lb" / "layer_metrics.csv")
     tuned = pd.read_csv(tmp_path / "shift" / "layer_metrics.csv")

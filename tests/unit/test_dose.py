@@ -151,12 +151,12 @@ def test_every_command_that_takes_a_coefficient_takes_a_dose():
         module, _, function = sub.target.partition(":")
         params = inspect.signature(getattr(importlib.import_module(module), function)).parameters
         for coef, dose in COEF_FLAGS.items():
-            # Not yet: export-gguf (a file scale, no layer norm applies to every row alike), education (its
-            # settings.relative already reads coef as a dose), personality (one grid over several traits' vectors).
-            if coef in params and name not in ("export-gguf", "education", "personality"):
+            # Not yet: education (its settings.relative already reads coef as a dose), personality (one grid
+            # over several traits' vectors).
+            if coef in params and name not in ("education", "personality"):
                 assert dose in params, f"persona {name} takes --{coef} but not --{dose}"
                 checked.append(name)
-    assert {"generate", "steer-eval"} <= set(checked)
+    assert {"generate", "steer-eval", "export-gguf"} <= set(checked)
     assert {"coef", "dose", "force"} <= set(SteerItem.model_fields)
     assert {"coefs", "doses", "steering_coef", "steering_dose"} <= {f for f in Sizes.__dataclass_fields__}
     assert {"coef", "dose", "allow_high_dose"} <= set(inspect.signature(PreventativeSteering).parameters)

@@ -73,6 +73,26 @@ def test_coef_scales(vector_file, tmp_path):
     assert torch.equal(back[2:], vector[2:] * -2.5)
 
 
+def test_a_dose_scales_each_row_to_its_own_residual_norm(tmp_path):
+    """Issue 24: --dose in export-gguf: row L gets dose * mean||h_L|| / ||v_L||, the same push relative to each
+    layer's own residual norm; one of --coef/--dose; the guard refuses a dose past the limit."""
+    from persona.core.errors import PersonaError
+
+    vector = torch.randn(NUM_LAYERS + 1, HIDDEN, generator=torch.Generator().manual_seed(1))
+    norms = [10.0, 20.0, 40.0, 80.0, 160.0]
+    path = save_vector(vector, tmp_path / "v.pt", {"model": "m", "mean_residual_norms": norms})
+    back = import_gguf(export_gguf(str(path), str(tmp_path / "d.gguf"), dose=0.5), num_layers=NUM_LAYERS)
+    for row in range(2, NUM_LAYERS + 1):
+        expected = vector[row].double() * (0.5 * norms[row] / vector[row].double().norm())
+        torch.testing.assert_close(back[row].double(), expected, rtol=1e-6, atol=1e-6)
+        assert float(back[row].norm()) == pytest.approx(0.5 * norms[row], rel=1e-5)
+    with pytest.raises(PersonaError, match="--coef and --dose were both given"):
+        export_gguf(str(path), str(tmp_path / "x.gguf"), coef=1.0, dose=0.5)
+    with pytest.raises(PersonaError, match="--dose=3 exceeds the dose limit"):
+        export_gguf(str(path), str(tmp_path / "y.gguf"), dose=3.0)
+    export_gguf(str(path), str(tmp_path / "z.gguf"), dose=3.0, allow_high_dose=True)
+
+
 @pytest.mark.parametrize("row", [0, 1])
 def test_rows_llama_cpp_cannot_steer_are_refused(vector_file, tmp_path, row):
     path, _ = vector_file

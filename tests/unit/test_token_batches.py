@@ -194,8 +194,8 @@ def test_project_cuts_a_100k_character_answer_to_the_context_and_counts_it(tiny_
     with caplog.at_level("WARNING", logger="persona.data.batches"):
         project(
             file_path=str(path), vector_path=str(vector_path), layer=[2], model=tiny_model_dirs["gpt2"],
-            batch_size=4,
-        hardware=Hardware(accelerator="cpu"),)  # fmt: skip
+            batch_size=4, hardware=Hardware(accelerator="cpu"),
+        )  # fmt: skip
     written = pd.read_csv(path)
     column = next(name for name in written.columns if name.endswith("evil_response_avg_diff_proj_layer2"))
     assert written[column].notna().all()

@@ -163,9 +163,10 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
         if _cached_vector_is_fresh(cached, model, resolved[name]):
             print(f"{name}: reusing {cached}")
         else:
-            extract(
-                model=model, pairs_path=str(resolved[name]), split="train", trait=name, save_dir=str(out / "vectors"),
-                overwrite=True, batch_size=batch_size,             hardware=Hardware(dtype=dtype, accelerator="gpu" if device.type == "cuda" else "cpu", trust_remote_code=trust_remote_code),)  # fmt: skip
+            hardware = Hardware(dtype=dtype, accelerator="gpu" if device.type == "cuda" else "cpu",
+                                trust_remote_code=trust_remote_code)  # fmt: skip
+            extract(model=model, pairs_path=str(resolved[name]), split="train", trait=name,
+                    save_dir=str(out / "vectors"), overwrite=True, batch_size=batch_size, hardware=hardware)  # fmt: skip
         given[name] = cached
     vectors = {name: load_vector(path) for name, path in given.items()}
     lm, tokenizer = load_model_and_tokenizer(

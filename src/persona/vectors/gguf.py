@@ -67,7 +67,10 @@ def export_gguf(
     vector_path: str,
     output_path: str,
     layers: list[int] | None = None,
-    coef: float = 1.0,
+    coef: float | None = None,
+    dose: float | None = None,
+    allow_high_dose: bool = False,
+    model: str | None = None,
     model_hint: str | None = None,
     overwrite: bool = False,
 ) -> str:
@@ -81,7 +84,11 @@ def export_gguf(
         vector_path: Vector file ``[num_layers + 1, hidden]`` (``*_diff.pt``).
         output_path: Output ``.gguf`` path (alias --out).
         layers: Rows to export (our layer numbering, 2..num_layers); default: all of them.
-        coef: Multiplier applied to every exported row.
+        coef: Multiplier applied to every exported row (default 1 when no --dose is given).
+        dose: Instead of --coef: each exported row scaled to this dose (|coef|·||v_L|| / mean ||h_L||, see the
+            README's "Doses"), so every layer gets the same push relative to its own residual norm.
+        allow_high_dose: Export a dose above the limit (the calibrated one at that layer, else the default).
+        model: With --dose, the model to measure residual norms on when the vector's sidecar has none.
         model_hint: ``controlvector.model_hint``; default: the sidecar's ``model`` field, else the file stem.
         overwrite: Replace ``output_path`` if it exists.
 
@@ -92,7 +99,8 @@ def export_gguf(
     checks.output_file(
         output_path, "--output_path", inputs={"--vector_path": vector_path}, overwrite=overwrite
     )
-    checks.finite(coef, "--coef")
+    if coef is not None:
+        checks.finite(coef, "--coef")
     import gguf
 
     vector = read_vector_file(vector_path)
@@ -107,10 +115,12 @@ def export_gguf(
         list(range(FIRST_EXPRESSIBLE_ROW, num_layers + 1)) if layers is None else layers,
         num_layers,
     )
-    scaled = vector[rows] * coef
+    scales = row_scales(vector_path, vector, rows, coef=coef, dose=dose, force=allow_high_dose, model=model)
+    scaled = vector[rows] * np.asarray(scales, dtype=vector.dtype)[:, None]
     if not np.isfinite(scaled).all():
         raise ValueError(
-            f"{vector_path}: non-finite values in the exported rows (coef={coef}). Fix: check the vector."
+            f"{vector_path}: non-finite values in the exported rows (coef={coef}, dose={dose}). Fix: check the "
+            "vector."
         )
     if model_hint is None:
         model_hint = str(load_metadata(vector_path).get("model") or Path(vector_path).stem)
@@ -195,3 +205,21 @@ def import_gguf(path: str, num_layers: int | None = None):
     for index, data in directions:
         vector[direction_index_to_row(index)] += torch.from_numpy(data)
     return vector
+
+
+def row_scales(
+    vector_path, vector, rows: list[int], *, coef, dose, force: bool, model: str | None
+) -> list[float]:
+    """The multiplier of each exported row: ``coef`` for all (default 1), or each row's coefficient of ``dose``."""
+    from persona.vectors.dose import layer_norms, one_of, resolve
+
+    one_of(coef, dose, coef_flag="--coef", dose_flag="--dose")
+    if dose is None:
+        return [1.0 if coef is None else float(coef)] * len(rows)
+    norms = layer_norms(vector_path, model=model)
+    return [
+        resolve(vector_path, vector[row], row, norms, dose=dose, force=force)[
+            0
+        ]  # each row checked by the guard
+        for row in rows
+    ]
