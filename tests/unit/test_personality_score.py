@@ -143,13 +143,51 @@ def test_sweep_steers_and_zero_coef_is_unsteered(tokenizer):
         coefs=[-4.0, 0.0, 4.0],
         methods=["likelihood", "choice"],
     )
-    assert list(summary.columns) == ["trait", "method", "coef", "score", "sem", "n"]
+    assert list(summary.columns) == ["trait", "method", "coef", "dose", "score", "sem", "n"]
     assert len(summary) == 6 and set(summary["n"]) == {2} and len(per_item) == 12
     unsteered = likelihood_item_scores(model, tokenizer, items)["score"].mean().item()
     at = summary.set_index(["method", "coef"])["score"]
     assert at[("likelihood", 0.0)] == pytest.approx(unsteered, abs=1e-6)
     assert at[("likelihood", 4.0)] != pytest.approx(at[("likelihood", 0.0)], abs=1e-6)
     assert summary["score"].between(0, 1).all()
+
+
+def test_a_dose_sweep_gives_each_trait_its_own_coefficient(tokenizer):
+    """Issue 24: --doses: one push relative to the residual stream for every trait, whatever its vector's norm;
+    a dose point equals the coefficient point dose * norm / ||v_L|| of the same trait."""
+    model = build_tiny_model("llama", len(tokenizer))
+    items = [{**ITEM, "item": 1}, {**other_item(2), "item": 3}]
+    vectors = {"kindness": torch.randn(4, 32), "cruelty": 10 * torch.randn(4, 32)}
+    by_trait = {"kindness": items, "cruelty": items}
+    doses, _ = personality_sweep(
+        model, tokenizer, by_trait, vectors, 2, methods=["likelihood"], doses=[0.5], norm=8.0
+    )
+    for trait, vector in vectors.items():
+        row = doses[doses["trait"] == trait].iloc[0]
+        assert row["dose"] == 0.5 and row["coef"] == pytest.approx(
+            0.5 * 8.0 / float(vector[2].norm()), rel=1e-6
+        )
+        by_coef, _ = personality_sweep(model, tokenizer, {trait: items}, {trait: vector}, 2, [row["coef"]],
+                                       ["likelihood"], norm=8.0)  # fmt: skip
+        assert by_coef.iloc[0]["score"] == pytest.approx(row["score"], abs=1e-6)
+        assert by_coef.iloc[0]["dose"] == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="a dose needs its vector"):
+        personality_sweep(
+            model, tokenizer, {"kindness": items}, {}, 2, methods=["likelihood"], doses=[0.5], norm=8.0
+        )
+
+
+def test_command_sweeps_doses_and_guards_them(tiny_model_dirs, items_file, tmp_path):
+    common = ["personality", "--model", tiny_model_dirs["llama"], "--traits", str(items_file), "--method",
+              "likelihood", "--accelerator", "cpu"]  # fmt: skip
+    assert cli.main([*common, "--doses=-0.2,0,0.2", "--output_dir", str(tmp_path / "d")]) == 0
+    summary = pd.read_csv(tmp_path / "d" / "personality_sweep.csv")
+    assert sorted(summary["dose"]) == pytest.approx([-0.2, 0.0, 0.2])
+    assert (summary["coef"] * summary["dose"] >= 0).all() and summary.loc[summary["dose"] == 0, "coef"].eq(
+        0
+    ).all()
+    assert cli.main([*common, "--doses=0,3", "--output_dir", str(tmp_path / "high")]) == 1  # past the limit
+    assert cli.main([*common, "--coefs=1", "--doses=0.1", "--output_dir", str(tmp_path / "both")]) == 1
 
 
 def test_command_writes_csvs_and_png_and_extracts_missing_vectors(tiny_model_dirs, items_file, tmp_path):

@@ -175,59 +175,69 @@ def personality_sweep(
     items_by_trait: dict[str, list[dict]],
     vectors: dict[str, torch.Tensor | None],
     layer: int,
-    coefs: Sequence[float],
+    coefs: Sequence[float] | None = None,
     methods: Sequence[str] = METHODS,
     *,
     batch_size: int = 8,
+    doses: Sequence[float] | None = None,
+    norm: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary: trait, method, coef, score, sem, n; per-item scores) with ``vectors[trait]`` [hidden] or
-    [num_layers + 1, hidden] added at ``layer`` at every position times each coefficient."""
+    """(summary: trait, method, coef, dose, score, sem, n; per-item scores) with ``vectors[trait]`` [hidden] or
+    [num_layers + 1, hidden] added at ``layer`` at every position times each coefficient — or, with ``doses``
+    and the layer's mean residual ``norm``, at each dose (each trait's coefficient from its own vector's norm, so
+    every trait gets the same push relative to the residual stream). ``dose`` is NaN without ``norm``."""
     summary, per_item = [], []
     for trait, items in items_by_trait.items():
         vector = vectors.get(trait)
-        for coef in coefs:
-            if vector is None and coef != 0:
-                raise ValueError(
-                    f"Trait {trait!r} has no vector but coef={coef}. Fix: give a vector or use coef 0."
-                )
+        for coef, dose in sweep_points(trait, vector, layer, coefs, doses, norm):
             specs = [] if vector is None else [SteeringSpec(layer, vector, coef, positions="all")]
             with steer(model, specs):
                 for method in methods:
                     scores = SCORERS[method](model, tokenizer, items, batch_size=batch_size)
-                    values = scores["score"].double()
-                    sem = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-                    summary.append(
-                        {
-                            "trait": trait,
-                            "method": method,
-                            "coef": float(coef),
-                            "score": float(values.mean()),
-                            "sem": sem,
-                            "n": len(values),
-                        }
-                    )
-                    extra = {k: v.tolist() for k, v in scores.items() if k not in ("score", "logprobs")}
-                    for index, item in enumerate(items):
-                        per_item.append(
-                            {
-                                "trait": trait,
-                                "method": method,
-                                "coef": float(coef),
-                                "item": item["item"],
-                                "score": float(values[index]),
-                                **{k: v[index] for k, v in extra.items()},
-                            }
-                        )
+                    point = {"trait": trait, "method": method, "coef": float(coef), "dose": dose}
+                    summary.append({**point, **score_summary(scores["score"].double())})
+                    per_item += item_rows(point, items, scores)
             print(
-                f"{trait} coef {coef:g}: "
+                f"{trait} coef {coef:.4g} (dose {dose:.4g}): "
                 + ", ".join(f"{row['method']} {row['score']:.3f}" for row in summary[-len(methods) :]),
                 flush=True,
             )
     return pd.DataFrame(summary), pd.DataFrame(per_item)
 
 
-def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "") -> None:
-    """Score vs coefficient, one line per trait, one panel per method (Agg canvas, no pyplot state)."""
+def sweep_points(trait, vector, layer, coefs, doses, norm) -> list[tuple[float, float]]:
+    """``(coef, dose)`` of each point of one trait's sweep; a coefficient needs a vector unless it is 0."""
+    from persona.vectors.dose import coef_to_dose, dose_to_coef
+
+    direction = None if vector is None else (vector if vector.dim() == 1 else vector[layer])
+    if doses is not None:
+        if any(d != 0 for d in doses) and (direction is None or norm is None):
+            raise ValueError(f"Trait {trait!r}: a dose needs its vector and the layer's residual norm.")
+        return [(0.0 if d == 0 else dose_to_coef(d, direction, norm), float(d)) for d in doses]
+    if direction is None and any(c != 0 for c in coefs):
+        raise ValueError(
+            f"Trait {trait!r} has no vector but coefs={list(coefs)}. Fix: give a vector or use coef 0."
+        )
+    known = direction is not None and norm is not None
+    return [(float(c), coef_to_dose(c, direction, norm) if known else float("nan")) for c in coefs]
+
+
+def score_summary(values: torch.Tensor) -> dict:
+    sem = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"score": float(values.mean()), "sem": sem, "n": len(values)}
+
+
+def item_rows(point: dict, items: list[dict], scores: dict) -> list[dict]:
+    extra = {k: v.tolist() for k, v in scores.items() if k not in ("score", "logprobs")}
+    values = scores["score"].double()
+    return [
+        {**point, "item": item["item"], "score": float(values[i]), **{k: v[i] for k, v in extra.items()}}
+        for i, item in enumerate(items)
+    ]
+
+
+def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "", x: str = "coef") -> None:
+    """Score vs coefficient (or dose), one line per trait, one panel per method (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -237,13 +247,13 @@ def plot_personality_sweep(frame: pd.DataFrame, path: Path, title: str = "") -> 
     axes = figure.subplots(1, len(methods), squeeze=False)[0]
     for axis, method in zip(axes, methods, strict=True):
         for trait, rows in frame[frame["method"] == method].groupby("trait", sort=True):
-            rows = rows.sort_values("coef")
+            rows = rows.sort_values(x)
             axis.errorbar(
-                rows["coef"], rows["score"], yerr=rows["sem"].fillna(0), marker="o", capsize=3, label=trait
+                rows[x], rows["score"], yerr=rows["sem"].fillna(0), marker="o", capsize=3, label=trait
             )
         axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         axis.set_ylim(-0.02, 1.02)
-        axis.set_xlabel("steering coefficient (all positions)")
+        axis.set_xlabel(f"steering {'dose' if x == 'dose' else 'coefficient'} (all positions)")
         axis.set_ylabel("trait score (P(high response))")
         axis.set_title(method)
         axis.legend(loc="best", fontsize="small")

@@ -12,8 +12,11 @@ from persona.core.errors import PersonaError
 from persona.data.personality import read_trait_items, resolve_items_path, split_items
 from persona.models import DEFAULT_MODEL, model_dimensions, model_on_base, model_short_name, model_source
 from persona.vectors import read_vector_file, vector_filename
+from persona.vectors.dose import one_of
 
 log = logging.getLogger(__name__)
+
+DEFAULT_COEFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 METHODS = ("likelihood", "choice")
 PRODUCES = ("personality_sweep.csv", "personality_items.csv", "personality_sweep.png")
 
@@ -38,7 +41,9 @@ def personality(
     vector_dir: str | None = None,
     vector_path: str | None = None,
     layer: int | None = None,
-    coefs: list[float] = (-2.0, -1.0, 0.0, 1.0, 2.0),
+    coefs: list[float] | None = None,
+    doses: list[float] | None = None,
+    allow_high_dose: bool = False,
     method: str = "both",
     split: str = "test",
     output_dir: str | None = None,
@@ -61,7 +66,9 @@ def personality(
         vector_dir: Folder with <trait>_response_avg_diff.pt for every trait.
         vector_path: One vector file [num_layers+1, hidden] (a single trait only).
         layer: Layer to steer at (0 = embeddings, L = output of block L-1); default the middle layer.
-        coefs: Steering coefficients, e.g. -2,-1,0,1,2 or [-2, 0, 2].
+        coefs: Steering coefficients, e.g. -2,-1,0,1,2 or [-2, 0, 2] (default -2,-1,0,1,2 when no --doses).
+        doses: Instead of --coefs: doses (|coef|·||v_L|| / mean ||h_L||), so every trait gets the same push relative to the residual stream whatever its vector's norm, e.g. -0.2,0,0.2.
+        allow_high_dose: Sweep doses above the limit (the calibrated one at --layer, else the default).
         method: likelihood, choice or both.
         split: Items scored: test, train, or all.
         output_dir: Where to write results; default runs/personality/<model-short-name>/.
@@ -81,7 +88,8 @@ def personality(
     if method not in (*METHODS, "both"):
         raise PersonaError(f"--method {method!r}. Fix: use likelihood, choice or both.")
     methods = list(METHODS) if method == "both" else [method]
-    coef_list = parse_coefs(coefs)
+    one_of(coefs, doses, coef_flag="--coefs", dose_flag="--doses")
+    grid = parse_coefs(doses, flag="--doses") if doses is not None else parse_coefs(coefs or DEFAULT_COEFS)
     checks.run_settings(batch_size=batch_size, dtype=dtype)
     model_source(model)
     checks.not_both({"--vector_path": vector_path}, {"--vector_dir": vector_dir})
@@ -101,7 +109,7 @@ def personality(
     checks.output_dir(
         out, "--output_dir", produces=PRODUCES, overwrite=overwrite, inputs={"--vector_path": vector_path}
     )
-    steered = any(c != 0 for c in coef_list)
+    steered = any(c != 0 for c in grid)
     given = given_vectors(resolved, vector_path, vector_dir) if steered else {}
     for path in given.values():
         read_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)
@@ -114,9 +122,9 @@ def personality(
 
     with shared_models():  # the extractions and the sweep read one copy of the model
         return run_sweep(
-            model, resolved, items_by_trait, given, to_extract, out, layer=layer, coefs=coef_list, methods=methods,
-            split=split, batch_size=batch_size, dtype=dtype, accelerator=accelerator,
-            trust_remote_code=trust_remote_code,
+            model, resolved, items_by_trait, given, to_extract, out, layer=layer, methods=methods, split=split,
+            strengths={"doses" if doses is not None else "coefs": grid, "allow_high_dose": allow_high_dose},
+            batch_size=batch_size, dtype=dtype, accelerator=accelerator, trust_remote_code=trust_remote_code,
         )  # fmt: skip
 
 
@@ -137,7 +145,7 @@ def given_vectors(
     return given
 
 
-def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, layer, coefs, methods, split,
+def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, layer, methods, split, strengths,
               batch_size, dtype, accelerator, trust_remote_code) -> str:  # fmt: skip
     """Extract the missing vectors (cached), load the model once, score every trait at every coefficient."""
     from persona.analysis.personality import (
@@ -173,15 +181,37 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
     lm.requires_grad_(False)
-    summary, per_item = personality_sweep(
-        lm, tokenizer, items_by_trait, vectors, layer, coefs, methods, batch_size=batch_size
-    )
+    doses, norm = strengths.get("doses"), dose_norm(given, layer, model, lm, tokenizer, strengths)
+    summary, per_item = personality_sweep(lm, tokenizer, items_by_trait, vectors, layer, strengths.get("coefs"),
+                                          methods, batch_size=batch_size, doses=doses, norm=norm)  # fmt: skip
     summary["layer"] = layer
     paths = [out / name for name in PRODUCES]
     write_csv(paths[0], summary)
     write_csv(paths[1], per_item)
-    plot_personality_sweep(
-        summary, paths[2], title=f"{model_short_name(model)}: {split} items, layer {layer}"
-    )
+    plot_personality_sweep(summary, paths[2], title=f"{model_short_name(model)}: {split} items, layer {layer}",
+                           x="dose" if doses is not None else "coef")  # fmt: skip
     print(f"scores: {paths[0]}\nitems: {paths[1]}\nfigure: {paths[2]}")
     return str(paths[0])
+
+
+def dose_norm(given: dict, layer: int, model: str, lm, tokenizer, strengths: dict) -> float | None:
+    """The layer's mean residual norm (from a vector's sidecar, else measured on this model), each trait's doses
+    checked against its limit first; None when the sweep is in coefficients and no vector records norms."""
+    from persona.vectors.dose import check_dose, dose_limit, layer_norms, stored_norms
+
+    doses = strengths.get("doses")
+    if not given:
+        return None
+    first = next(iter(given.values()))
+    if doses is None:
+        norms = stored_norms(first, model)
+        return None if norms is None else norms[layer]
+    if not strengths.get("allow_high_dose"):
+        for path in given.values():
+            check_dose(
+                max(abs(d) for d in doses),
+                *dose_limit(path, layer),
+                flag="--doses",
+                force="--allow_high_dose",
+            )
+    return layer_norms(first, model=model, lm=lm, tokenizer=tokenizer)[layer]
