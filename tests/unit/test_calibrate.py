@@ -188,3 +188,35 @@ def test_dose_and_coef_together_and_a_high_dose_are_one_line(tmp_path, capsys, t
         assert main([*common, *extra]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_a_judge_scores_the_calibration_when_one_is_given(tiny_model_dirs, tmp_path, monkeypatch):
+    """Issue 24: with --judge_model the judge's trait and coherence scores replace the proxies, named as such."""
+    from fake_openai import FakeChatServer
+    from persona.commands.calibrate import calibrate
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-calibrate")
+    model = build_tiny_model("llama", 320)
+    vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size) * 4
+    path = save_vector(vector, tmp_path / "evil_response_avg_diff.pt", {"trait": "evil"})
+    with FakeChatServer() as judge:
+        judge.scorer = lambda prompt: {"60": 1.0} if "rating the coherence" in prompt else {"30": 1.0}
+        calibrate(str(path), model=tiny_model_dirs["llama"], layers=[1], max_questions=2, max_tokens=4,
+                  max_pairs=2, max_dose=3.0, max_probes=3, judge_model="judge-model",
+                  judge_base_url=judge.base_url)  # fmt: skip
+        assert judge.calls > 0
+    probes = pd.read_csv(path.with_name("evil_response_avg_diff_calibrate") / "probes.csv")
+    assert probes["coherence"].eq(60.0).all() and probes["trait"].eq(30.0).all()
+    assert probes["coherence_proxy"].str.startswith("judge openai:judge-model: the coherence prompt").all()
+    assert probes["trait_proxy"].str.startswith("judge openai:judge-model: the trait's eval prompt").all()
+    assert load_metadata(path)["recommended"]["proxies"]["trait"].startswith("judge openai:judge-model")
+
+
+def test_judge_flags_without_a_judge_are_one_line(tmp_path, tiny_model_dirs, capsys):
+    from persona import cli
+
+    path = save_vector(torch.randn(4, 32), tmp_path / "evil_response_avg_diff.pt", {"trait": "evil"})
+    argv = ["calibrate", "--vector_path", str(path), "--model", tiny_model_dirs["llama"], "--layers", "1",
+            "--judge_base_url", "http://127.0.0.1:1/v1"]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert "--judge_base_url is given without --judge_model. Fix:" in capsys.readouterr().err

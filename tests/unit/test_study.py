@@ -188,6 +188,8 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
         round(advice["dose"] * f, 9) for f in (-1, -0.5, 0, 0.5, 1)
     )
     assert results["traits"]["kindness"]["calibration"]["proxies"]["coherence"].startswith("perplexity ratio")
+    # A served judge scores the calibration of a trait with an eval prompt (wicked's artifact); kindness has none.
+    assert wicked["calibration"]["proxies"]["coherence"].startswith("judge openai:judge-model")
     assert results["generations"]["from"] == "calibration"
     assert len(wicked["calibration"]["layers"]) == 1 and wicked["calibration"]["layers"][0]["probes"] <= 3
     assert results["finetune"]["runs"] == ["mix_0", "mix_0.5", "mix_1"]

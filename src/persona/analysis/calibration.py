@@ -36,6 +36,15 @@ PROXIES = {
 }
 
 
+def judged_scores(judge_name: str) -> dict:
+    """What a judge-scored calibration measures, named as :data:`PROXIES` names the judge-free one."""
+    return {
+        "trait": f"judge {judge_name}: the trait's eval prompt, 0-100, mean over steered greedy answers to "
+        "held-out eval questions",
+        "coherence": f"judge {judge_name}: the coherence prompt, 0-100, mean over the same answers",
+    }
+
+
 @torch.no_grad()
 def greedy_answers(lm, tokenizer, prompts: Sequence[list[int]], specs, max_tokens: int) -> list[list[int]]:
     """Greedy answer token ids per prompt under ``specs`` (cut after the first EOS, which is kept)."""
@@ -184,3 +193,45 @@ def recommend(chosen: dict[int, dict]) -> dict:
     reached = {layer: row for layer, row in chosen.items() if row["reached"]} or chosen
     layer = max(reached, key=lambda key: reached[key]["trait"])
     return reached[layer]
+
+
+@dataclass
+class JudgedProber(Prober):
+    """Scores one (layer, dose) with a judge: the trait's eval prompt and the coherence prompt on the steered
+    greedy answers to the held-out questions (0-100 each; answers the judge cannot score are left out)."""
+
+    judge: object = None  # persona.judges.Judge
+    trait_prompt: Callable[[str, str], str] | None = None  # (question, answer) -> the filled eval prompt
+
+    def judged(self, answers: Sequence[list[int]]) -> tuple[float, float, str]:
+        from persona.core.errors import MissedResult
+        from persona.data.traits import coherence_prompt
+
+        texts = [self.tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
+        pairs = list(zip(self.questions, texts, strict=True))
+        means = []
+        for fill in (self.trait_prompt, coherence_prompt):
+            scores = [
+                s.score for s in self.judge.score([fill(q, a) for q, a in pairs]) if s.score is not None
+            ]
+            if not scores:
+                raise MissedResult(
+                    "the judge scored none of the calibration answers. Fix: a judge that answers with numbers "
+                    "(or calibrate without --judge_model: judge-free proxies)."
+                )
+            means.append(sum(scores) / len(scores))
+        return means[0], means[1], texts[0]
+
+    def unsteered_trait(self) -> float:
+        return self.judged(greedy_answers(self.lm, self.tokenizer, self.prompts, [], self.max_tokens))[0]
+
+    def __call__(self, layer: int, dose: float) -> dict:
+        coef = self.coef(layer, dose)
+        specs = [SteeringSpec(layer, self.vector, coef)]
+        trait, coherence, sample = self.judged(
+            greedy_answers(self.lm, self.tokenizer, self.prompts, specs, self.max_tokens)
+        )
+        return {
+            "layer": layer, "dose": dose, "coef": coef, "coherence": coherence, "trait": trait,
+            "nll": float("nan"), "nll_unsteered": float("nan"), "sample_answer": sample[:200],
+        }  # fmt: skip

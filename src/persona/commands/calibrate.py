@@ -78,13 +78,17 @@ def calibrate(
     max_questions: int = 8,
     max_tokens: int = 32,
     output_dir: str | None = None,
+    judge_model: str | None = None,
+    judge_base_url: str | None = None,
+    judge_min_mass: float | None = None,
     hardware: Hardware = Hardware(),
 ) -> str:
     """Find per layer the dose where coherence falls to --target (TA@C<target>), and recommend the best layer.
 
-    Judge-free proxies, named in every output: trait = likelihood score on held-out pairs; coherence = the
-    perplexity ratio of steered vs unsteered greedy answers under the unsteered model, as 0-100 (README,
-    "Doses and calibration"). Writes probes.csv, calibration.csv, calibration.png and the sidecar's
+    Scores, named in every output: with --judge_model, the judge's trait score (the trait's eval prompt) and
+    coherence score (0-100) of steered greedy answers to held-out eval questions; without, judge-free proxies:
+    trait = likelihood score on held-out pairs; coherence = the perplexity ratio of steered vs unsteered greedy
+    answers under the unsteered model, as 0-100 (README, "Doses and calibration"). Writes probes.csv, calibration.csv, calibration.png and the sidecar's
     `recommended`; `generate`, `steer-eval` and `serve` use it when no layer or strength is given.
 
     Args:
@@ -104,6 +108,9 @@ def calibrate(
         max_questions: Held-out eval questions answered per probe.
         max_tokens: New tokens per greedy answer.
         output_dir: Where to write; default <vector-stem>_calibrate/ beside the vector.
+        judge_model: Score trait and coherence with this judge (as in persona generate: a served model, or local:<model>); default none: the judge-free proxies (the embedded 135M judge cannot score).
+        judge_base_url: Base URL of the judge's OpenAI-compatible API (key from the environment).
+        judge_min_mass: Local judges only: least probability on numeric answers for a score (default 0.25).
     """
     model = model_on_base(model, base_model)
     check_settings(target, tolerance, max_probes, max_dose, max_questions, max_tokens)
@@ -125,12 +132,31 @@ def calibrate(
         Path(output_dir) if output_dir else Path(vector_path).with_name(f"{Path(vector_path).stem}_calibrate")
     )
     checks.output_dir(out, "--output_dir", produces=PRODUCES, overwrite=True)
+    judge = check_judge(trait, judge_model, judge_base_url, judge_min_mass)
     settings = dict(
         model=model, trait=trait, layers=layers, target=target, tolerance=tolerance, max_probes=max_probes,
         max_dose=max_dose, pairs_path=str(pairs_path), split=split, max_pairs=max_pairs,
-        max_questions=max_questions, max_tokens=max_tokens, dtype=hardware.dtype,
+        max_questions=max_questions, max_tokens=max_tokens, dtype=hardware.dtype, judge=judge,
     )  # fmt: skip
     return run_calibration(vector_path, out, settings, hardware)
+
+
+def check_judge(trait: str, judge_model, judge_base_url, judge_min_mass) -> dict | None:
+    """The judge settings when one scores the calibration (it answers, the trait has an eval prompt), else None."""
+    if judge_model is None:
+        for flag, value in (("--judge_base_url", judge_base_url), ("--judge_min_mass", judge_min_mass)):
+            if value is not None:
+                raise PersonaError(
+                    f"{flag} is given without --judge_model. Fix: add --judge_model, or drop {flag}."
+                )
+        return None
+    from persona.data.traits import load_trait
+    from persona.judges import check_min_mass, check_served_judge
+
+    check_min_mass(judge_model, judge_min_mass)
+    load_trait(trait, "eval", field="--trait")  # its eval prompt scores the trait
+    check_served_judge(judge_model, judge_base_url)
+    return {"spec": judge_model, "base_url": judge_base_url, "min_mass": judge_min_mass}
 
 
 def _questions(trait: str, pairs: list, max_questions: int) -> list[str]:
@@ -145,7 +171,7 @@ def _questions(trait: str, pairs: list, max_questions: int) -> list[str]:
 
 def run_calibration(vector_path, out: Path, settings: dict, hardware: Hardware, *, loaded=None) -> str:
     """Load the model (or take ``loaded`` = (lm, tokenizer)), probe every layer (cached), write the outputs."""
-    from persona.analysis.calibration import PROXIES, Prober, calibrate_layer, recommend
+    from persona.analysis.calibration import calibrate_layer, recommend
     from persona.core.store import KeyedJournal
     from persona.data.examples import contrastive_pair_examples, read_checked_pairs
     from persona.vectors import load_vector
@@ -172,10 +198,10 @@ def run_calibration(vector_path, out: Path, settings: dict, hardware: Hardware, 
     questions = _questions(settings["trait"], records, settings["max_questions"])
     vector = load_vector(vector_path)
     norms = layer_norms(vector_path, model=settings["model"], lm=lm, tokenizer=tokenizer)
-    prober = Prober(lm, tokenizer, vector, norms, questions, examples, max_tokens=settings["max_tokens"])
+    prober, proxies = make_prober(settings, lm, tokenizer, vector, norms, questions, examples)
     digest = hashlib.sha256(Path(vector_path).read_bytes()).hexdigest()[:16]
     base_key = json.dumps([digest, questions, [e.example_id for e in examples], settings["model"],
-                           settings["max_tokens"], settings["dtype"], PROXIES])  # fmt: skip
+                           settings["max_tokens"], settings["dtype"], proxies])  # fmt: skip
     journal = KeyedJournal(out / "probes.jsonl", ["key"])
     cached = journal.load()
 
@@ -198,7 +224,27 @@ def run_calibration(vector_path, out: Path, settings: dict, hardware: Hardware, 
         )  # fmt: skip
         probes += rows
     unsteered = prober.unsteered_trait()
-    return write_outputs(vector_path, out, settings, probes, chosen, recommend(chosen), unsteered, PROXIES)
+    return write_outputs(vector_path, out, settings, probes, chosen, recommend(chosen), unsteered, proxies)
+
+
+def make_prober(settings: dict, lm, tokenizer, vector, norms, questions, examples):
+    """(prober, what it measures): judge-scored when ``settings["judge"]`` names a judge, else the proxies."""
+    from persona.analysis.calibration import PROXIES, JudgedProber, Prober, judged_scores
+
+    common = dict(max_tokens=settings["max_tokens"])
+    judge = settings.get("judge")
+    if not judge:
+        return Prober(lm, tokenizer, vector, norms, questions, examples, **common), PROXIES
+    from persona.data.traits import load_trait
+    from persona.judges import make_judge
+
+    extra = {"min_mass": judge["min_mass"]} if judge.get("min_mass") is not None else {}
+    scorer = make_judge(judge["spec"], base_url=judge.get("base_url"), **extra)
+    fill = load_trait(settings["trait"], "eval").judge_prompt
+    prober = JudgedProber(
+        lm, tokenizer, vector, norms, questions, examples, **common, judge=scorer, trait_prompt=fill
+    )
+    return prober, judged_scores(scorer.name)
 
 
 def write_outputs(vector_path, out: Path, settings, probes, chosen, best, unsteered, proxies) -> str:

@@ -103,14 +103,29 @@ class StudyContext:
         )  # fmt: skip
 
     def calibrate(
-        self, phase_dir: Path, trait: str, vector_path: str, pairs: Path, split, metrics_csv: str
+        self,
+        phase_dir: Path,
+        trait: str,
+        vector_path: str,
+        pairs: Path,
+        split,
+        metrics_csv: str,
+        artifact=None,
     ) -> dict:
+        """Judge-scored when the study's judge can score (not the embedded 135M one) and the trait has an eval
+        prompt (an artifact); judge-free proxies otherwise."""
+        from persona.judges import DEFAULT_LOCAL_MODEL
         from persona.study import phases
 
+        embedded = self.judge.model in ("local", f"local:{DEFAULT_LOCAL_MODEL}")
+        judge = None if embedded or artifact is None else {
+            "spec": self.judge.model, "base_url": self.judge.base_url, "min_mass": self.judge.min_mass,
+        }  # fmt: skip
         lm, tokenizer = self.lm_and_tokenizer()
         return phases.calibrate_phase(
-            phase_dir, lm, tokenizer, model=self.model, trait=trait, vector_path=vector_path, pairs=pairs,
-            split=split, metrics_csv=metrics_csv, sizes=self.sizes, dtype=self.hardware.dtype,
+            phase_dir, lm, tokenizer, model=self.model, trait=artifact if judge else trait, vector_path=vector_path,
+            pairs=pairs, split=split, metrics_csv=metrics_csv, sizes=self.sizes, dtype=self.hardware.dtype,
+            judge=judge,
         )  # fmt: skip
 
     def judged_sweep(self, phase_dir: Path, artifact: str, vector_path: str, layer: int, doses=None) -> dict:

@@ -252,10 +252,11 @@ def judged_sweep_phase(
 
 def calibrate_phase(
     phase_dir: Path, lm, tokenizer, *, model: str, trait: str, vector_path: str, pairs: Path, split: str | None,
-    metrics_csv: str, sizes, dtype: str,
+    metrics_csv: str, sizes, dtype: str, judge: dict | None = None,
 ) -> dict:  # fmt: skip
-    """persona calibrate at the trait's best layers (judge-free proxies): the dose at the coherence target per
-    layer and the recommended (layer, dose), written into the vector's sidecar for the later phases."""
+    """persona calibrate at the trait's best layers (``judge`` scores it when given, else the judge-free proxies):
+    the dose at the coherence target per layer and the recommended (layer, dose), written into the vector's
+    sidecar for the later phases."""
     from persona.commands.calibrate import best_layers, run_calibration
     from persona.commands.flags import Hardware
     from persona.vectors import load_metadata
@@ -265,7 +266,7 @@ def calibrate_phase(
         model=model, trait=trait, layers=layers, target=sizes.calibration_target, tolerance=3.0,
         max_probes=sizes.calibration_probes, max_dose=1.5, pairs_path=str(pairs), split=split or "all",
         max_pairs=sizes.calibration_pairs, max_questions=sizes.calibration_questions,
-        max_tokens=sizes.calibration_tokens, dtype=dtype,
+        max_tokens=sizes.calibration_tokens, dtype=dtype, judge=judge,
     )  # fmt: skip
     csv_path = run_calibration(vector_path, phase_dir, settings, Hardware(), loaded=(lm, tokenizer))
     meta = load_metadata(vector_path)

@@ -277,7 +277,7 @@ def steering_phases(runner: PhaseRunner, context, plan: TraitPlan, wanted: list[
         calibrated = runner.run(
             f"calibrate_{key}",
             {**stamp, "vectors": vector, "split": split, "layers_csv": layers["csv"]},
-            lambda d: context.calibrate(d, key, vector, source, split, layers["csv"]),
+            lambda d: context.calibrate(d, key, vector, source, split, layers["csv"], plan.artifact),
         )
         if calibrated:
             out["calibration"] = calibrated
