@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona.generation.sampling import sample_token, top_p_filter
 from persona.serve.monitoring import Baseline, monitor_report
-from persona.serve.sampling import RowSampler, SamplingParams, sample_token, top_p_filter
+from persona.serve.sampling import RowSampler, SamplingParams
 from persona.serve.schema import ApiError, parse_chat_request
 from persona.serve.server import is_loopback
 from persona.serve.tracker import find_stop, streamable_prefix

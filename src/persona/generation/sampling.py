@@ -1,7 +1,8 @@
 """One token from one row's logits with that row's own generator: the draw every per-request sampler makes.
 
-The same operations as ``persona.serve.sampling.sample_token`` (the static server's per-row sampler), which is
-to import it from here once the server runs on the engine; a test pins that the two draw the same tokens.
+The continuous-batching engine and the static server's per-row sampler (``persona.serve.sampling.RowSampler``)
+both draw through it, so a seeded request gets the same token from either. Nothing here reads a value back to
+the host, so a GPU step is not stalled once per sampled row.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from persona.generation.sampling import sample_token  # the engine's draw: one for both
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,33 +25,6 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     min_tokens: int = 0  # end-of-sequence tokens are masked until this many tokens were generated
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """logits [vocab] with everything outside the smallest set of tokens holding ``top_p`` of the mass at -inf."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = (
-        cumulative - sorted_logits.softmax(dim=-1) >= top_p
-    )  # mass before this token already >= top_p
-    drop_sorted[0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
-    """One token (a 0-d tensor) from logits [vocab]; non-finite rows (a runaway steering push) fall back to the argmax.
-
-    Nothing here reads a value back to the host, so a GPU step is not stalled once per sampled row.
-    """
-    scaled = torch.nan_to_num(logits.float() / temperature, nan=float("-inf"), posinf=float("-inf"))
-    scaled = top_p_filter(scaled, top_p)
-    fallback = torch.nan_to_num(logits.float(), nan=float("-inf")).argmax()
-    certain = torch.zeros_like(scaled).scatter_(0, fallback[None], 1.0)
-    probs = torch.where(torch.isfinite(scaled).any(), scaled.softmax(dim=-1), certain)
-    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 class RowSampler(LogitsProcessor):
