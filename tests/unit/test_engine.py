@@ -211,10 +211,7 @@ def test_the_static_server_draws_with_the_engines_sampler():
     """One mechanism: a seeded request's draw is the same function in the engine and in the static server."""
     from persona.serve import sampling as served
 
-    assert (
-        served.sample_token is sample_token
-        and served.top_p_filter.__module__ == "persona.generation.sampling"
-    )
+    assert served.sample_token is sample_token
 
 
 def spy_segments(monkeypatch) -> list:
