@@ -177,7 +177,7 @@ def test_a_dose_sweep_gives_each_trait_its_own_coefficient(tokenizer):
         )
 
 
-def test_command_sweeps_doses_and_guards_them(tiny_model_dirs, items_file, tmp_path):
+def test_command_sweeps_doses_and_guards_them(tiny_model_dirs, items_file, tmp_path, capsys):
     common = ["personality", "--model", tiny_model_dirs["llama"], "--traits", str(items_file), "--method",
               "likelihood", "--accelerator", "cpu"]  # fmt: skip
     assert cli.main([*common, "--doses=-0.2,0,0.2", "--output_dir", str(tmp_path / "d")]) == 0
@@ -187,6 +187,8 @@ def test_command_sweeps_doses_and_guards_them(tiny_model_dirs, items_file, tmp_p
         0
     ).all()
     assert cli.main([*common, "--doses=0,3", "--output_dir", str(tmp_path / "high")]) == 1  # past the limit
+    assert "--doses=3 exceeds the dose limit 1 (the default limit)" in capsys.readouterr().err
+    assert not (tmp_path / "high" / "vectors").exists()  # refused before any extraction or model load
     assert cli.main([*common, "--coefs=1", "--doses=0.1", "--output_dir", str(tmp_path / "both")]) == 1
 
 

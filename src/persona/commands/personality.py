@@ -114,6 +114,8 @@ def personality(
     for path in given.values():
         read_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)
     to_extract = [name for name in resolved if steered and name not in given]
+    if doses is not None and not allow_high_dose:
+        check_doses(grid, list(given.values()) + ([None] if to_extract else []), layer)
     for name in to_extract:
         split_items(read_trait_items(resolved[name]), "train", resolved[name])
     if split == "train" and to_extract:
@@ -123,7 +125,7 @@ def personality(
     with shared_models():  # the extractions and the sweep read one copy of the model
         return run_sweep(
             model, resolved, items_by_trait, given, to_extract, out, layer=layer, methods=methods, split=split,
-            strengths={"doses" if doses is not None else "coefs": grid, "allow_high_dose": allow_high_dose},
+            strengths={"doses" if doses is not None else "coefs": grid},
             batch_size=batch_size, dtype=dtype, accelerator=accelerator, trust_remote_code=trust_remote_code,
         )  # fmt: skip
 
@@ -181,7 +183,10 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
     lm.requires_grad_(False)
-    doses, norm = strengths.get("doses"), dose_norm(given, layer, model, lm, tokenizer, strengths)
+    doses, norm = (
+        strengths.get("doses"),
+        dose_norm(given, layer, model, lm, tokenizer, strengths.get("doses")),
+    )
     summary, per_item = personality_sweep(lm, tokenizer, items_by_trait, vectors, layer, strengths.get("coefs"),
                                           methods, batch_size=batch_size, doses=doses, norm=norm)  # fmt: skip
     summary["layer"] = layer
@@ -194,24 +199,26 @@ def run_sweep(model, resolved, items_by_trait, given, to_extract, out: Path, *, 
     return str(paths[0])
 
 
-def dose_norm(given: dict, layer: int, model: str, lm, tokenizer, strengths: dict) -> float | None:
-    """The layer's mean residual norm (from a vector's sidecar, else measured on this model), each trait's doses
-    checked against its limit first; None when the sweep is in coefficients and no vector records norms."""
-    from persona.vectors.dose import check_dose, dose_limit, layer_norms, stored_norms
+def dose_norm(given: dict, layer: int, model: str, lm, tokenizer, doses) -> float | None:
+    """The layer's mean residual norm (from a vector's sidecar, else measured on this model); None when the sweep
+    is in coefficients and no vector records norms."""
+    from persona.vectors.dose import layer_norms, stored_norms
 
-    doses = strengths.get("doses")
     if not given:
         return None
     first = next(iter(given.values()))
     if doses is None:
         norms = stored_norms(first, model)
         return None if norms is None else norms[layer]
-    if not strengths.get("allow_high_dose"):
-        for path in given.values():
-            check_dose(
-                max(abs(d) for d in doses),
-                *dose_limit(path, layer),
-                flag="--doses",
-                force="--allow_high_dose",
-            )
     return layer_norms(first, model=model, lm=lm, tokenizer=tokenizer)[layer]
+
+
+def check_doses(doses: list[float], paths, layer: int) -> None:
+    """Every trait's doses within its limit (its sidecar's calibrated dose at ``layer``, else the default), before
+    anything loads; a trait whose vector is still to be extracted has no calibration: the default limit."""
+    from persona.vectors.dose import DEFAULT_MAX_DOSE, check_dose, dose_limit
+
+    largest = max(abs(dose) for dose in doses)
+    for path in paths:
+        limit = dose_limit(path, layer) if path is not None else (DEFAULT_MAX_DOSE, "the default limit")
+        check_dose(largest, *limit, flag="--doses", force="--allow_high_dose")
