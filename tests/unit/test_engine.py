@@ -8,6 +8,7 @@ fails here first.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -21,6 +22,12 @@ from persona.generation.sampling import sample_token
 from persona.hooks.operators import orthonormalize
 from persona.hooks.phase import PhaseError
 from persona.steering import AblationSpec, CapSpec, Gate, RowInterventions, SteeringSpec, steer
+
+_TRANSFORMERS = tuple(int(part) for part in __import__("transformers").__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(
+    _TRANSFORMERS < engine_core.MIN_TRANSFORMERS,
+    reason="the continuous-batching engine needs transformers >= 5.24 (the static path covers older ones)",
+)
 
 SUPPORTED = tuple(arch for arch in ARCHITECTURES if arch not in engine_core.UNSUPPORTED)
 HIDDEN = 32
@@ -418,3 +425,16 @@ def test_find_packed_reads_a_continuous_batching_forward_and_nothing_else():
 
     with pytest.raises(PhaseError, match="cu_seq_lens_q"):
         find_packed({"cache": PagedAttentionCache()})
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"), [("4.56.2", True), ("5.23.0", True), ("5.24.0", False), ("6.0", False)]
+)
+def test_an_older_transformers_is_refused_in_one_line(version, refused):
+    if not refused:
+        engine_core.check_transformers(version)
+        return
+    with pytest.raises(
+        RuntimeError, match=rf"needs transformers >= 5\.24 \(found {re.escape(version)}\)\. Fix:"
+    ):
+        engine_core.check_transformers(version)

@@ -56,10 +56,32 @@ def cb_config(config: EngineConfig):
     )
 
 
+MIN_TRANSFORMERS = (5, 24)
+"""The oldest transformers whose continuous-batching internals the engine reads were checked against (5.24 and
+5.25 pass its pins; the internals appear around 5.10, 4.56 crashes on the CPU). Below it, the static path."""
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers older than :data:`MIN_TRANSFORMERS` with one line, before any manager starts."""
+    import re
+    from importlib.metadata import version as installed
+
+    version = version or installed("transformers")
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRANSFORMERS:
+        wanted = ".".join(map(str, MIN_TRANSFORMERS))
+        raise RuntimeError(
+            f"The continuous-batching engine needs transformers >= {wanted} (found {version}). Fix: upgrade "
+            f"transformers (pip install 'transformers>={wanted}'), or use the static path (persona serve, "
+            "persona generate), which runs on every supported version."
+        )
+
+
 class Engine:
     """Submit :class:`EngineRequest`s, collect :class:`EngineResult`s; ``close()`` (or ``with``) when done."""
 
     def __init__(self, model: nn.Module, config: EngineConfig | None = None):
+        check_transformers()
         model_type = getattr(model.config, "model_type", "")
         if model_type in UNSUPPORTED:
             raise ValueError(
