@@ -50,8 +50,9 @@ def test_next_dose_stays_inside_the_bracket_and_the_best_trait_is_recommended():
     assert recommend(chosen) is chosen[5]
 
 
-def test_the_coherence_proxy_against_an_independent_perplexity(tokenizer):
-    model = build_tiny_model("llama", len(tokenizer))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
+def test_the_coherence_proxy_against_an_independent_perplexity(tokenizer, arch):
+    model = build_tiny_model(arch, len(tokenizer)).eval()
     prompts = [[5, 6, 7, 8], [9, 10]]
     answers = [[11, 12, 13], [14, 15, 16, 17, 18]]
     nll = answer_nll(model, prompts, answers, pad=0)

@@ -58,7 +58,7 @@ def independent_mean_logprob(model, tokenizer, prompt: str, response: str) -> fl
     return sum(float(logprobs[t - 1, ids[0, t]]) for t in targets) / len(response_ids)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
 def test_likelihood_matches_an_independent_computation(arch, tokenizer):
     model = build_tiny_model(arch, len(tokenizer), seed=3)
     prompt = tokenizer.apply_chat_template(

@@ -193,6 +193,9 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
     assert results["generations"]["from"] == "calibration"
     assert len(wicked["calibration"]["layers"]) == 1 and wicked["calibration"]["layers"][0]["probes"] <= 3
     assert results["finetune"]["runs"] == ["mix_0", "mix_0.5", "mix_1"]
+    # Issue 25: each run's cost, the last epoch's training loss and the held-out mixture's loss.
+    costs = pd.read_csv(run / "finetune" / "shift_by_run.csv")[["train_loss", "val_loss"]]
+    assert costs.notna().all().all() and (costs > 0).all().all()
     representation = results["finetune"]["representation"]
     assert [row["run"] for row in representation["table"]] == ["mix_0", "mix_0.5", "mix_1"]
     # Re-extracted with the adapters swapped on one loaded base == `persona extract --model <adapter>`.
@@ -439,8 +442,11 @@ def test_the_report_compares_the_all_trait_arms_side_by_side():
             "shift_prompt_last": [0.0, 1.0, 0.2, 0.3, 0.4],
             "shift_response_avg": [0.0, 2.0, 0.5, 0.6, 0.7],
             "trait_score_change": [0.0, 30.0, 5.0, 6.0, 7.0],
+            "train_loss": [1.0, 1.1, 1.2, 1.3, 1.4],
+            "val_loss": [2.0, 2.125, 2.2, 2.3, 2.4],
         }
     )
     text = "\n".join(arms_section(shift))
+    assert "val_loss |" in text and "2.125" in text
     assert "mix_0 " not in text and all(f"| {arm} " in text for arm in ("mix_1", "mix_1+steer", "mix_1+cap"))
     assert "0.4" in text and arms_section(shift[shift["run"] == "mix_1"]) == []

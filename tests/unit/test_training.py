@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -271,7 +272,7 @@ def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(
 
     def nan_loss(*args, **kwargs):
         out = real_forward(*args, **kwargs)
-        out.loss = out.loss * float("nan")
+        out.logits = out.logits * float("nan")
         return out
 
     module.model.forward = nan_loss
@@ -279,3 +280,76 @@ def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(
         make_trainer(tmp_path / "run", 4).fit(module, data)
     assert not (tmp_path / "adapter").exists()
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_final_losses_are_the_token_means_of_the_last_epoch_and_of_the_validation_file(
+    tiny_model_dirs, chat_file, tmp_path
+):
+    """FinalLosses against a direct computation: at a learning rate of 1e-12 the model does not move, so both losses
+    are the cross-entropy of every assistant token of their file, averaged over tokens (not over batches)."""
+    from persona.training.losses import FinalLosses
+
+    model_dir = tiny_model_dirs["llama"]
+    val_file = write_chats(tmp_path / "val.jsonl", n=3)
+    data = ChatDataModule(train_files=chat_file, val_files=val_file, model=model_dir, batch_size=3)
+    module = LoRAFineTune(
+        model=model_dir, r=4, lora_alpha=8, learning_rate=1e-12, warmup_steps=0, adapter_dir=None
+    )
+    losses = FinalLosses()
+    trainer = make_trainer(
+        tmp_path, max_steps=-1, max_epochs=2, callbacks=[losses], check_val_every_n_epoch=2
+    )
+    trainer.fit(module, data)
+
+    def token_mean(loader) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in loader:
+                logits = module.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                targets = batch["labels"][:, 1:]
+                keep = targets != -100
+                log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                total -= float(
+                    log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum()
+                )
+                count += int(keep.sum())
+        return total / count
+
+    module.eval()
+    assert losses.train_loss == pytest.approx(token_mean(data.train_dataloader()), rel=1e-5)
+    assert losses.val_loss == pytest.approx(token_mean(data.val_dataloader()), rel=1e-5)
+    assert math.isnan(FinalLosses().val_loss)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
+def test_the_loss_on_labelled_logits_equals_the_models_own_labels_loss(tiny_model_dirs, chat_file, arch):
+    """The LM head only where a label needs it: the same loss and the same adapter gradients as HF's
+    ``labels`` path, on every tiny architecture (rows of different lengths: padding and prompts excluded)."""
+    from persona.models.logits import accepts_logits_to_keep
+    from persona.training.losses import causal_lm_loss
+
+    model_dir = tiny_model_dirs[arch]
+    data = ChatDataModule(train_files=chat_file, val_fraction=0.0, model=model_dir, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert (batch["labels"] == -100).any(1).all()  # every row has unlabelled prompt tokens
+    module = LoRAFineTune(model=model_dir, r=4, lora_alpha=8, target_modules="all-linear", warmup_steps=0)
+    module.configure_model()
+    module.model.eval()  # GPT-2 and GPT-NeoX configs carry dropout: two training-mode passes differ
+    assert accepts_logits_to_keep(module.model), (
+        "transformers' heads took logits_to_keep: the fast path is off"
+    )
+
+    def loss_and_grads(keep_logits: bool):
+        module.model.zero_grad()
+        loss = causal_lm_loss(module.model, batch) if keep_logits else module.model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
+
+    full, full_grads = loss_and_grads(False)
+    kept, kept_grads = loss_and_grads(True)
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kept_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -27,6 +27,7 @@ import torch
 
 from persona.data.batches import left_pad
 from persona.data.chat import encode_chat, user_turn
+from persona.models.logits import logits_at
 from persona.steering import SteeringSpec, steer
 
 PROXIES = {
@@ -75,15 +76,18 @@ def answer_nll(lm, prompts: Sequence[list[int]], answers: Sequence[list[int]], p
     rows = [list(p) + list(a) for p, a in zip(prompts, answers, strict=True)]
     input_ids, attention_mask = left_pad(rows, pad)
     device = lm.get_input_embeddings().weight.device
-    logits = lm(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-    width = input_ids.shape[1]
-    per_answer = []
-    for index, answer in enumerate(answers):
-        # The answer's tokens are the row's last len(answer); position t predicts token t + 1.
-        span = token_logprobs[index, width - 1 - len(answer) :]
-        per_answer.append(-float(span.mean()))
+    width, longest = input_ids.shape[1], max(len(answer) for answer in answers)
+    if longest == 0:
+        return math.nan  # no answer token to score
+    # The answers are the rows' last tokens (left padding); position t predicts token t + 1.
+    positions = torch.arange(width - 1 - longest, width - 1, device=device)
+    input_ids = input_ids.to(device)
+    logits = logits_at(lm, input_ids, attention_mask.to(device), positions).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_logprobs = logprobs.gather(-1, input_ids[:, positions + 1].unsqueeze(-1)).squeeze(-1)
+    per_answer = [
+        -float(token_logprobs[i, longest - len(answer) :].mean()) for i, answer in enumerate(answers)
+    ]
     return sum(per_answer) / len(per_answer)
 
 

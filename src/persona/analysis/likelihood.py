@@ -14,6 +14,7 @@ import torch
 from persona.core.hardware import input_device
 from persona.data.batches import bounded_batches, collate, length_sorted, tokenize_examples
 from persona.data.examples import Example
+from persona.models.logits import logits_at, predicting_positions
 
 
 @torch.no_grad()
@@ -27,13 +28,14 @@ def response_mean_logprobs(
     device = input_device(model)
     for rows in bounded_batches(range(len(items)), lengths, max_rows=batch_size):
         batch = collate([items[row] for row in rows], pad_token_id=tokenizer.pad_token_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch["input_ids"][:, 1:].to(device)
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         mask = batch["response_mask"][:, 1:].to(device)  # position t predicts token t+1
+        positions = predicting_positions(mask.bool())  # the head runs at response tokens only
+        input_ids = batch["input_ids"].to(device)
+        logits = logits_at(model, input_ids, batch["attention_mask"].to(device), positions).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = input_ids[:, 1:][:, positions]
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mask = mask[:, positions]
         per_example = (token_logprobs * mask).sum(1) / mask.sum(1).clamp_min(1)
         out[batch["index"]] = per_example.cpu()
     return out

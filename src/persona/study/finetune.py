@@ -32,13 +32,16 @@ def train_run(
     epochs: int,
     extra_callbacks: list,
     hardware,
+    val_file: Path | None = None,
 ) -> dict:
-    """One LoRA fine-tuning run with the activation monitor; returns its adapter dir and monitor table."""
+    """One LoRA fine-tuning run with the activation monitor; returns its adapter dir, monitor table and final
+    losses (the last epoch's training loss; the loss on ``val_file`` after the last epoch, NaN without one)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from persona.core.hardware import precision_for, resolve_dtype
     from persona.training import ChatDataModule, LoRAFineTune
+    from persona.training.losses import FinalLosses
     from persona.training.monitor import ActivationMonitor
 
     L.seed_everything(0, verbose=False)
@@ -54,8 +57,14 @@ def train_run(
         dtype=str(dtype).removeprefix("torch."),
     )
     data = ChatDataModule(
-        train_files=[str(train_file)], val_fraction=0.0, model=model, batch_size=4, max_length=160
+        train_files=[str(train_file)],
+        val_files=[str(val_file)] if val_file else None,
+        val_fraction=0.0,
+        model=model,
+        batch_size=4,
+        max_length=160,
     )
+    losses = FinalLosses()
     monitor = ActivationMonitor(
         vector_paths=[vector_path], layers=[layer], eval_file=str(eval_file), every_n_epochs=1
     )
@@ -66,16 +75,23 @@ def train_run(
         precision=precision_for(dtype),
         max_epochs=epochs,
         logger=logger,
-        callbacks=[monitor, *extra_callbacks],
+        callbacks=[monitor, losses, *extra_callbacks],
         enable_checkpointing=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if val_file else 0,
+        check_val_every_n_epoch=epochs,  # once, after the last epoch: the run's final cost
+        num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data)
     history = pd.DataFrame(monitor.history)
     history.insert(0, "run", name)
-    return {"adapter": str(adapter_dir), "history": history}
+    return {
+        "adapter": str(adapter_dir),
+        "history": history,
+        "train_loss": losses.train_loss,
+        "val_loss": losses.val_loss,
+    }
 
 
 def finetune_study(
@@ -161,6 +177,9 @@ def train_mixtures(
         split="train",
         overwrite=True,
     )
+    val_dir = validation_sets(
+        data_dir / "val", trait=trait, pairs_path=pairs_path, mixtures=mixtures, sizes=sizes
+    )
     common = dict(
         model=model,
         vector_path=vector_path,
@@ -171,8 +190,14 @@ def train_mixtures(
     )
     runs = {}
     for share, name, callbacks in planned_runs(mixtures, sizes, vector_path, layer):
+        val_file = val_dir / f"mix_{share:g}.jsonl" if val_dir else None
         runs[name] = train_run(
-            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, **common
+            phase_dir,
+            name,
+            data_dir / f"mix_{share:g}.jsonl",
+            extra_callbacks=callbacks,
+            val_file=val_file,
+            **common,
         )
         release_memory()  # the run's model and trainer, before the next run loads its own
 
@@ -180,6 +205,23 @@ def train_mixtures(
     write_csv(phase_dir / "monitor.csv", monitor)
     plot_monitor(monitor, phase_dir / "monitor.png", layer)
     return runs
+
+
+def validation_sets(out: Path, *, trait: str, pairs_path: Path, mixtures: tuple, sizes) -> Path | None:
+    """Each mixture again from the held-out (test) pairs: the validation loss of the runs trained on it. None, with
+    a warning, when the pairs have no test split."""
+    import logging
+
+    from persona.core.errors import PersonaError
+    from persona.data.build import dataset
+
+    try:
+        dataset(trait=trait, pairs_path=str(pairs_path), output_dir=str(out), mix=list(mixtures),
+                n=max(4, sizes.finetune_samples // 3), split="test", overwrite=True)  # fmt: skip
+    except (PersonaError, ValueError) as error:
+        logging.getLogger(__name__).warning("No validation loss for the fine-tuning runs: %s", error)
+        return None
+    return out
 
 
 def shift_study(
@@ -214,6 +256,8 @@ def shift_study(
     table = pd.read_csv(phase_dir / "shift" / "shift.csv")
     table.insert(0, "run", list(runs))
     table.insert(1, "trait_share", [trait_share(name) for name in runs])
+    table["train_loss"] = [run["train_loss"] for run in runs.values()]
+    table["val_loss"] = [run["val_loss"] for run in runs.values()]
     write_csv(phase_dir / "shift_by_run.csv", table)
     mixture_runs = [name for name in runs if "+" not in name]
     correlation = correlate(table[table["run"].isin(mixture_runs)])

@@ -225,9 +225,12 @@ def arms_section(shift: pd.DataFrame) -> list[str]:
     if len(rows) < 2:
         return []
     columns = ["run", "shift_prompt_last", "shift_response_avg", "trait_score_change"]
+    columns += [column for column in ("train_loss", "val_loss") if column in rows]  # older runs lack them
     return [
         "**Interventions on the all-trait mixture.** Plain fine-tuning against preventative steering, CAFT and "
-        "capping: how far each moved the projection and the trait score (their curves are in the monitor figure).",
+        "capping: how far each moved the projection and the trait score (their curves are in the monitor figure), "
+        "and what each cost: the last epoch's training loss and the loss on the same mixture built from the "
+        "held-out pairs.",
         "",
         markdown_table(rows[columns]),
         "",

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from persona.core.errors import PersonaError
 from persona.core.hardware import resolve_dtype
 from persona.models import DEFAULT_MODEL, is_adapter, load_tokenizer, resolve_model_path
+from persona.training.losses import causal_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,12 @@ class LoRAFineTune(L.LightningModule):
     ):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss over the batch's assistant tokens (the LM head only where labelled)."""
+        return causal_lm_loss(self.model, batch)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss  # HF shifts labels; mean over the batch's assistant tokens
+        loss = self.batch_loss(batch)
         if not bool(torch.isfinite(loss)):  # one scalar sync; the progress bar reads the loss anyway
             raise PersonaError(
                 f"the training loss is {float(loss)} at step {self.trainer.global_step} (batch {batch_idx}), so "
@@ -266,7 +271,7 @@ class LoRAFineTune(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self(**batch).loss
+        loss = self.batch_loss(batch)
         tokens = (batch["labels"][:, 1:] != -100).sum()  # the positions HF's shifted loss averages over
         # Token-weighted over the whole set and all ranks (torchmetrics reduces sums and weights separately).
         self.val_loss.update(loss.detach(), weight=tokens)
