@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,8 +66,10 @@ def persona_until_batch(args: list[str], cwd: Path, *, stop_after: int | None, d
     ) as process:
         batches = []
         for line in process.stdout:
-            if line.startswith("batch "):
-                batches.append(int(line.split()[1]))
+            # Lightning < 2.5 draws its progress bar on stdout: the probe's line may follow the bar's text.
+            probed = re.search(r"\bbatch (\d+)$", line.rstrip())
+            if probed:
+                batches.append(int(probed.group(1)))
                 if batches[-1] == stop_after:
                     process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
