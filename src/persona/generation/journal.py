@@ -6,7 +6,9 @@ question ids ``<trait>_<i>_<pos|neg>_<k>`` (``<trait>_<i>`` without a persona); 
 (greedy when ``n_per_question == 1``), top-p 1, at least one new token.
 
 Resumable. The plan (every (question_id, sample) key, in the seed's order) is cut into fixed batches, each
-with its own seed derived from its keys. Finished rows are appended per batch to a per-rank JSONL journal
+with its own seed derived from its keys (the static path samples a batch from it), and each answer has a seed
+derived from its own key (the engine samples the answer from it, whatever else is in flight). On the engine each
+answer is journaled the moment it finishes and again once judged (the later line wins). Finished rows are appended per batch to a per-rank JSONL journal
 (``<output>.parts/rank<r>.jsonl``; one line per row, one write + fsync per batch), so ``kill -9`` loses at
 most the batch in flight and a torn last line is dropped on resume. A re-run regenerates only batches with
 unfinished keys (whole, with the same seed, writing only the missing keys), so a resumed run gives the same
@@ -104,6 +106,7 @@ def pending_batches(items: list[WorkItem], batch_size: int, done: set[Key], seed
                     "question": [item.question for item in chunk],
                     "messages": [item.messages() for item in chunk],
                     "pending": pending,
+                    "row_seeds": [batch_seed(seed, f"{item.question_id}#{item.sample}") for item in chunk],
                 }
             )
     return batches
@@ -160,10 +163,13 @@ class ResponseStore:
         )
 
     def load(self) -> dict[Key, dict]:
-        """Every finished row, keyed. The CSV wins over the journals (it holds re-judged scores)."""
+        """Every finished row, keyed. The CSV wins over the journals (it holds re-judged scores); within a journal the
+        last line of a key wins (the engine journals an answer as it finishes, then again once judged)."""
         rows: dict[Key, dict] = {}
         for path in sorted(self.parts_dir.glob("rank*.jsonl")):
-            for key, row in KeyedJournal(path, ("question_id", "sample")).load().items():
+            journal = KeyedJournal(path, ("question_id", "sample"))
+            latest = {journal.key(row): row for row in journal.rows()}
+            for key, row in latest.items():
                 rows.setdefault(key, row)
         if self.csv_path.is_file():
             for row in self.read_csv():
