@@ -125,7 +125,8 @@ def generate(
     store = ResponseStore(path, loaded.name)
     signature = run_signature(loaded, model, hardware.dtype, version, instruction_type, assistant_name, max_tokens,
                               temperature, seed, steering)  # fmt: skip
-    if engine and temperature > 0:  # the engine draws each answer from its own seed: other samples than static's
+    # The engine draws each answer from its own seed: other samples than the static path's.
+    if engine and temperature > 0:
         signature["sampler"] = "per-answer seeds (engine)"
     from persona.generation.predict_loop import run_generation
 

@@ -56,7 +56,9 @@ def engine_blocker(model, specs: Sequence) -> str | None:
     if any(getattr(spec, "when", None) is not None for spec in specs):
         return "a gated intervention (--when_above/--when_below), which the engine does not support yet"
     config, default = getattr(model, "generation_config", None), GenerationConfig()
-    changed = [name for name in LOGITS_SETTINGS if getattr(config, name, None) != getattr(default, name, None)]
+    changed = [
+        name for name in LOGITS_SETTINGS if getattr(config, name, None) != getattr(default, name, None)
+    ]
     if config is not None and changed:
         return f"the model's generation_config sets {', '.join(changed)}, which the engine does not apply"
     return None

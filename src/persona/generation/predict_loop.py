@@ -153,7 +153,8 @@ class ResponseGenerator(L.LightningModule):
         return []
 
     def _stop_on_sigterm(self) -> None:
-        if self.trainer.received_sigterm:  # the share is one step: StopOnSigterm cannot stop it between batches
+        # The share is one step, so StopOnSigterm (between steps) cannot stop it between batches.
+        if self.trainer.received_sigterm:
             raise SIGTERMException(SIGTERM_EXIT)
 
     def _static_batch(self, batch: dict) -> list[dict]:
@@ -173,9 +174,7 @@ class ResponseGenerator(L.LightningModule):
             min_new_tokens=1,
             **sampling,
         )
-        return [
-            answer_row(self.tokenizer, batch, index, answer) for index, answer in enumerate(answers)
-        ]
+        return [answer_row(self.tokenizer, batch, index, answer) for index, answer in enumerate(answers)]
 
 
 def answer_row(tokenizer, batch: dict, index: int, answer: str) -> dict:
@@ -224,8 +223,11 @@ class ResponseWriter(Callback):
         self.errors: list[str] = []
 
     def unjudged(self, row: dict) -> dict:
-        judge_columns = (self.trait.name, "coherence", f"{self.trait.name}_method", "coherence_method", "judge")
-        return {**row, **dict.fromkeys(judge_columns)}
+        metric = self.trait.name
+        return {
+            **row,
+            **dict.fromkeys((metric, "coherence", f"{metric}_method", "coherence_method", "judge")),
+        }
 
     def journal(self, rank: int, rows: list[dict]) -> None:
         self.store.append(rank, rows)

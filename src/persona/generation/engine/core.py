@@ -313,7 +313,10 @@ def _check_request(request: EngineRequest, room: int) -> None:
         raise ValueError(
             f"EngineRequest.max_new_tokens={request.max_new_tokens!r}. Fix: pass an integer >= 1."
         )
-    if not isinstance(request.min_new_tokens, int) or not 0 <= request.min_new_tokens <= request.max_new_tokens:
+    if (
+        not isinstance(request.min_new_tokens, int)
+        or not 0 <= request.min_new_tokens <= request.max_new_tokens
+    ):
         raise ValueError(
             f"EngineRequest.min_new_tokens={request.min_new_tokens!r}. Fix: an integer from 0 to max_new_tokens."
         )
