@@ -199,3 +199,23 @@ def test_an_older_transformers_keeps_the_static_path(tiny_model_dirs, monkeypatc
     assert "needs transformers >= 5.24 (found 5.23.0)" in engine_blocker(
         load_model(tiny_model_dirs["llama"]), []
     )
+
+
+def test_min_new_tokens_holds_the_stop_token_off_as_generate_does(tiny_model_dirs):
+    from persona.generation.engine import Engine, EngineConfig, EngineRequest
+    from persona.models import load_model
+
+    model = load_model(tiny_model_dirs["llama"])
+    prompt = [1, 40, 41, 42, 43]
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=1, do_sample=False,
+                                  eos_token_id=first, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+    config = EngineConfig(num_blocks=8, page_size=16, max_batch_tokens=16, max_requests_per_batch=2)
+    with Engine(model, config) as engine:
+        held = engine.result(
+            engine.submit(EngineRequest(prompt, 6, stop_token_ids=[first], min_new_tokens=1))
+        )
+        free = engine.result(engine.submit(EngineRequest(prompt, 6, stop_token_ids=[first])))
+    assert held.tokens == expected and held.tokens[0] != first
+    assert free.tokens == [first]  # without it, the reply ends on its first token
