@@ -6,14 +6,15 @@ question ids ``<trait>_<i>_<pos|neg>_<k>`` (``<trait>_<i>`` without a persona); 
 (greedy when ``n_per_question == 1``), top-p 1, at least one new token.
 
 Resumable. The plan (every (question_id, sample) key, in the seed's order) is cut into fixed batches, each
-with its own seed derived from its keys (the static path samples a batch from it), and each answer has a seed
-derived from its own key (the engine samples the answer from it, whatever else is in flight). On the engine each
-answer is journaled the moment it finishes and again once judged (the later line wins). Finished rows are appended per batch to a per-rank JSONL journal
-(``<output>.parts/rank<r>.jsonl``; one line per row, one write + fsync per batch), so ``kill -9`` loses at
-most the batch in flight and a torn last line is dropped on resume. A re-run regenerates only batches with
-unfinished keys (whole, with the same seed, writing only the missing keys), so a resumed run gives the same
-rows as an uninterrupted one. At the end the CSV is rewritten atomically in plan order (row i of a pos file
-pairs with row i of the neg file, as `persona extract` expects) and the journal removed. Rows whose judge
+with its own seed derived from its keys (the static path samples a batch from it); each answer also has a seed
+derived from its own key (the engine samples that answer from it, whatever else is in flight). Finished rows go to
+a per-rank JSONL journal (``<output>.parts/rank<r>.jsonl``; one line per row, each write fsynced): the static path
+appends a batch's rows once judged, the engine each answer the moment it finishes and again once judged (the later
+line of a key wins). So ``kill -9`` loses at most the batch in flight (static) or the answers in flight (engine),
+and a torn last line is dropped on resume. A re-run regenerates only what is missing (the static path whole
+batches, with the same seed, writing only the missing keys; the engine the missing answers), so a resumed run gives
+the same rows as an uninterrupted one. At the end the CSV is rewritten atomically in plan order (row i of a pos
+file pairs with row i of the neg file, as `persona extract` expects) and the journal removed. Rows whose judge
 scores are missing keep empty cells; the next run of the same command re-judges them without regenerating.
 """
 

@@ -100,5 +100,8 @@ def stream_results(
         for request_id in engine.poll(0.05):
             result = engine.result(request_id)
             if result.status != "finished":
-                raise RuntimeError(f"the engine could not finish an answer ({result.status}): {result.error}")
+                raise RuntimeError(
+                    f"the engine could not finish an answer ({result.status}): {result.error}. Fix: re-run the same "
+                    "command to resume (finished answers are kept), or pass --engine false for the static path."
+                )
             yield in_flight.pop(request_id), result

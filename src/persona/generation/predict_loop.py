@@ -145,14 +145,14 @@ class ResponseGenerator(L.LightningModule):
                 engine_answers(self, share, writer, bar)
                 return []  # everything is journaled (Lightning warns about a None)
             for batch in share:
-                self._stop_on_sigterm()
+                self.stop_on_sigterm()
                 rows = [row for row, pending in zip(self._static_batch(batch), batch["pending"], strict=True)
                         if pending]  # fmt: skip
                 writer.judge_and_journal(rank, rows)
                 bar.update(len(rows))
         return []
 
-    def _stop_on_sigterm(self) -> None:
+    def stop_on_sigterm(self) -> None:
         # The share is one step, so StopOnSigterm (between steps) cannot stop it between batches.
         if self.trainer.received_sigterm:
             raise SIGTERMException(SIGTERM_EXIT)
@@ -204,14 +204,14 @@ def engine_answers(module: ResponseGenerator, share: list[dict], writer, bar) ->
     config = engine_config(hp.batch_size, max((len(p) for p in prompts), default=1), hp.max_tokens)
     finished = []
     with Engine(module.model, config) as engine:
-        for index, result in stream_results(engine, requests, 4 * hp.batch_size, module._stop_on_sigterm):
+        for index, result in stream_results(engine, requests, 4 * hp.batch_size, module.stop_on_sigterm):
             batch, i = work[index]
             row = answer_row(tokenizer, batch, i, answer_text(tokenizer, result.tokens))
             writer.journal(module.trainer.global_rank, [writer.unjudged(row)])
             finished.append(row)
             bar.update(1)
     for start in range(0, len(finished), hp.batch_size):
-        module._stop_on_sigterm()
+        module.stop_on_sigterm()
         writer.judge_and_journal(module.trainer.global_rank, finished[start : start + hp.batch_size])
 
 
