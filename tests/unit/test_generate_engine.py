@@ -226,3 +226,19 @@ def test_min_new_tokens_holds_the_stop_token_off_as_generate_does(tiny_model_dir
         free = engine.result(engine.submit(EngineRequest(prompt, 6, stop_token_ids=[first])))
     assert held.tokens == expected and held.tokens[0] != first
     assert free.tokens == [first]  # without it, the reply ends on its first token
+
+
+def test_a_sampled_run_resumes_only_on_the_path_it_started_on(
+    tiny_model_dirs, trait_file, tmp_path, use_judge
+):
+    use_judge(FakeJudge())
+    out = tmp_path / "out.csv"
+    run(tiny_model_dirs["llama"], trait_file, out, max_questions=1, engine=False)  # sampled: n_per_question 2
+    with pytest.raises(
+        ValueError, match="sampler: None there, 'per-answer seeds.*resumes with --engine false"
+    ):
+        run(tiny_model_dirs["llama"], trait_file, out, max_questions=1)
+    run(tiny_model_dirs["llama"], trait_file, out, max_questions=1, engine=False)
+    greedy = tmp_path / "greedy.csv"  # greedy answers are the same on both paths: no record, either resumes
+    run(tiny_model_dirs["llama"], trait_file, greedy, max_questions=1, n_per_question=1, engine=False)
+    run(tiny_model_dirs["llama"], trait_file, greedy, max_questions=1, n_per_question=1)

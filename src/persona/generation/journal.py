@@ -159,7 +159,8 @@ class ResponseStore:
             signature,
             command="persona generate",
             subject=self.csv_path,
-            fix="choose another --output_path, or pass --overwrite true to replace it",
+            fix="choose another --output_path, or pass --overwrite true to replace it (a sampled run made on the "
+            "static path, e.g. before the engine, resumes with --engine false)",
             owned=(self.csv_path, self.parts_dir),
         )
 
