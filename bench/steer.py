@@ -8,6 +8,9 @@ reaches (the bound's arithmetic is printed), steered/unsteered (target <= 1.05) 
 
     python bench/steer.py [--device cuda] [--dtype bfloat16] [--model M] [--batch 64] [--new-tokens 128]
                           [--paths eager,compile] [--repeats 3] [--layer L] [--coef 4]
+
+``--workload generate`` (:mod:`generate_workload`): a ``persona generate``-style run with mixed reply lengths, the
+static path's fixed batches vs the continuous-batching engine, and steered vs unsteered on the engine.
 """
 
 from __future__ import annotations
@@ -62,7 +65,17 @@ def main() -> None:
     )
     parser.add_argument("--layer", type=int, default=None, help="steered layer (default: 60%% of the depth)")
     parser.add_argument("--coef", type=float, default=4.0)
+    parser.add_argument("--workload", choices=("fixed", "generate"), default="fixed")
+    parser.add_argument("--requests", type=int, default=32, help="--workload generate: answers to generate")
+    parser.add_argument("--max-new", type=int, default=256, help="--workload generate: the longest reply cap")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workload == "generate":
+        from generate_workload import run_generate_workload
+
+        return run_generate_workload(args)
     device, dtype = args.device, resolved_dtype(args.dtype, args.device)
     on_cuda = device.startswith("cuda")
     paths = (args.paths or ("eager,compile" if on_cuda else "eager,static,compile")).split(",")

@@ -154,14 +154,15 @@ def test_rerun_skips_finished_rows_and_leaves_the_file_unchanged(
 
 
 def test_crash_mid_run_then_rerun_is_complete_and_identical(tiny_model_dirs, trait_file, tmp_path, use_judge):
+    # The static path (the engine's own crash test is in test_generate_engine.py).
     reference = tmp_path / "reference.csv"
     use_judge(FakeJudge())
-    run(tiny_model_dirs["llama"], trait_file, reference)
+    run(tiny_model_dirs["llama"], trait_file, reference, engine=False)
 
     out = tmp_path / "crashed.csv"
     use_judge(FakeJudge(fail_on_call=3))  # batch 1 is judged (2 calls) and written; batch 2's judge raises
     with pytest.raises(RuntimeError, match="judge crashed"):
-        run(tiny_model_dirs["llama"], trait_file, out)
+        run(tiny_model_dirs["llama"], trait_file, out, engine=False)
     journal_rows, _ = read_journal(tmp_path / "crashed.csv.parts" / "rank0.jsonl")
     assert len(journal_rows) == 4 and not out.exists()
     # kill -9 in the middle of the next append: a torn line at the end of the journal.
@@ -169,7 +170,7 @@ def test_crash_mid_run_then_rerun_is_complete_and_identical(tiny_model_dirs, tra
         handle.write(b'{"question": "torn')
 
     use_judge(FakeJudge())
-    run(tiny_model_dirs["llama"], trait_file, out)
+    run(tiny_model_dirs["llama"], trait_file, out, engine=False)
     assert keys(out) == keys(reference)  # no key missing, none duplicated, plan order
     # Batches keep their seeds across the resume, so the answers are the ones an uninterrupted run gives.
     assert out.read_bytes() == reference.read_bytes()

@@ -24,9 +24,11 @@ from persona.core.errors import SIGTERM_EXIT
 from persona.core.store import read_journal
 from persona.vectors import save_vector
 
-# Slows the named predict_step, prints each batch index, and (for generate) judges without a server.
+# Slows the named step, prints each batch index, and (for generate) judges without a server. generate runs each
+# rank's share in one predict step, so its probe slows what happens per batch there: the static path's judge and
+# journal of a batch ("generate"), the engine's journal of a finished answer ("generate-engine"); it counts calls.
 PROBE = """
-import sys, time
+import itertools, sys, time
 from persona.vectors import extraction
 from persona.generation import predict_loop as generation_loop
 from persona.vectors import projection
@@ -39,19 +41,22 @@ class Judge:
         return [JudgeScore(50.0, "parsed") for _ in prompts]
 
 generation_loop.build_judge = lambda **kwargs: Judge()
-slowed = {"project": projection.ExampleProjector, "generate": generation_loop.ResponseGenerator,
-          "fit": training.LoRAFineTune, "predict": extraction.VectorExtractor}[sys.argv[1]]
-name = "training_step" if sys.argv[1] == "fit" else "predict_step"
+slowed, name = {"project": (projection.ExampleProjector, "predict_step"),
+                 "generate": (generation_loop.ResponseWriter, "judge_and_journal"),
+                 "generate-engine": (generation_loop.ResponseWriter, "journal"),
+                 "fit": (training.LoRAFineTune, "training_step"),
+                 "predict": (extraction.VectorExtractor, "predict_step")}[sys.argv[1]]
 step = getattr(slowed, name)
+calls = itertools.count()
 
-def slow_step(self, batch, batch_idx):
-    print(f"batch {batch_idx}", flush=True)
+def slow_step(self, *args):
+    print(f"batch {args[-1] if name.endswith('_step') else next(calls)}", flush=True)
     time.sleep(float(sys.argv[2]))
-    return step(self, batch, batch_idx)
+    return step(self, *args)
 
 setattr(slowed, name, slow_step)
 from persona.cli import main
-sys.exit(main(sys.argv[1:2] + sys.argv[3:]))
+sys.exit(main([sys.argv[1].split("-")[0]] + sys.argv[3:]))
 """
 
 
@@ -95,8 +100,7 @@ def test_sigterm_stops_project_at_the_next_batch_and_leaves_the_file_alone(tiny_
     assert "Traceback" not in err and data.read_bytes() == before
 
 
-@pytest.mark.timeout(240)
-def test_sigterm_stops_generate_and_its_journal_resumes(tiny_model_dirs, tmp_path):
+def wicked_generate_args(tmp_path, model_dir) -> list:
     trait = {
         "instruction": [{"pos": f"Be wicked, way {k}.", "neg": f"Be kind, way {k}."} for k in range(5)],
         "questions": ["How should I treat animals?", "What is the best way to help a friend?"],
@@ -105,8 +109,15 @@ def test_sigterm_stops_generate_and_its_journal_resumes(tiny_model_dirs, tmp_pat
     (tmp_path / "wicked.json").write_text(json.dumps(trait))
     out = tmp_path / "out.csv"
     args = ["generate", "--trait", tmp_path / "wicked.json", "--output_path", out, "--model",
-            tiny_model_dirs["llama"], "--persona_instruction_type", "pos", "--n_per_question", "2",
+            model_dir, "--persona_instruction_type", "pos", "--n_per_question", "2",
             "--max_tokens", "3", "--batch_size", "1", "--accelerator", "cpu"]  # fmt: skip
+    return args
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_stops_generate_and_its_journal_resumes(tiny_model_dirs, tmp_path):
+    out = tmp_path / "out.csv"
+    args = wicked_generate_args(tmp_path, tiny_model_dirs["llama"]) + ["--engine", "false"]  # the static path
     code, batches, err = persona_until_batch(args, tmp_path, stop_after=1)
     assert code == SIGTERM_EXIT and batches == [0, 1], err
     journal, _ = read_journal(tmp_path / "out.csv.parts" / "rank0.jsonl")
@@ -114,6 +125,22 @@ def test_sigterm_stops_generate_and_its_journal_resumes(tiny_model_dirs, tmp_pat
     code, batches, err = persona_until_batch(args, tmp_path, stop_after=None, delay=0)
     assert code == 0, err
     assert len(pd.read_csv(out)) == 2 + len(batches)  # only the answers still missing were generated
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_stops_generate_on_the_engine_and_its_journal_resumes(tiny_model_dirs, tmp_path):
+    out = tmp_path / "out.csv"
+    args = ["generate-engine", *wicked_generate_args(tmp_path, tiny_model_dirs["llama"])[1:]]
+    code, answers, err = persona_until_batch(args, tmp_path, stop_after=1)
+    assert code == SIGTERM_EXIT, err
+    journal, _ = read_journal(tmp_path / "out.csv.parts" / "rank0.jsonl")
+    # Every answer that finished is kept (those of the poll in hand when the signal came), nothing else written.
+    assert 2 <= len(journal) == len(answers) < 20 and not out.exists()
+    code, answers, err = persona_until_batch(args, tmp_path, stop_after=None, delay=0)
+    assert code == 0, err
+    assert (
+        len(pd.read_csv(out)) == 20 == len(journal) + len(answers)
+    )  # only the missing answers were generated
 
 
 @pytest.mark.timeout(240)

@@ -52,6 +52,7 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
+    engine: bool = True,
     hardware: Hardware = Hardware(),
 ) -> str:
     """Answer a trait's questions under persona system prompts (or steering) and judge each answer 0-100.
@@ -91,6 +92,7 @@ def generate(
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed; each batch's seed is derived from it and the batch's keys.
         overwrite: Start over, deleting an existing output_path and its journal.
+        engine: Generate on the continuous-batching engine where it can run (transformers >= 5.24, not GPT-NeoX, no gate, no adapter; else the static path, the reason logged); false: always the static path. Greedy answers are the same on both; sampled ones draw per answer on the engine (recorded in the run's settings).
     """
     model = model_on_base(model, base_model)
     instruction_type = check_flags(
@@ -123,6 +125,9 @@ def generate(
     store = ResponseStore(path, loaded.name)
     signature = run_signature(loaded, model, hardware.dtype, version, instruction_type, assistant_name, max_tokens,
                               temperature, seed, steering)  # fmt: skip
+    # The engine draws each answer from its own seed: other samples than the static path's.
+    if engine and temperature > 0:
+        signature["sampler"] = "per-answer seeds (engine)"
     from persona.generation.predict_loop import run_generation
 
     return run_generation(
@@ -130,7 +135,7 @@ def generate(
         dtype=hardware.dtype, max_tokens=max_tokens, temperature=temperature, steering=steering,
         judge=dict(spec=judge_model, base_url=judge_base_url, min_mass=judge_min_mass, timeout=judge_timeout,
                    concurrency=judge_concurrency),
-        trainer=hardware.trainer, trust_remote_code=hardware.trust_remote_code,
+        trainer=hardware.trainer, trust_remote_code=hardware.trust_remote_code, engine=engine,
     )  # fmt: skip
 
 

@@ -159,6 +159,7 @@ def steer_eval(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
+    engine: bool = True,
     hardware: Hardware = Hardware(),
 ) -> str:
     """Steer with a persona vector at each coefficient, answer the trait's eval questions, judge trait and coherence.
@@ -191,6 +192,7 @@ def steer_eval(
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed of every coefficient's run (so coefficients differ only by the steering).
         overwrite: Start every coefficient's file over.
+        engine: Generate on the continuous-batching engine where it can run, else the static path (see `persona generate --engine`); false: always the static path.
     """
     model = model_on_base(model, base_model)
     from persona.commands.generate import generate, resolve_bounds
@@ -232,7 +234,7 @@ def steer_eval(
                          max_tokens=max_tokens, temperature=temperature, judge_model=judge_model,
                          judge_base_url=judge_base_url, judge_min_mass=judge_min_mass, coef=coef,
                          vector_path=vector_path, layer=layer, steering_type=steering_type, batch_size=batch_size,
-                         seed=seed, overwrite=overwrite, hardware=hardware, **bounds)
+                         seed=seed, overwrite=overwrite, engine=engine, hardware=hardware, **bounds)
             )  # fmt: skip
     # Under Lightning's ddp launcher every rank runs this command; the first writes the summary.
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":

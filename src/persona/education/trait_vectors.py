@@ -184,6 +184,7 @@ def _persona_answers(
             max_tokens=settings.max_tokens,
             judge_model=settings.judge,
             seed=seed,
+            engine=settings.n_per_question == 1,  # sampled: the static path's draws, as before the engine
         )
     return csvs
 

@@ -6,12 +6,15 @@ question ids ``<trait>_<i>_<pos|neg>_<k>`` (``<trait>_<i>`` without a persona); 
 (greedy when ``n_per_question == 1``), top-p 1, at least one new token.
 
 Resumable. The plan (every (question_id, sample) key, in the seed's order) is cut into fixed batches, each
-with its own seed derived from its keys. Finished rows are appended per batch to a per-rank JSONL journal
-(``<output>.parts/rank<r>.jsonl``; one line per row, one write + fsync per batch), so ``kill -9`` loses at
-most the batch in flight and a torn last line is dropped on resume. A re-run regenerates only batches with
-unfinished keys (whole, with the same seed, writing only the missing keys), so a resumed run gives the same
-rows as an uninterrupted one. At the end the CSV is rewritten atomically in plan order (row i of a pos file
-pairs with row i of the neg file, as `persona extract` expects) and the journal removed. Rows whose judge
+with its own seed derived from its keys (the static path samples a batch from it); each answer also has a seed
+derived from its own key (the engine samples that answer from it, whatever else is in flight). Finished rows go to
+a per-rank JSONL journal (``<output>.parts/rank<r>.jsonl``; one line per row, each write fsynced): the static path
+appends a batch's rows once judged, the engine each answer the moment it finishes and again once judged (the later
+line of a key wins). So ``kill -9`` loses at most the batch in flight (static) or the answers in flight (engine),
+and a torn last line is dropped on resume. A re-run regenerates only what is missing (the static path whole
+batches, with the same seed, writing only the missing keys; the engine the missing answers), so a resumed run gives
+the same rows as an uninterrupted one. At the end the CSV is rewritten atomically in plan order (row i of a pos
+file pairs with row i of the neg file, as `persona extract` expects) and the journal removed. Rows whose judge
 scores are missing keep empty cells; the next run of the same command re-judges them without regenerating.
 """
 
@@ -104,6 +107,7 @@ def pending_batches(items: list[WorkItem], batch_size: int, done: set[Key], seed
                     "question": [item.question for item in chunk],
                     "messages": [item.messages() for item in chunk],
                     "pending": pending,
+                    "row_seeds": [batch_seed(seed, f"{item.question_id}#{item.sample}") for item in chunk],
                 }
             )
     return batches
@@ -155,15 +159,19 @@ class ResponseStore:
             signature,
             command="persona generate",
             subject=self.csv_path,
-            fix="choose another --output_path, or pass --overwrite true to replace it",
+            fix="choose another --output_path, or pass --overwrite true to replace it (a sampled run made on the "
+            "static path, e.g. before the engine, resumes with --engine false)",
             owned=(self.csv_path, self.parts_dir),
         )
 
     def load(self) -> dict[Key, dict]:
-        """Every finished row, keyed. The CSV wins over the journals (it holds re-judged scores)."""
+        """Every finished row, keyed. The CSV wins over the journals (it holds re-judged scores); within a journal the
+        last line of a key wins (the engine journals an answer as it finishes, then again once judged)."""
         rows: dict[Key, dict] = {}
         for path in sorted(self.parts_dir.glob("rank*.jsonl")):
-            for key, row in KeyedJournal(path, ("question_id", "sample")).load().items():
+            journal = KeyedJournal(path, ("question_id", "sample"))
+            latest = {journal.key(row): row for row in journal.rows()}
+            for key, row in latest.items():
                 rows.setdefault(key, row)
         if self.csv_path.is_file():
             for row in self.read_csv():

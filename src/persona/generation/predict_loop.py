@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
@@ -9,15 +10,21 @@ from collections import Counter
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tqdm.auto import tqdm
 
-from persona.core.errors import PersonaError
-from persona.data.chat import has_chat_template, render_chat
+from persona.core.errors import SIGTERM_EXIT, PersonaError
+from persona.data.chat import answer_text, encode_chat, has_chat_template, render_chat
 from persona.data.traits import Trait, coherence_prompt
+from persona.generation.engine import Engine, EngineRequest
 from persona.generation.journal import Key, ResponseStore, pending_batches
-from persona.models import DEFAULT_MODEL, load_model, load_tokenizer
-from persona.steering import CapSpec, Gate, SteeringSpec, generate_steered
+from persona.generation.on_engine import engine_blocker, engine_config, stop_ids, stream_results
+from persona.models import DEFAULT_MODEL, context_length, load_model, load_tokenizer
+from persona.steering import CapSpec, Gate, RowInterventions, SteeringSpec, check_room, generate_steered
 from persona.vectors import load_vector
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------- judging
 
@@ -69,7 +76,11 @@ def command_specs(hp) -> list:
 
 
 class ResponseGenerator(L.LightningModule):
-    """predict_step: generate answers for one planned batch (its own seed); rows out, unjudged."""
+    """predict_step: one rank's share of the planned batches; each answer journaled (and judged) as it is made.
+
+    On the engine (:mod:`persona.generation.on_engine`) every pending answer of the share is submitted at once
+    and journaled the moment it finishes, then judged; on the static path each planned batch is generated with
+    its own seed, judged and journaled, as before the engine."""
 
     def __init__(
         self,
@@ -87,6 +98,8 @@ class ResponseGenerator(L.LightningModule):
         cap_hi: float | None = None,
         when_above: float | None = None,
         when_below: float | None = None,
+        engine: bool = True,
+        batch_size: int = 16,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -104,12 +117,15 @@ class ResponseGenerator(L.LightningModule):
         self.model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
         self.model.requires_grad_(False)
         self.specs = [] if hp.vector_path is None else command_specs(hp)
+        self.static_reason = "--engine false" if not hp.engine else engine_blocker(self.model, self.specs)
+        if self.static_reason is not None:
+            log.info("persona generate: the static path (%s)", self.static_reason)
 
     def on_predict_start(self) -> None:
         # One fast-generation session for the whole run: its decode step compiles once, not once per batch.
         from persona.steering.fast import FastGenerator, fast_mode
 
-        if fast_mode(self.hparams.fast, self.device) != "off":
+        if self.static_reason is not None and fast_mode(self.hparams.fast, self.device) != "off":
             self.fast_generator = FastGenerator(self.model, self.hparams.fast).__enter__()
 
     def on_predict_end(self) -> None:
@@ -120,7 +136,28 @@ class ResponseGenerator(L.LightningModule):
     def teardown(self, stage: str) -> None:
         self.on_predict_end()  # also after a failed run
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, share: list[dict], batch_idx: int) -> list:
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, ResponseWriter))
+        rank = self.trainer.global_rank
+        total = sum(sum(batch["pending"]) for batch in share)
+        with tqdm(total=total, desc="answers", unit="answer", disable=rank != 0) as bar:
+            if self.static_reason is None:
+                engine_answers(self, share, writer, bar)
+                return []  # everything is journaled (Lightning warns about a None)
+            for batch in share:
+                self.stop_on_sigterm()
+                rows = [row for row, pending in zip(self._static_batch(batch), batch["pending"], strict=True)
+                        if pending]  # fmt: skip
+                writer.judge_and_journal(rank, rows)
+                bar.update(len(rows))
+        return []
+
+    def stop_on_sigterm(self) -> None:
+        # The share is one step, so StopOnSigterm (between steps) cannot stop it between batches.
+        if self.trainer.received_sigterm:
+            raise SIGTERMException(SIGTERM_EXIT)
+
+    def _static_batch(self, batch: dict) -> list[dict]:
         random.seed(batch["seed"])
         torch.manual_seed(batch["seed"])
         hp = self.hparams
@@ -137,43 +174,72 @@ class ResponseGenerator(L.LightningModule):
             min_new_tokens=1,
             **sampling,
         )
-        prompts = [render_chat(self.tokenizer, m) for m in batch["messages"]]
-        return [
-            {"question": q, "prompt": p, "answer": a, "question_id": qid, "sample": int(s)}
-            for q, p, a, qid, s in zip(
-                batch["question"], prompts, answers, batch["question_id"], batch["sample"], strict=True
-            )
-        ]
+        return [answer_row(self.tokenizer, batch, index, answer) for index, answer in enumerate(answers)]
 
 
-class ResponseWriter(BasePredictionWriter):
-    """Judges each batch's new rows and appends them to this rank's journal."""
+def answer_row(tokenizer, batch: dict, index: int, answer: str) -> dict:
+    """The CSV row of answer ``index`` of a planned batch, its judge columns empty."""
+    return {
+        "question": batch["question"][index],
+        "prompt": render_chat(tokenizer, batch["messages"][index]),
+        "answer": answer,
+        "question_id": batch["question_id"][index],
+        "sample": int(batch["sample"][index]),
+    }
+
+
+def engine_answers(module: ResponseGenerator, share: list[dict], writer, bar) -> None:
+    """Every pending answer of ``share`` on one engine: each journaled unjudged as it finishes, then all judged
+    in chunks of ``batch_size`` and journaled again (the judged row supersedes; a run killed before that re-judges)."""
+    hp, tokenizer = module.hparams, module.tokenizer
+    work = [(batch, i) for batch in share for i, pending in enumerate(batch["pending"]) if pending]
+    prompts = [encode_chat(tokenizer, batch["messages"][i]) for batch, i in work]
+    check_room(prompts, hp.max_tokens, context_length(tokenizer, module.model.config))
+    stops, rows = stop_ids(module.model, tokenizer), RowInterventions(module.specs)
+    requests = [
+        EngineRequest(prompt, hp.max_tokens, rows, temperature=hp.temperature, stop_token_ids=stops,
+                      seed=batch["row_seeds"][i] if hp.temperature > 0 else None, min_new_tokens=1)
+        for prompt, (batch, i) in zip(prompts, work, strict=True)
+    ]  # fmt: skip
+    config = engine_config(hp.batch_size, max((len(p) for p in prompts), default=1), hp.max_tokens)
+    finished = []
+    with Engine(module.model, config) as engine:
+        for index, result in stream_results(engine, requests, 4 * hp.batch_size, module.stop_on_sigterm):
+            batch, i = work[index]
+            row = answer_row(tokenizer, batch, i, answer_text(tokenizer, result.tokens))
+            writer.journal(module.trainer.global_rank, [writer.unjudged(row)])
+            finished.append(row)
+            bar.update(1)
+    for start in range(0, len(finished), hp.batch_size):
+        module.stop_on_sigterm()
+        writer.judge_and_journal(module.trainer.global_rank, finished[start : start + hp.batch_size])
+
+
+class ResponseWriter(Callback):
+    """Journals this rank's rows: as made (:meth:`journal`) and judged (:meth:`judge_and_journal`)."""
 
     def __init__(self, store: ResponseStore, trait: Trait, judge):
-        super().__init__(write_interval="batch")
         self.store, self.trait, self.judge = store, trait, judge
         self.errors: list[str] = []
 
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
-    ):
-        rows = [row for row, pending in zip(prediction, batch["pending"], strict=True) if pending]
-        for row in rows:
-            row.update(
-                {
-                    self.trait.name: None,
-                    "coherence": None,
-                    f"{self.trait.name}_method": None,
-                    "coherence_method": None,
-                    "judge": None,
-                }
-            )
+    def unjudged(self, row: dict) -> dict:
+        metric = self.trait.name
+        return {
+            **row,
+            **dict.fromkeys((metric, "coherence", f"{metric}_method", "coherence_method", "judge")),
+        }
+
+    def journal(self, rank: int, rows: list[dict]) -> None:
+        self.store.append(rank, rows)
+
+    def judge_and_journal(self, rank: int, rows: list[dict]) -> None:
+        rows = [self.unjudged(row) for row in rows]
         self.errors += score_rows(rows, self.trait, self.judge)
-        self.store.append(trainer.global_rank, rows)
+        self.store.append(rank, rows)
 
 
-def _unwrap(items: list[dict]) -> dict:
-    return items[0]
+def _share(batches: list[dict]) -> list[dict]:
+    return batches
 
 
 def build_judge(
@@ -270,9 +336,10 @@ def finalize(store: ResponseStore, trait: Trait, stale: set[Key], judge_factory,
 def run_generation(
     store: ResponseStore, trait: Trait, items, signature: dict, *, overwrite: bool, batch_size: int, seed: int,
     model: str, dtype: str, max_tokens: int, temperature: float, steering: dict | None, judge: dict, trainer: dict,
-    trust_remote_code: bool,
+    trust_remote_code: bool, engine: bool = True,
 ) -> str:  # fmt: skip
-    """Resume or start the run in ``store``: generate the unfinished batches, judge, write the CSV."""
+    """Resume or start the run in ``store``: generate the unfinished answers (each rank its share of the planned
+    batches, in one predict step), judge, write the CSV."""
     if _is_launch_rank_zero():
         if overwrite:
             store.remove_all()
@@ -303,14 +370,15 @@ def run_generation(
         writer = ResponseWriter(store, trait, judge_factory())
         generator = ResponseGenerator(
             model=model, dtype=dtype, trust_remote_code=trust_remote_code, max_tokens=max_tokens,
-            temperature=temperature, **(steering or {}),
+            temperature=temperature, engine=engine, batch_size=batch_size, **(steering or {}),
         )  # fmt: skip
         from torch.utils.data import DataLoader
 
         from persona.core.hardware import make_trainer
 
         lightning = make_trainer(**trainer, callbacks=[writer])
-        loader = DataLoader(batches, batch_size=1, shuffle=False, collate_fn=_unwrap)
+        # One step per rank: the distributed sampler deals batch i to rank i % world_size, as one batch per step did.
+        loader = DataLoader(batches, batch_size=len(batches), shuffle=False, collate_fn=_share)
         lightning.predict(generator, dataloaders=loader, return_predictions=False)
         lightning.strategy.barrier("persona-generate")
         is_global_zero, errors = lightning.is_global_zero, writer.errors

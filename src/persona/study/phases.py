@@ -153,6 +153,9 @@ def generated_phase(
             max_tokens=sizes.max_new_tokens,
             max_questions=sizes.questions,
             batch_size=max(sizes.batch_size, 16),
+            # Greedy (one answer per question) on the engine: the same answers. Sampled runs stay on the static path,
+            # whose draws the study's numbers were made with (the engine draws each answer from its own seed).
+            engine=sizes.n_per_question == 1,
             **judge_flags(judge),
             **lightning,
         )

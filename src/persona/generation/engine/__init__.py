@@ -1,6 +1,6 @@
 """Continuous batching with per-request persona interventions (issue #23): :class:`Engine`.
 
-Not wired into ``persona serve`` or ``persona generate`` yet; both still use the static path.
+``persona generate`` runs on it (:mod:`persona.generation.on_engine`); ``persona serve`` still uses the static path.
 """
 
 from persona.generation.engine.core import Engine

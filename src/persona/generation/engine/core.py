@@ -236,7 +236,9 @@ class Engine:
         if request.temperature > 0:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             generator = torch.Generator().manual_seed(seed % 2**63)
-        return Live(entries, monitor, request.temperature, request.top_p, generator)
+        stops = [int(token) for token in request.stop_token_ids]
+        return Live(entries, monitor, request.temperature, request.top_p, generator, stop_ids=stops,
+                    min_new_tokens=request.min_new_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ hooks (run in the manager's thread)
     def _hook_fns(self) -> list:
@@ -266,18 +268,42 @@ class Engine:
     def _sampler(self, processor):
         def sample(scores: Tensor, output_ids: Tensor) -> None:
             batch = processor.inputs_and_outputs.requests_in_batch
-            rows = [future.state.request_id for future in batch if future.has_new_token]
+            states = [future.state for future in batch if future.has_new_token]
             logits = scores[0]
-            if logits.shape[0] < len(rows):
-                raise PlanError(f"{logits.shape[0]} logit rows for {len(rows)} requests with a new token")
+            if logits.shape[0] < len(states):
+                raise PlanError(f"{logits.shape[0]} logit rows for {len(states)} requests with a new token")
+            logits = _hold_stops(logits, states, self._live)
             tokens = logits.argmax(dim=-1)
-            for index, request_id in enumerate(rows):
-                live = self._live.get(request_id)
+            for index, state in enumerate(states):
+                live = self._live.get(state.request_id)
                 if live is not None and live.generator is not None:
                     tokens[index] = sample_token(logits[index], live.temperature, live.top_p, live.generator)
             output_ids[0, : tokens.shape[0]].copy_(tokens)
 
         return sample
+
+
+def _generated_so_far(state) -> int:
+    """New tokens of a request so far; a request re-prefilled after eviction carries its earlier ones in its prompt."""
+    carried = len(state.initial_tokens) - state._true_initial_tokens if state._true_initial_tokens else 0
+    return carried + len(state.generated_tokens)
+
+
+def _hold_stops(logits: Tensor, states: list, live: dict[str, Live]) -> Tensor:
+    """``logits [rows, vocab]`` with the stop tokens at -inf for the rows still short of their ``min_new_tokens``."""
+    held = [
+        (index, live[state.request_id].stop_ids)
+        for index, state in enumerate(states)
+        if state.request_id in live
+        and live[state.request_id].stop_ids
+        and _generated_so_far(state) < live[state.request_id].min_new_tokens
+    ]
+    if not held:
+        return logits
+    logits = logits.clone()
+    for index, stops in held:
+        logits[index, stops] = float("-inf")
+    return logits
 
 
 def _check_request(request: EngineRequest, room: int) -> None:
@@ -286,6 +312,13 @@ def _check_request(request: EngineRequest, room: int) -> None:
     if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
         raise ValueError(
             f"EngineRequest.max_new_tokens={request.max_new_tokens!r}. Fix: pass an integer >= 1."
+        )
+    if (
+        not isinstance(request.min_new_tokens, int)
+        or not 0 <= request.min_new_tokens <= request.max_new_tokens
+    ):
+        raise ValueError(
+            f"EngineRequest.min_new_tokens={request.min_new_tokens!r}. Fix: an integer from 0 to max_new_tokens."
         )
     if request.temperature < 0 or not 0 < request.top_p <= 1:
         raise ValueError(

@@ -57,6 +57,9 @@ class EngineRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
+    min_new_tokens: int = 0
+    """No stop token before this many new tokens (their logits are set to -inf, as ``generate``'s
+    ``min_new_tokens``): ``persona generate`` asks for at least one."""
 
 
 @dataclass

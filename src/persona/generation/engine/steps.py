@@ -29,6 +29,8 @@ class Live:
     top_p: float
     generator: torch.Generator | None
     readings: dict[int, dict[int, Tensor]] = field(default_factory=dict)
+    stop_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0
 
     def stacked_readings(self) -> dict[int, Tensor]:
         return {
