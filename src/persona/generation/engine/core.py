@@ -8,7 +8,9 @@ KV cache is bounded by :class:`EngineConfig`. This module adds what persona need
   state, cross-checked against the forward (:mod:`.plan`), and the hooks apply each request's own interventions
   (:mod:`.steps`) through :func:`persona.hooks.block_hooks`;
 - each sampled request draws with its own generator (``ModelRunner._sample`` is replaced on the instance), so a
-  seeded reply does not depend on its batch mates;
+  seeded reply does not depend on its batch mates; the same replacement holds a request's stop tokens off until
+  its ``min_new_tokens``;
+- a ``stream`` request's tokens so far are readable every step (:meth:`Engine.partial`);
 - prefix sharing is off (it would reuse KV computed under another request's steering), CUDA graphs and async
   batching are off (hooks run in Python each step);
 - a request too large for the cache is refused when submitted; if a forward raises (a plan disagreement, a
@@ -28,12 +30,13 @@ from torch import Tensor, nn
 
 from persona.generation.engine.plan import PlanError, check_segments, scheduled_segments
 from persona.generation.engine.requests import EngineConfig, EngineRequest, EngineResult
-from persona.generation.engine.steps import Live, apply_plan, build_plan
+from persona.generation.engine.steps import Live, apply_plan, build_plan, gate_probe, needs_probe
 from persona.generation.sampling import sample_token
 from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.layers import check_layer, hidden_size
 from persona.hooks.registry import ForwardState
-from persona.steering import PreparedSpec, prepare_specs
+from persona.steering import PreparedSpec
+from persona.steering.spec import prepare_indexed
 
 UNSUPPORTED = {
     "gpt_neox": "its attention takes the cache as `layer_past` and ignores the paged cache, so continuous "
@@ -56,9 +59,23 @@ def cb_config(config: EngineConfig):
     )
 
 
+PROBE = "#gate-probe"  # suffix of a gate probe's id in the manager (see .steps.gate_probe)
+
 MIN_TRANSFORMERS = (5, 24)
 """The oldest transformers whose continuous-batching internals the engine reads were checked against (5.24 and
 5.25 pass its pins; the internals appear around 5.10, 4.56 crashes on the CPU). Below it, the static path."""
+
+
+def unavailable(model: nn.Module) -> str | None:
+    """Why the engine cannot run ``model`` here (one line), or None: the transformers version, the architecture."""
+    try:
+        check_transformers()
+    except RuntimeError as error:
+        return str(error)
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in UNSUPPORTED:
+        return f"The engine cannot run {model_type}: {UNSUPPORTED[model_type]}."
+    return None
 
 
 def check_transformers(version: str | None = None) -> None:
@@ -94,6 +111,8 @@ class Engine:
         self.steps = 0
         self.restarts = 0
         self._live: dict[str, Live] = {}
+        self._partial: dict[str, list[int]] = {}
+        self._probing: dict[str, EngineRequest] = {}  # request id -> the request, while its gate probe runs
         self._done: dict[str, EngineResult] = {}
         self._ids = itertools.count()
         self._plan: dict = {}
@@ -133,8 +152,12 @@ class Engine:
 
     def _recover(self, error: BaseException) -> None:
         """The manager's thread died: fail what it did not deliver, then start a fresh manager."""
+        self._probing.clear()
+        self._partial.clear()
         for request_id in list(self._live):
             self._live.pop(request_id)
+            if request_id.endswith(PROBE):
+                continue
             self._done[request_id] = EngineResult(
                 request_id, [], "failed", error=f"the engine stopped: {type(error).__name__}: {error}"
             )
@@ -152,25 +175,75 @@ class Engine:
             raise ValueError(f"request_id={request_id!r} is in use. Fix: pass a new id or None.")
         self._check_running()
         self._live[request_id] = live
+        if needs_probe(live):  # its gates are read first, by a probe of its prompt (see .steps)
+            self._probing[request_id] = request
+            self._live[request_id + PROBE] = gate_probe(live)
+            self._add(request_id + PROBE, EngineRequest(request.prompt, 1))
+        else:
+            self._add(request_id, request)
+        return request_id
+
+    def _add(self, request_id: str, request: EngineRequest) -> None:
         stops = [int(token) for token in request.stop_token_ids] or -1
         accepted = self._manager.add_request(
             list(request.prompt),
             request_id=request_id,
             max_new_tokens=request.max_new_tokens,
             eos_token_id=stops,
+            streaming=request.stream,
         )
         if accepted is None:
-            self._live.pop(request_id)
+            self._live.pop(request_id.removesuffix(PROBE))
+            self._live.pop(request_id, None)
             raise RuntimeError("The engine is stopping and accepts no requests. Fix: submit to a new Engine.")
-        return request_id
+
+    def _probed(self, probe_id: str, status: str, error: str | None) -> str | None:
+        """A gate probe ended: its request starts with the decisions, or fails with the probe (returns its id)."""
+        request_id = probe_id.removesuffix(PROBE)
+        probe, request = self._live.pop(probe_id), self._probing.pop(request_id)
+        live = self._live.get(request_id)
+        if live is None:  # cancelled meanwhile
+            return None
+        error = error or probe.error
+        if status != "finished" or error:
+            self._live.pop(request_id)
+            self._done[request_id] = self._result(request_id, live, [], "failed", f"its gate probe: {error}")
+            return request_id
+        live.fired.update(probe.fired)
+        self._add(request_id, request)
+        return None
 
     def cancel(self, request_id: str) -> None:
         """Stop ``request_id`` now: its cache pages are freed at the next step, its result is ``cancelled``."""
         live = self._live.pop(request_id, None)
         if live is None:
             return
-        self._manager.cancel_request(request_id)
-        self._done[request_id] = EngineResult(request_id, [], "cancelled", readings=live.stacked_readings())
+        if self._probing.pop(request_id, None) is not None:
+            self._live.pop(request_id + PROBE, None)
+            request_id_in_manager = request_id + PROBE
+        else:
+            request_id_in_manager = request_id
+        self._manager.cancel_request(request_id_in_manager)
+        self._done[request_id] = self._result(
+            request_id, live, self._partial.pop(request_id, []), "cancelled"
+        )
+
+    def partial(self, request_id: str) -> list[int]:
+        """The tokens of a ``stream`` request so far (as of the last :meth:`poll`); [] before its first."""
+        return self._partial.get(request_id, [])
+
+    def load(self) -> tuple[int, float]:
+        """(requests waiting for their first step, share of the KV cache's pages in use): read, not locked."""
+        processor = self._manager.batch_processor
+        waiting = len(processor.scheduler.waiting_requests) + self._manager.input_queue.qsize()
+        free = processor.cache.pool.num_free_sectors
+        return waiting, 1.0 - free / self.config.num_blocks
+
+    @staticmethod
+    def _result(request_id: str, live: Live, tokens, status: str, error: str | None = None) -> EngineResult:
+        return EngineResult(
+            request_id, list(tokens), status, error, live.stacked_readings(), dict(live.fired)
+        )
 
     def result(self, request_id: str, timeout: float | None = None) -> EngineResult:
         """Wait for ``request_id`` to finish (or fail, or be cancelled) and return its result."""
@@ -188,20 +261,39 @@ class Engine:
         finished = []
         output = self._manager.get_result(timeout=timeout)
         while output is not None:
-            if output.is_finished() and output.request_id in self._live:
-                live = self._live.pop(output.request_id)
+            request_id = output.request_id
+            if output.is_finished() and request_id.endswith(PROBE) and request_id in self._live:
                 status = "failed" if output.error else "finished"
-                self._done[output.request_id] = EngineResult(
-                    output.request_id,
-                    list(output.generated_tokens),
-                    status,
-                    output.error,
-                    live.stacked_readings(),
+                finished += [done for done in [self._probed(request_id, status, output.error)] if done]
+            elif output.is_finished() and request_id in self._live:
+                live = self._live.pop(request_id)
+                self._partial.pop(request_id, None)
+                error = output.error or live.error  # the plan's refusal wins over a finish it raced with
+                status = "failed" if error else "finished"
+                self._done[request_id] = self._result(
+                    request_id, live, output.generated_tokens, status, error
                 )
-                finished.append(output.request_id)
+                finished.append(request_id)
+            elif request_id in self._live:
+                self._partial[request_id] = list(output.generated_tokens)
             output = self._manager.get_result(timeout=0)
+        finished += self._fail_unplannable()
         self._check_running()
         return finished
+
+    def _fail_unplannable(self) -> list[str]:
+        """Requests the plan refused (a gate it could not decide in time): cancelled, failed with the reason."""
+        failed = []
+        for request_id in [key for key, live in self._live.items() if live.error is not None]:
+            live = self._live[request_id]
+            self._manager.cancel_request(request_id)
+            if request_id.endswith(PROBE):
+                failed += [done for done in [self._probed(request_id, "failed", live.error)] if done]
+                continue
+            self._live.pop(request_id)
+            self._done[request_id] = self._result(request_id, live, [], "failed", live.error)
+            failed.append(request_id)
+        return failed
 
     def _check_running(self) -> None:
         status = self._manager.background_thread_status
@@ -211,21 +303,16 @@ class Engine:
     def _prepare(self, request: EngineRequest) -> Live:
         _check_request(request, self.max_request_tokens)
         rows = request.interventions
-        specs = prepare_specs(
+        specs = prepare_indexed(
             self.layout, rows.specs, what="interventions.specs", orthogonalise=rows.orthogonalise
         )
-        entries: dict[int, list[PreparedSpec]] = {}
+        entries: dict[int, list[tuple[int, PreparedSpec]]] = {}
         for layer, basis in rows.ablations.items():
             check_layer(self.layout, layer, what="interventions.ablations layer")
             placed = basis.detach().to(self.layout.layer_device(layer), torch.float32)
-            entries.setdefault(layer, []).append(PreparedSpec(layer, "all", placed, kind="ablate"))
-        for spec in specs:
-            if spec.gate is not None:
-                raise ValueError(
-                    f"interventions.specs at layer {spec.layer} is gated (when=...), which the engine does not "
-                    "support yet. Fix: drop the gate, or use persona.steering.generate_steered."
-                )
-            entries.setdefault(spec.layer, []).append(spec)
+            entries.setdefault(layer, []).append((-1, PreparedSpec(layer, "all", placed, kind="ablate")))
+        for index, spec in specs:
+            entries.setdefault(spec.layer, []).append((index, spec))
         monitor = {}
         for layer, directions in request.monitor.items():
             check_layer(self.layout, layer, what="monitor layer")
@@ -236,7 +323,11 @@ class Engine:
         if request.temperature > 0:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             generator = torch.Generator().manual_seed(seed % 2**63)
-        return Live(entries, monitor, request.temperature, request.top_p, generator)
+        stops = torch.tensor(sorted({int(t) for t in request.stop_token_ids}), dtype=torch.long)
+        return Live(
+            entries, monitor, request.temperature, request.top_p, generator,
+            min_new_tokens=request.min_new_tokens, stop_ids=stops,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ hooks (run in the manager's thread)
     def _hook_fns(self) -> list:
@@ -270,11 +361,18 @@ class Engine:
             logits = scores[0]
             if logits.shape[0] < len(rows):
                 raise PlanError(f"{logits.shape[0]} logit rows for {len(rows)} requests with a new token")
+            lives = [self._live.get(request_id) for request_id in rows]
+            for index, live in enumerate(
+                lives
+            ):  # stop tokens held off until min_new_tokens, as generate does
+                if live is not None and live.generated < live.min_new_tokens and len(live.stop_ids):
+                    logits[index, live.stop_ids.to(logits.device)] = float("-inf")
             tokens = logits.argmax(dim=-1)
-            for index, request_id in enumerate(rows):
-                live = self._live.get(request_id)
+            for index, live in enumerate(lives):
                 if live is not None and live.generator is not None:
                     tokens[index] = sample_token(logits[index], live.temperature, live.top_p, live.generator)
+                if live is not None:
+                    live.generated += 1
             output_ids[0, : tokens.shape[0]].copy_(tokens)
 
         return sample
