@@ -485,6 +485,7 @@ def test_transformers_internals_the_engine_reads(tokenizer):
         assert isinstance(processor.inputs_and_outputs.requests_in_batch, list)
         assert processor.model_runner.__dict__["_sample"] is not None  # the instance override is in place
         assert manager.background_thread_status.fatal_error is None
+        assert engine._thread is manager._generation_thread and engine._thread.is_alive()  # whose forwards
         assert manager.output_router.output_queue.empty()
         assert processor.cache.pool.num_free_sectors == config().num_blocks
     assert model.config._attn_implementation == "eager"

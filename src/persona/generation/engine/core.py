@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -97,7 +99,13 @@ def check_transformers(version: str | None = None) -> None:
 class Engine:
     """Submit :class:`EngineRequest`s, collect :class:`EngineResult`s; ``close()`` (or ``with``) when done."""
 
-    def __init__(self, model: nn.Module, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig | None = None,
+        on_forward: Callable[[int], None] | None = None,
+    ):
+        """``on_forward``: called with the number of requests in each forward, from the engine's thread."""
         check_transformers()
         model_type = getattr(model.config, "model_type", "")
         if model_type in UNSUPPORTED:
@@ -105,7 +113,7 @@ class Engine:
                 f"The engine cannot run {model_type}: {UNSUPPORTED[model_type]}. Fix: use the static path "
                 "(persona.steering.generate_steered)."
             )
-        self.model, self.config = model, config or EngineConfig()
+        self.model, self.config, self.on_forward = model, config or EngineConfig(), on_forward
         self.layout = locate_blocks(model)
         self.width = hidden_size(self.layout)
         self.steps = 0
@@ -119,6 +127,7 @@ class Engine:
         self._hooks = ExitStack()
         self._hooks.enter_context(block_hooks(model, self._hook_fns()))
         self._manager = None
+        self._thread = None
         self._start()
 
     # ------------------------------------------------------------------ lifecycle
@@ -136,6 +145,7 @@ class Engine:
         self.max_request_tokens = infer_max_single_request_tokens(processor.cache)
         self._manager = manager
         manager.start()
+        self._thread = manager._generation_thread  # the forwards this engine plans for run there
 
     def close(self) -> None:
         if self._manager is not None:
@@ -233,7 +243,10 @@ class Engine:
         return self._partial.get(request_id, [])
 
     def load(self) -> tuple[int, float]:
-        """(requests waiting for their first step, share of the KV cache's pages in use): read, not locked."""
+        """(requests waiting for their first step, share of the KV cache's pages in use): read, not locked;
+        (0, 0.0) once closed."""
+        if self._manager is None:
+            return 0, 0.0
         processor = self._manager.batch_processor
         waiting = len(processor.scheduler.waiting_requests) + self._manager.input_queue.qsize()
         free = processor.cache.pool.num_free_sectors
@@ -337,18 +350,24 @@ class Engine:
         return fns
 
     def _build_plan(self, hidden: Tensor, state: ForwardState) -> None:
+        if threading.current_thread() is not self._thread:
+            return None  # a plain forward, or another engine's on the same model: not this engine's to plan
         self._plan = {}
-        if state.packed is None or self._manager is None:
-            return None  # a plain forward of the model (the engine's hooks leave it alone)
+        if state.packed is None:
+            return None
         segments = scheduled_segments(self._manager.batch_processor.inputs_and_outputs.requests_in_batch)
         if self.config.check_forward:
             check_segments(segments, state.packed, hidden.shape[1])
         self.steps += 1
+        if self.on_forward is not None:
+            self.on_forward(len(segments))
         self._plan = build_plan(segments, self._live, hidden.shape[1], self.width, self.layout.layer_device)
         return None
 
     def _layer_hook(self, layer: int):
         def hook(hidden: Tensor, state: ForwardState) -> Tensor | None:
+            if threading.current_thread() is not self._thread:
+                return None
             layer_plan = self._plan.get(layer)
             return None if layer_plan is None else apply_plan(layer_plan, layer, hidden)
 
