@@ -38,6 +38,7 @@ from persona.hooks import block_hooks, locate_blocks
 from persona.hooks.layers import check_layer, hidden_size
 from persona.hooks.registry import ForwardState
 from persona.steering import PreparedSpec
+from persona.steering.rows import check_ablations
 from persona.steering.spec import prepare_indexed
 
 UNSUPPORTED = {
@@ -319,9 +320,9 @@ class Engine:
         specs = prepare_indexed(
             self.layout, rows.specs, what="interventions.specs", orthogonalise=rows.orthogonalise
         )
+        check_ablations(self.layout, [rows], self.width)
         entries: dict[int, list[tuple[int, PreparedSpec]]] = {}
         for layer, basis in rows.ablations.items():
-            check_layer(self.layout, layer, what="interventions.ablations layer")
             placed = basis.detach().to(self.layout.layer_device(layer), torch.float32)
             entries.setdefault(layer, []).append((-1, PreparedSpec(layer, "all", placed, kind="ablate")))
         for index, spec in specs:
