@@ -488,6 +488,14 @@ def test_transformers_internals_the_engine_reads(tokenizer):
         assert engine._thread is manager._generation_thread and engine._thread.is_alive()  # whose forwards
         assert manager.output_router.output_queue.empty()
         assert processor.cache.pool.num_free_sectors == config().num_blocks
+        for allocator in processor.cache.cache_allocators.values():  # Engine.load(): pages held per request
+            assert allocator.block_table == {} and allocator.num_blocks == config().num_blocks
+        assert isinstance(processor.scheduler.waiting_requests, dict) and manager.input_queue.qsize() == 0
+        request_id = engine.submit(EngineRequest(list(range(1, 40)), 30, stream=True))
+        while len(engine.partial(request_id)) < 2:
+            engine.poll(0.01)
+        assert engine.load()[1] == 3 / config().num_blocks  # 41 tokens in pages of 16
+        engine.cancel(request_id)
     assert model.config._attn_implementation == "eager"
 
 

@@ -419,7 +419,7 @@ def test_unknown_routes_and_oversized_bodies_get_error_objects(server):
 
 
 def test_health_and_metrics(server):
-    url, client, _ = server
+    url, client, service = server
     assert json.loads(http(f"{url}/health")[1])["status"] == "ok"
     chat(
         client,
@@ -439,8 +439,16 @@ def test_health_and_metrics(server):
         'persona_steered_requests_total{trait="evil"}',
         'persona_projection_z_bucket{kind="response_avg",le="5.0",trait="evil"}',
         "persona_queue_depth",
+        f'persona_scheduler{{path="{service.scheduler}"}} 1.0',
+        "persona_time_to_first_token_seconds_bucket",
+        "persona_inter_token_latency_seconds_bucket",
+        "persona_kv_cache_usage_ratio",
     ):
         assert name in text, name
+    if service.scheduler == "engine":  # every reply's first token and the gaps after it, not only streams'
+        registry = service.metrics.registry
+        assert registry.get_sample_value("persona_time_to_first_token_seconds_count") > 0
+        assert registry.get_sample_value("persona_inter_token_latency_seconds_count") > 0
 
 
 def test_concurrent_requests_with_different_personas_share_a_batch_and_match_alone(
@@ -590,8 +598,11 @@ def test_a_runaway_coefficient_degrades_its_own_reply_not_the_server(server):
 
 
 def test_a_client_leaving_mid_stream_releases_its_request(server):
-    url, client, _ = server
+    url, client, service = server
     stream = chat(client, max_tokens=200, stream=True)
     next(iter(stream))
     stream.close()
     _wait_for(lambda: "persona_requests_in_flight 0.0" in http(f"{url}/metrics")[1])
+    if service.scheduler == "engine":  # cancelled in the engine: out of the batch, its cache pages free again
+        _wait_for(lambda: not service.batcher._rows and service.batcher.engine.load() == (0, 0.0))
+        assert "persona_kv_cache_usage_ratio 0.0" in http(f"{url}/metrics")[1]

@@ -299,3 +299,32 @@ def test_gated_capped_and_orthogonalised_rows_of_a_mixed_batch_equal_steer_alone
         reference_ids(tiny_model, tokenizer, CHATS[i], max_new_tokens=NEW_TOKENS)[1] for i in (1, 3, 4, 5)
     ]
     assert sum(p != batched[i].token_ids for p, i in zip(plain, (1, 3, 4, 5), strict=True)) >= 2  # they show
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_a_decoding_row(tiny_llama, tokenizer, monkeypatch):
+    """Issue #23: a long prompt does not stall a decoding reply for its whole prefill: every forward that carries
+    a chunk of it also carries the decoding row's next token."""
+    if engine_core.unavailable(tiny_llama) is not None:
+        pytest.skip(engine_core.unavailable(tiny_llama))
+    seen, real = [], engine_core.scheduled_segments
+
+    def spy(batch):
+        segments = real(batch)
+        seen.append({s.request_id: (s.first, s.end - s.start, s.prompt_len) for s in segments})
+        return segments
+
+    monkeypatch.setattr(engine_core, "scheduled_segments", spy)
+    config = EngineConfig(num_blocks=64, page_size=16, max_batch_tokens=16, max_requests_per_batch=4)
+    batcher = ContinuousBatcher(tiny_llama, tokenizer, config, max_queue=4)
+    short = GenerationJob(encode_chat(tokenizer, CHATS[1]), 40, sampling=SamplingParams(min_tokens=40))
+    long = GenerationJob(encode_chat(tokenizer, [{"role": "user", "content": "the fox " * 60}]), 2)
+    assert len(long.prompt_ids) > 100
+    try:
+        events = run(batcher, [short, long])
+    finally:
+        batcher.engine.close()
+    assert all(isinstance(e[-1], Finished) for e in events)
+    short_id, long_id = "engine-0", "engine-1"
+    prefill = [step for step in seen if long_id in step and sum(step[long_id][:2]) < step[long_id][2]]
+    assert len(prefill) >= 5  # chunks of at most 16 tokens (fewer beside the decoding row)
+    assert all(short_id in step and step[short_id][1] == 1 for step in prefill[1:])  # decoding all along

@@ -250,8 +250,11 @@ class Engine:
             return 0, 0.0
         processor = self._manager.batch_processor
         waiting = len(processor.scheduler.waiting_requests) + self._manager.input_queue.qsize()
-        free = processor.cache.pool.num_free_sectors
-        return waiting, 1.0 - free / self.config.num_blocks
+        held = [  # pages held by requests in flight (freed pages can sit in the pool before it counts them free)
+            sum(len(blocks) for blocks in list(allocator.block_table.values())) / allocator.num_blocks
+            for allocator in list(processor.cache.cache_allocators.values())
+        ]
+        return waiting, max(held, default=0.0)
 
     @staticmethod
     def _result(request_id: str, live: Live, tokens, status: str, error: str | None = None) -> EngineResult:
