@@ -80,6 +80,7 @@ class ContinuousBatcher:
             raise QueueFull
         self._inbox.append(job)
         self._wake.set()
+        self.engine.wake()  # the scheduler thread may be waiting for the engine's next output: admit now
 
     async def close(self) -> None:
         """Finish what was submitted, then stop the scheduler thread and the engine."""
@@ -109,7 +110,8 @@ class ContinuousBatcher:
         self._admit()
         if not self._rows:
             return
-        finished = {request_id: self.engine.result(request_id) for request_id in self.engine.poll(0.005)}
+        # Waits for the next step's outputs (streamed every step) or a submit's wake-up, not a fixed tick.
+        finished = {request_id: self.engine.result(request_id) for request_id in self.engine.poll(0.1)}
         now = time.monotonic()
         for request_id, row in list(self._rows.items()):
             self._advance(request_id, row, finished.get(request_id), now)

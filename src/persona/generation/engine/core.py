@@ -62,6 +62,7 @@ def cb_config(config: EngineConfig):
     )
 
 
+_WAKE = object()  # put on the manager's output queue by wake(): ends a poll() that waits
 PROBE = "#gate-probe"  # suffix of a gate probe's id in the manager (see .steps.gate_probe)
 
 MIN_TRANSFORMERS = (5, 24)
@@ -273,11 +274,18 @@ class Engine:
             self.poll(0.05)
         return self._done.pop(request_id)
 
+    def wake(self) -> None:
+        """End a :meth:`poll` that is waiting now (or the next one) at once; safe from any thread."""
+        self._manager.output_router.output_queue.put(_WAKE)
+
     def poll(self, timeout: float = 0.0) -> list[str]:
         """Collect what finished (waiting up to ``timeout`` s for one); returns the ids that finished."""
         finished = []
         output = self._manager.get_result(timeout=timeout)
         while output is not None:
+            if output is _WAKE:
+                output = self._manager.get_result(timeout=0)
+                continue
             request_id = output.request_id
             if output.is_finished() and request_id.endswith(PROBE) and request_id in self._live:
                 status = "failed" if output.error else "finished"
