@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import hidden_states_without_final_norm
+from conftest import build_tiny_model, hidden_states_without_final_norm
 from persona.data.chat import encode_chat
 from persona.generation.engine import EngineConfig
 from persona.generation.engine import core as engine_core
@@ -328,3 +328,38 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_decoding_row(tiny_llama, 
     prefill = [step for step in seen if long_id in step and sum(step[long_id][:2]) < step[long_id][2]]
     assert len(prefill) >= 5  # chunks of at most 16 tokens (fewer beside the decoding row)
     assert all(short_id in step and step[short_id][1] == 1 for step in prefill[1:])  # decoding all along
+
+
+def test_the_scheduler_is_the_engine_where_it_runs_and_says_why_not_elsewhere(tokenizer, monkeypatch, caplog):
+    from persona.serve import service as serve_service
+
+    llama, neox = (build_tiny_model(arch, len(tokenizer)) for arch in ("llama", "gpt_neox"))
+    runs = engine_core.unavailable(llama) is None
+    assert serve_service.choose_scheduler(llama, "auto")[0] == ("engine" if runs else "static")
+    assert serve_service.choose_scheduler(llama, "static") == ("static", "--scheduler static")
+    path, why = serve_service.choose_scheduler(neox, "auto")
+    assert path == "static" and "gpt_neox" in why
+    with pytest.raises(ValueError, match=r"--scheduler engine: .*gpt_neox.*Fix: --scheduler auto"):
+        serve_service.choose_scheduler(neox, "engine")
+    if not runs:
+        return
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no paged attention here")
+
+    monkeypatch.setattr(serve_service, "ContinuousBatcher", broken)  # looked up in service at start-up
+    settings = serve_service.ServeSettings("tiny", max_context=64)
+    with caplog.at_level("INFO", logger="persona.serve.service"):
+        path, batcher = serve_service.make_scheduler(
+            llama, tokenizer, settings, serve_service.ServerMetrics()
+        )
+    assert (
+        path == "static" and "the engine did not start: RuntimeError: no paged attention here" in caplog.text
+    )
+    with pytest.raises(RuntimeError, match="no paged attention"):
+        serve_service.make_scheduler(
+            llama,
+            tokenizer,
+            serve_service.ServeSettings("tiny", scheduler="engine"),
+            serve_service.ServerMetrics(),
+        )

@@ -90,6 +90,35 @@ def engine_config(settings: ServeSettings) -> EngineConfig:
     )
 
 
+def make_scheduler(model, tokenizer, settings: ServeSettings, metrics: ServerMetrics):
+    """("engine", ContinuousBatcher) or ("static", DynamicBatcher), as :func:`choose_scheduler` (and the engine's
+    start) allow; the log says which and why."""
+    scheduler, why = choose_scheduler(model, settings.scheduler)
+    if scheduler == "engine":
+        config = engine_config(settings)
+        try:
+            batcher = ContinuousBatcher(
+                model, tokenizer, config, max_queue=settings.max_queue, metrics=metrics
+            )
+        except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as error:
+            if settings.scheduler == "engine":
+                raise
+            why = f"the engine did not start: {type(error).__name__}: {error}"
+        else:
+            log.info("scheduling: the continuous-batching engine (%s; a request holds up to %d tokens of a "
+                     "%d-token KV cache)", why, batcher.engine.max_request_tokens, settings.kv_cache_tokens)  # fmt: skip
+            return "engine", batcher
+    log.info("scheduling: the static batcher, one generate per batch (%s)", why)
+    batcher = DynamicBatcher(
+        Engine(model, tokenizer).run_batch,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+    )
+    return "static", batcher
+
+
 def model_context_length(model, tokenizer) -> int:
     """Positions the model can attend over (:func:`persona.models.context_length` of its config and tokenizer)."""
     value = context_length(tokenizer, model.config)
@@ -109,23 +138,9 @@ class PersonaService:
         self.num_layers = locate_blocks(model).num_layers
         self.context_length = settings.max_context or model_context_length(model, tokenizer)
         self.metrics = ServerMetrics()
-        self.scheduler, why = choose_scheduler(model, settings.scheduler)
+        self.scheduler, self.batcher = make_scheduler(model, tokenizer, settings, self.metrics)
         if self.scheduler == "engine":
-            self.batcher = ContinuousBatcher(
-                model, tokenizer, engine_config(settings), max_queue=settings.max_queue, metrics=self.metrics
-            )
             self.context_length = min(self.context_length, self.batcher.engine.max_request_tokens)
-            log.info("scheduling: the continuous-batching engine (%s; a request holds up to %d tokens of a "
-                     "%d-token KV cache)", why, self.context_length, settings.kv_cache_tokens)  # fmt: skip
-        else:
-            self.batcher = DynamicBatcher(
-                Engine(model, tokenizer).run_batch,
-                max_batch=settings.max_batch,
-                max_wait_s=settings.max_wait_ms / 1000,
-                max_queue=settings.max_queue,
-                metrics=self.metrics,
-            )
-            log.info("scheduling: the static batcher, one generate per batch (%s)", why)
         self.metrics.scheduler.labels(self.scheduler).set(1)
         self.baseline = Baseline({})
         self.created = int(time.time())
