@@ -1,6 +1,6 @@
 """Continuous batching with per-request persona interventions (issue #23): :class:`Engine`.
 
-Not wired into ``persona serve`` or ``persona generate`` yet; both still use the static path.
+``persona serve`` schedules through it (:mod:`persona.serve.continuous`); ``persona generate`` does not yet.
 """
 
 from persona.generation.engine.core import Engine
