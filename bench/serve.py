@@ -226,7 +226,10 @@ def main() -> None:
                 print(phases[label][-1].line())
     print(f"mean batch size of the batched server: {mean_batch(batched):.1f}")
     summarize(phases, args.repeats)
-    best, paired = engine_steering_overhead(batched, args)
+    fresh = service(args.clients)  # the servers' schedulers stopped with them
+    best, paired = engine_steering_overhead(fresh, args)
+    if fresh.scheduler == "engine":
+        fresh.batcher.engine.close()
     print(
         f"steering overhead inside a batch of {args.clients} (engine only, {2 * args.repeats} runs each): "
         f"{best - 1:+.1%} best-of, {paired - 1:+.1%} median of paired runs (target <= 5 %)"

@@ -411,6 +411,11 @@ def test_a_failing_forward_fails_every_request_in_flight_and_the_engine_restarts
     monkeypatch.setattr(engine_core, "check_segments", broken_once)
     with Engine(model, config()) as engine:
         ids = [engine.submit(EngineRequest([1, 5, 6, 7], 20)) for _ in range(3)]
+        reported = set()
+        deadline = time.monotonic() + 60
+        while not set(ids) <= reported and time.monotonic() < deadline:
+            reported.update(engine.poll(0.05))  # poll() names the requests the restart failed, too
+        assert set(ids) <= reported
         results = [engine.result(request_id, timeout=60) for request_id in ids]
         assert {r.status for r in results} == {"failed"}
         assert all("injected disagreement" in r.error for r in results)

@@ -363,3 +363,35 @@ def test_the_scheduler_is_the_engine_where_it_runs_and_says_why_not_elsewhere(to
             serve_service.ServeSettings("tiny", scheduler="engine"),
             serve_service.ServerMetrics(),
         )
+
+
+def test_a_forward_that_fails_on_the_engine_fails_its_replies_and_serving_goes_on(
+    tiny_llama, tokenizer, traits, monkeypatch
+):
+    """The engine restarts after a failed forward: every reply in flight gets a Failed event (none hangs)."""
+    if engine_core.unavailable(tiny_llama) is not None:
+        pytest.skip(engine_core.unavailable(tiny_llama))
+    calls, real = [], engine_core.check_segments
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise engine_core.PlanError("injected disagreement")
+        return real(*args)
+
+    monkeypatch.setattr(engine_core, "check_segments", broken_once)
+    config = EngineConfig(num_blocks=64, page_size=16, max_batch_tokens=32, max_requests_per_batch=8)
+    batcher = ContinuousBatcher(tiny_llama, tokenizer, config, max_queue=8)
+    try:
+        failed = run(batcher, make_jobs(tokenizer, traits, stream=True)[:3])
+        after = run(batcher, make_jobs(tokenizer, traits)[:2])
+    finally:
+        batcher.engine.close()
+    ends = [
+        events[-1] for events in failed
+    ]  # those in flight fail with the reason; one added after may finish
+    assert all(
+        isinstance(e, Finished) or (isinstance(e, Failed) and "injected" in e.message) for e in ends
+    ), ends
+    assert any(isinstance(e, Failed) for e in ends)
+    assert all(isinstance(events[-1], Finished) for events in after) and batcher.engine.restarts == 1

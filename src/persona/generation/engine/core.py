@@ -122,6 +122,7 @@ class Engine:
         self.restarts = 0
         self._live: dict[str, Live] = {}
         self._partial: dict[str, list[int]] = {}
+        self._unreported: list[str] = []  # done (e.g. failed by a restart), not yet returned by poll()
         self._probing: dict[str, EngineRequest] = {}  # request id -> the request, while its gate probe runs
         self._done: dict[str, EngineResult] = {}
         self._ids = itertools.count()
@@ -170,6 +171,7 @@ class Engine:
             self._live.pop(request_id)
             if request_id.endswith(PROBE):
                 continue
+            self._unreported.append(request_id)
             self._done[request_id] = EngineResult(
                 request_id, [], "failed", error=f"the engine stopped: {type(error).__name__}: {error}"
             )
@@ -181,6 +183,8 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, request: EngineRequest, request_id: str | None = None) -> str:
         """Queue ``request``; it joins the running batch at the next step. Returns its id."""
+        if self._manager is None:
+            raise RuntimeError("The engine is closed. Fix: submit to a new Engine.")
         live = self._prepare(request)
         request_id = f"engine-{next(self._ids)}" if request_id is None else request_id
         if request_id in self._live or request_id in self._done:
@@ -197,17 +201,32 @@ class Engine:
 
     def _add(self, request_id: str, request: EngineRequest) -> None:
         stops = [int(token) for token in request.stop_token_ids] or -1
-        accepted = self._manager.add_request(
-            list(request.prompt),
-            request_id=request_id,
-            max_new_tokens=request.max_new_tokens,
-            eos_token_id=stops,
-            streaming=request.stream,
-        )
+        for attempt in range(2):
+            accepted = self._manager.add_request(
+                list(request.prompt),
+                request_id=request_id,
+                max_new_tokens=request.max_new_tokens,
+                eos_token_id=stops,
+                streaming=request.stream,
+            )
+            if accepted is not None or attempt or self._manager.background_thread_status.fatal_error is None:
+                break
+            self._restart_keeping(request_id)  # the manager died under us: start afresh, then add this one
         if accepted is None:
             self._live.pop(request_id.removesuffix(PROBE))
             self._live.pop(request_id, None)
             raise RuntimeError("The engine is stopping and accepts no requests. Fix: submit to a new Engine.")
+
+    def _restart_keeping(self, request_id: str) -> None:
+        """Deliver what the dead manager finished, fail what it had in flight, start a new one; ``request_id``
+        (being added now) is kept out of it."""
+        base = request_id.removesuffix(PROBE)
+        keep = {key: self._live.pop(key) for key in {request_id, base} if key in self._live}
+        probing = self._probing.pop(base, None)
+        self._unreported += self.poll(0)
+        self._live.update(keep)
+        if probing is not None:
+            self._probing[base] = probing
 
     def _probed(self, probe_id: str, status: str, error: str | None) -> str | None:
         """A gate probe ended: its request starts with the decisions, or fails with the probe (returns its id)."""
@@ -304,6 +323,8 @@ class Engine:
             output = self._manager.get_result(timeout=0)
         finished += self._fail_unplannable()
         self._check_running()
+        finished += self._unreported
+        self._unreported = []
         return finished
 
     def _fail_unplannable(self) -> list[str]:
