@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 from persona.models import DEFAULT_MODEL, model_on_base, model_short_name
 from persona.serve.server import is_loopback
@@ -20,7 +21,7 @@ def serve(
     max_batch: int = 16,
     max_wait_ms: float = 10.0,
     max_queue: int = 64,
-    scheduler: str = "auto",
+    scheduler: Literal["auto", "engine", "static"] = "auto",
     kv_cache_tokens: int = 8192,
     max_batch_tokens: int = 256,
     served_model_name: str | None = None,
