@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from persona.data.chat import checked_messages, encode_chat, user_turn
 from persona.generation.engine import EngineConfig
-from persona.generation.engine.core import unavailable
+from persona.generation.engine.compat import unavailable
 from persona.hooks import locate_blocks
 from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull
