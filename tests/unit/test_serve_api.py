@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from persona.data.chat import answer_text
+from persona.data.chat import answer_text, encode_chat
 from persona.models import load_model_and_tokenizer
 from persona.steering import CapSpec, SteeringSpec
 from persona.vectors.dose import neutral_texts
@@ -606,3 +606,23 @@ def test_a_client_leaving_mid_stream_releases_its_request(server):
     if service.scheduler == "engine":  # cancelled in the engine: out of the batch, its cache pages free again
         _wait_for(lambda: not service.batcher._rows and service.batcher.engine.load() == (0, 0.0))
         assert "persona_kv_cache_usage_ratio 0.0" in http(f"{url}/metrics")[1]
+
+
+def test_the_engines_cache_bounds_the_context_and_a_monitored_reply_that_fills_it_is_served(
+    model_and_tokenizer, vectors_dir, scheduler
+):
+    if scheduler != "engine":
+        pytest.skip("the static batcher has no cache that bounds a request")
+    service = build_service(*model_and_tokenizer, vectors_dir, kv_cache_tokens=128, scheduler="engine")
+    room = service.context_length
+    assert room < 128  # the cache, not the model's 256 positions, bounds a request (less the read-back step)
+    prompt_tokens = len(encode_chat(service.tokenizer, HI))
+    fill = room - prompt_tokens
+    with running(service) as (_, client):
+        body = {"persona": {"monitor": ["evil"]}, "min_tokens": fill}
+        reply = chat(client, max_tokens=fill, extra_body=body)
+        assert reply.usage.completion_tokens == fill
+        assert reply.model_extra["persona"]["monitor"]["evil"]["response_avg"]["projection"] is not None
+        with pytest.raises(openai.APIStatusError) as raised:
+            chat(client, max_tokens=fill + 1)
+    assert raised.value.status_code == 413
