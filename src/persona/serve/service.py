@@ -139,7 +139,9 @@ class PersonaService:
         self.context_length = settings.max_context or model_context_length(model, tokenizer)
         self.metrics = ServerMetrics()
         self.scheduler, self.batcher = make_scheduler(model, tokenizer, settings, self.metrics)
-        if self.scheduler == "engine":  # what one request may hold in the cache, less a monitored read-back step
+        if (
+            self.scheduler == "engine"
+        ):  # what one request may hold in the cache, less a monitored read-back step
             self.context_length = min(self.context_length, self.batcher.engine.max_request_tokens - 1)
         self.metrics.scheduler.labels(self.scheduler).set(1)
         self.baseline = Baseline({})
