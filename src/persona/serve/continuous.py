@@ -149,7 +149,9 @@ class ContinuousBatcher:
             if row.job.cancelled:  # the client left while this turn's tokens were handed over
                 break
         self._observe(row, row.seen - before, now)
-        if complete or result is not None:
+        if row.job.cancelled:
+            self._drop(request_id, result)
+        elif complete or result is not None:
             del self._rows[request_id]
             if result is None:  # a stop sequence (or the read-back token) ended it before the engine did
                 self.engine.cancel(request_id)
@@ -168,7 +170,7 @@ class ContinuousBatcher:
         if row.last_token_at is None:
             self.metrics.time_to_first_token.observe(now - row.job.enqueued_at)
             count -= 1
-        elif count:
+        else:
             for _ in range(count):  # tokens that arrived together share the interval
                 self.metrics.inter_token_latency.observe((now - row.last_token_at) / count)
         row.last_token_at = now
