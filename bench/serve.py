@@ -9,9 +9,15 @@ steered vs every request steered (a different coefficient per client), interleav
 rounds. Prints each phase's throughput and p50/p95 latency, then best-of-N and median ratios: batched /
 one-at-a-time throughput (target >= 3 at 8 clients) and the steering overhead (target <= 5 %), end to
 end and inside one batch (the engine alone, free of HTTP and batch-formation noise).
-Bounded: clients x requests per phase, and no new request after --max-seconds in a phase.
+Bounded: clients x requests per phase, and no new request after --max-seconds in a phase. ``--scheduler``
+picks what both servers run on (auto: the engine where it runs).
 
-Usage: python bench/serve.py [--clients 8] [--requests 2] [--max-tokens 32] [--repeats 3]
+``--workload mixed`` and ``--workload head-of-line``: the static batcher against the continuous-batching engine at
+the same ``--max-batch`` (see ``serve_workloads.py``).
+
+Usage: python bench/serve.py [--clients 8] [--requests 2] [--max-tokens 32] [--repeats 3] [--scheduler auto]
+       python bench/serve.py --workload mixed [--total 32] [--rate 2] [--min-len 8] [--max-len 512] [--max-batch 8]
+       python bench/serve.py --workload head-of-line [--long 192] [--short 8] [--delay 1] [--max-batch 8]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import openai  # noqa: E402
 import torch  # noqa: E402
 from common import QUESTIONS  # noqa: E402
+from serve_workloads import head_of_line, mixed  # noqa: E402
 
 from persona.data.chat import encode_chat, user_turn  # noqa: E402
 from persona.hooks import locate_blocks  # noqa: E402
@@ -128,7 +135,7 @@ def mean_batch(service: PersonaService) -> float:
 def engine_steering_overhead(service: PersonaService, args) -> tuple[float, float]:
     """Steering cost inside one batch, without HTTP or batch formation: ``run_batch`` of the same jobs,
     none steered vs each row steered with its own coefficient, interleaved; (best-of-N, median) ratios."""
-    tokenizer, traits = service.engine.tokenizer, service.traits
+    tokenizer, traits = service.tokenizer, service.traits
     prompts = [encode_chat(tokenizer, user_turn(question)) for question in QUESTIONS[: args.clients]]
 
     def jobs(steered: bool) -> list[GenerationJob]:
@@ -145,7 +152,7 @@ def engine_steering_overhead(service: PersonaService, args) -> tuple[float, floa
     def timed(steered: bool) -> float:
         batch = jobs(steered)
         started = time.perf_counter()
-        service.engine.run_batch(batch)
+        service.batcher.run_batch(batch)
         return time.perf_counter() - started
 
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -166,6 +173,18 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the four phases, interleaved")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="per phase")
+    parser.add_argument("--scheduler", default="auto", choices=["auto", "engine", "static"])
+    parser.add_argument("--workload", default="load", choices=["load", "mixed", "head-of-line"])
+    parser.add_argument("--max-batch", type=int, default=8, help="mixed, head-of-line: both servers' batch")
+    parser.add_argument("--total", type=int, default=32, help="mixed: requests")
+    parser.add_argument("--rate", type=float, default=2.0, help="mixed: Poisson arrivals per second")
+    parser.add_argument("--min-len", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--tail", type=float, default=1.0, help="mixed: Pareto shape of the reply lengths")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long", type=int, default=192)
+    parser.add_argument("--short", type=int, default=8)
+    parser.add_argument("--delay", type=float, default=1.0)
     args = parser.parse_args()
 
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -174,12 +193,15 @@ def main() -> None:
     traits = load_traits(vectors, num_layers=layout.num_layers, hidden_size=hidden_size(layout))
     name = model_short_name(args.model)
 
-    def service(max_batch: int) -> PersonaService:
+    def service(max_batch: int, scheduler: str = args.scheduler) -> PersonaService:
         settings = ServeSettings(
-            name, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients
-        )
+            name, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * max(args.clients, args.total),
+            scheduler=scheduler,
+        )  # fmt: skip
         return PersonaService(model, tokenizer, traits, settings)
 
+    if args.workload != "load":
+        return static_against_engine(service, name, args)
     batched, single = service(args.clients), service(1)
     single.baseline = batched.measure_baseline(max_tokens=16)
     print(
@@ -204,11 +226,34 @@ def main() -> None:
                 print(phases[label][-1].line())
     print(f"mean batch size of the batched server: {mean_batch(batched):.1f}")
     summarize(phases, args.repeats)
-    best, paired = engine_steering_overhead(batched, args)
+    fresh = service(args.clients)  # the servers' schedulers stopped with them
+    best, paired = engine_steering_overhead(fresh, args)
+    if fresh.scheduler == "engine":
+        fresh.batcher.engine.close()
     print(
         f"steering overhead inside a batch of {args.clients} (engine only, {2 * args.repeats} runs each): "
         f"{best - 1:+.1%} best-of, {paired - 1:+.1%} median of paired runs (target <= 5 %)"
     )
+
+
+def static_against_engine(service, name: str, args) -> None:
+    """The static batcher and the engine at the same --max-batch, one model, served side by side."""
+    static, engine = service(args.max_batch, "static"), service(args.max_batch, "engine")
+    engine.baseline = static.measure_baseline(max_tokens=16)
+    print(
+        f"model={args.model} max_batch={args.max_batch} torch threads={torch.get_num_threads()} "
+        f"cpus={os.cpu_count()} machine={platform.machine()} {platform.processor() or ''}".rstrip()
+    )
+    with (
+        serve_in_thread(create_app(static)) as static_url,
+        serve_in_thread(create_app(engine)) as engine_url,
+    ):
+        urls = {"static": static_url, "engine": engine_url}
+        for url in urls.values():  # warm-up
+            openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0).chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            )
+        (mixed if args.workload == "mixed" else head_of_line)(urls, name, args)
 
 
 PHASES = {

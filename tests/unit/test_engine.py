@@ -214,6 +214,108 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tokenizer):
     assert different != alone  # the seed matters, so equality above is not a greedy reply in disguise
 
 
+def gate_reading(model, ids: list[int], layer: int, direction: torch.Tensor) -> float:
+    """The gate's input computed independently: the last prompt token at ``layer`` (no hooks), on the unit direction."""
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0, -1]
+    return float(hidden.double() @ direction.double())
+
+
+def gated_cases(model, vocab: int) -> list[dict]:
+    """Gates that fire and gates that do not (thresholds just past each prompt's own reading), on the entry's
+    layer and below it, on a steer (``all`` and ``response``), a cap and an ablation; a 40-token prompt whose
+    gate is read in its third chunk; the gates read before that layer's ablation mapping."""
+    c = PUSH.get(model.config.model_type, 0.6) * residual_norm(model, vocab)
+    d = [unit(20 + i) for i in range(6)]
+    found = []
+    for number, (length, layer, fires) in enumerate(
+        [(12, 1, True), (9, 2, False), (40, 1, True), (7, 2, True)]
+    ):
+        ids = prompt(length, 30 + number, vocab)
+        reading = gate_reading(model, ids, layer, d[0])
+        margin = 1e-3 * (1 + abs(reading))
+        gate = (
+            Gate(layer, d[0], above=reading - margin) if fires else Gate(layer, d[0], above=reading + margin)
+        )
+        found.append(dict(arrive=0, prompt=ids, new=8, fires=fires, gate=gate))
+    found[0]["specs"] = [SteeringSpec(2, d[1], c, positions="all", when=found[0].pop("gate"))]
+    found[1]["specs"] = [SteeringSpec(2, d[2], c, positions="all", when=found[1].pop("gate"))]
+    found[2]["specs"] = [SteeringSpec(2, d[3], c, when=found[2].pop("gate")), SteeringSpec(1, d[4], c)]
+    found[3]["specs"] = [AblationSpec(2, d[5], when=found[3].pop("gate")), CapSpec(2, d[1], lo=-0.1, hi=0.1)]
+    found[3]["ablations"] = {2: d[4][None]}
+    return found
+
+
+def test_gated_entries_decide_once_from_the_last_prompt_token_and_equal_steer_alone(tokenizer):
+    torch.set_num_threads(1)
+    model = build_tiny_model("llama", len(tokenizer))
+    vocab = len(tokenizer)
+    all_cases = gated_cases(model, vocab)
+    with Engine(model, config()) as engine:
+        results = run_staggered(engine, all_cases)
+    for index, case in enumerate(all_cases):
+        tokens, _, plain = reference(model, case, vocab)
+        assert results[index].status == "finished", results[index].error
+        assert results[index].tokens == tokens, index
+        assert results[index].fired == {0: case["fires"]}, index
+        if index in (0, 1):  # a lone gated steer: steered when it fires, exactly plain when it does not
+            assert (tokens != plain) == case["fires"], index
+
+
+def test_a_gate_that_cannot_be_read_in_time_fails_its_request_with_the_fix(tokenizer):
+    """Two gated ``all`` entries, the lower one under the higher one's gate: the probe that reads the higher gate
+    must apply the lower entry to a prompt chunk before its own gate is read. It fails, it never guesses."""
+    model = build_tiny_model("llama", len(tokenizer))
+    specs = [
+        SteeringSpec(1, unit(0), 1.0, positions="all", when=Gate(1, unit(1), above=-1e9)),
+        SteeringSpec(2, unit(2), 1.0, positions="all", when=Gate(2, unit(3), above=-1e9)),
+    ]
+    with Engine(model, config(max_batch_tokens=16)) as engine:
+        long = engine.result(engine.submit(EngineRequest(prompt(40, 1, 300), 2, RowInterventions(specs))), 60)
+        short = engine.result(
+            engine.submit(EngineRequest(prompt(12, 1, 300), 2, RowInterventions(specs))), 60
+        )
+    assert long.status == "failed" and "gate probe" in long.error and "Fix: raise" in long.error
+    assert short.status == "finished" and short.fired == {0: True, 1: True}
+
+
+def test_min_new_tokens_holds_the_stop_tokens_off(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    ids = prompt(8, 40, len(tokenizer))
+    with torch.no_grad():
+        plain = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    stop = plain[0, len(ids) + 1].item()  # the reply's second token ends it
+    with torch.no_grad():
+        held = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=8,
+            min_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=stop,
+        )[0, len(ids) :].tolist()
+    with Engine(model, config()) as engine:
+        early = engine.result(engine.submit(EngineRequest(ids, 8, stop_token_ids=[stop])), timeout=60)
+        late = engine.result(
+            engine.submit(EngineRequest(ids, 8, stop_token_ids=[stop], min_new_tokens=5)), timeout=60
+        )
+    assert len(early.tokens) <= 2
+    assert late.tokens == held[: len(late.tokens)] and len(late.tokens) >= 5
+
+
+def test_a_streamed_request_shows_its_tokens_step_by_step(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    ids = prompt(6, 41, len(tokenizer))
+    seen = []
+    with Engine(model, config()) as engine:
+        request_id = engine.submit(EngineRequest(ids, 12, stream=True))
+        while not engine.poll(0.01):
+            if engine.partial(request_id) and (not seen or seen[-1] != engine.partial(request_id)):
+                seen.append(list(engine.partial(request_id)))
+        final = engine.result(request_id).tokens
+    assert len(seen) >= 2 and all(final[: len(part)] == part for part in seen)
+
+
 def test_the_static_server_draws_with_the_engines_sampler():
     """One mechanism: a seeded request's draw is the same function in the engine and in the static server."""
     from persona.serve import sampling as served
@@ -309,6 +411,11 @@ def test_a_failing_forward_fails_every_request_in_flight_and_the_engine_restarts
     monkeypatch.setattr(engine_core, "check_segments", broken_once)
     with Engine(model, config()) as engine:
         ids = [engine.submit(EngineRequest([1, 5, 6, 7], 20)) for _ in range(3)]
+        reported = set()
+        deadline = time.monotonic() + 60
+        while not set(ids) <= reported and time.monotonic() < deadline:
+            reported.update(engine.poll(0.05))  # poll() names the requests the restart failed, too
+        assert set(ids) <= reported
         results = [engine.result(request_id, timeout=60) for request_id in ids]
         assert {r.status for r in results} == {"failed"}
         assert all("injected disagreement" in r.error for r in results)
@@ -322,12 +429,8 @@ def test_refusals_name_the_field_and_the_fix(tokenizer):
         EngineConfig(num_blocks=0)
     with pytest.raises(ValueError, match="gpt_neox"):
         Engine(build_tiny_model("gpt_neox", len(tokenizer)), config())
-    gated = SteeringSpec(1, unit(0), 1.0, when=Gate(1, unit(1), above=0.0))
-    with Engine(model, config()) as engine:
-        with pytest.raises(ValueError, match="gated"):
-            engine.submit(EngineRequest([1, 5], 2, RowInterventions([gated])))
-        with pytest.raises(ValueError, match="max_new_tokens"):
-            engine.submit(EngineRequest([1, 5], 0))
+    with Engine(model, config()) as engine, pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit(EngineRequest([1, 5], 0))
 
 
 @pytest.mark.parametrize("positions", ["response", "generated", "all"])
@@ -387,8 +490,17 @@ def test_transformers_internals_the_engine_reads(tokenizer):
         assert isinstance(processor.inputs_and_outputs.requests_in_batch, list)
         assert processor.model_runner.__dict__["_sample"] is not None  # the instance override is in place
         assert manager.background_thread_status.fatal_error is None
+        assert engine._thread is manager._generation_thread and engine._thread.is_alive()  # whose forwards
         assert manager.output_router.output_queue.empty()
         assert processor.cache.pool.num_free_sectors == config().num_blocks
+        for allocator in processor.cache.cache_allocators.values():  # Engine.load(): pages held per request
+            assert allocator.block_table == {} and allocator.num_blocks == config().num_blocks
+        assert isinstance(processor.scheduler.waiting_requests, dict) and manager.input_queue.qsize() == 0
+        request_id = engine.submit(EngineRequest(list(range(1, 40)), 30, stream=True))
+        while len(engine.partial(request_id)) < 2:
+            engine.poll(0.01)
+        assert engine.load()[1] == 3 / config().num_blocks  # 41 tokens in pages of 16
+        engine.cancel(request_id)
     assert model.config._attn_implementation == "eager"
 
 

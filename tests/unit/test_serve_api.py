@@ -1,4 +1,7 @@
-"""`persona serve` over a real loopback socket, driven by the official openai client (tiny Llama loaded by path)."""
+"""`persona serve` over a real loopback socket, driven by the official openai client (tiny Llama loaded by path).
+
+Every test runs on both schedulers: the continuous-batching engine (what ``--scheduler auto`` picks on this
+transformers) and the static batcher (what remains where the engine cannot run)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from persona.data.chat import answer_text
+from persona.data.chat import answer_text, encode_chat
 from persona.models import load_model_and_tokenizer
 from persona.steering import CapSpec, SteeringSpec
 from persona.vectors.dose import neutral_texts
@@ -42,10 +45,31 @@ def vectors_dir(model_and_tokenizer, tmp_path_factory):
     )
 
 
+_TRANSFORMERS = tuple(int(part) for part in __import__("transformers").__version__.split(".")[:2])
+ENGINE_RUNS = (
+    _TRANSFORMERS >= __import__("persona.generation.engine.core").generation.engine.core.MIN_TRANSFORMERS
+)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(
+            "engine",
+            marks=pytest.mark.skipif(not ENGINE_RUNS, reason="the engine needs transformers >= 5.24"),
+        ),
+        "static",
+    ],
+)
+def scheduler(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(model_and_tokenizer, vectors_dir):
+def server(model_and_tokenizer, vectors_dir, scheduler):
     model, tokenizer = model_and_tokenizer
-    service = build_service(model, tokenizer, vectors_dir, max_batch=4, max_wait_ms=5)
+    service = build_service(model, tokenizer, vectors_dir, max_batch=4, max_wait_ms=5, scheduler=scheduler)
+    assert service.scheduler == scheduler
     with running(service) as (url, client):
         yield url, client, service
 
@@ -395,7 +419,7 @@ def test_unknown_routes_and_oversized_bodies_get_error_objects(server):
 
 
 def test_health_and_metrics(server):
-    url, client, _ = server
+    url, client, service = server
     assert json.loads(http(f"{url}/health")[1])["status"] == "ok"
     chat(
         client,
@@ -415,12 +439,20 @@ def test_health_and_metrics(server):
         'persona_steered_requests_total{trait="evil"}',
         'persona_projection_z_bucket{kind="response_avg",le="5.0",trait="evil"}',
         "persona_queue_depth",
+        f'persona_scheduler{{path="{service.scheduler}"}} 1.0',
+        "persona_time_to_first_token_seconds_bucket",
+        "persona_inter_token_latency_seconds_bucket",
+        "persona_kv_cache_usage_ratio",
     ):
         assert name in text, name
+    if service.scheduler == "engine":  # every reply's first token and the gaps after it, not only streams'
+        registry = service.metrics.registry
+        assert registry.get_sample_value("persona_time_to_first_token_seconds_count") > 0
+        assert registry.get_sample_value("persona_inter_token_latency_seconds_count") > 0
 
 
 def test_concurrent_requests_with_different_personas_share_a_batch_and_match_alone(
-    server, model_and_tokenizer, vectors_dir
+    server, model_and_tokenizer, vectors_dir, scheduler, monkeypatch
 ):
     model, tokenizer = model_and_tokenizer
     bodies = [
@@ -440,7 +472,10 @@ def test_concurrent_requests_with_different_personas_share_a_batch_and_match_alo
         chat(alone_client, messages=p, extra_body=b, max_tokens=8)
         for p, b in zip(prompts, bodies, strict=True)
     ]
-    service = build_service(model, tokenizer, vectors_dir, max_batch=4, max_wait_ms=5000)
+    service = build_service(model, tokenizer, vectors_dir, max_batch=4, max_wait_ms=5000, scheduler=scheduler)
+    if scheduler == "engine":  # admit the four together, as the static batcher's long window does
+        hold_until_four(service.batcher, monkeypatch)
+    before = forwards(service)
     with running(service) as (url, client):
         together: list = [None] * 4
 
@@ -452,10 +487,11 @@ def test_concurrent_requests_with_different_personas_share_a_batch_and_match_alo
             thread.start()
         for thread in threads:
             thread.join()
-        metrics = http(f"{url}/metrics")[1]
-    assert (
-        "persona_batch_size_count 1.0" in metrics and "persona_batch_size_sum 4.0" in metrics
-    )  # one batch of 4
+    count, sum_, up_to_two = (after - first for after, first in zip(forwards(service), before, strict=True))
+    if scheduler == "static":
+        assert (count, sum_) == (1, 4)  # one batch of 4
+    else:
+        assert count > up_to_two  # some forward step carried more than two of the four requests
     for one, shared in zip(alone, together, strict=True):
         assert shared.choices[0].message.content == one.choices[0].message.content
         monitor_one = one.model_extra["persona"].get("monitor", {})
@@ -467,8 +503,35 @@ def test_concurrent_requests_with_different_personas_share_a_batch_and_match_alo
                 )
 
 
-def test_api_key_is_required_when_set_and_checked_exactly(model_and_tokenizer, vectors_dir):
-    service = build_service(*model_and_tokenizer, vectors_dir, api_key="s3cret-key")
+def forwards(service) -> tuple[float, float, float]:
+    """(forwards or batches, requests summed over them, those with at most two requests) so far."""
+    registry = service.metrics.registry
+    return tuple(
+        registry.get_sample_value(name, labels) or 0.0
+        for name, labels in (
+            ("persona_batch_size_count", {}),
+            ("persona_batch_size_sum", {}),
+            ("persona_batch_size_bucket", {"le": "2.0"}),
+        )
+    )
+
+
+def hold_until_four(batcher, monkeypatch) -> None:
+    """The engine's scheduler admits nothing until four jobs wait (once, at most 30 s)."""
+    admit, held = batcher._admit, []
+
+    def admit_four_at_once():
+        deadline = time.monotonic() + 30
+        while not held and len(batcher._inbox) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.append(True)
+        admit()
+
+    monkeypatch.setattr(batcher, "_admit", admit_four_at_once)
+
+
+def test_api_key_is_required_when_set_and_checked_exactly(model_and_tokenizer, vectors_dir, scheduler):
+    service = build_service(*model_and_tokenizer, vectors_dir, api_key="s3cret-key", scheduler=scheduler)
     with running(service, api_key="wrong") as (url, wrong):
         with pytest.raises(openai.AuthenticationError) as raised:
             chat(wrong)
@@ -480,18 +543,24 @@ def test_api_key_is_required_when_set_and_checked_exactly(model_and_tokenizer, v
     assert "s3cret" not in repr(service.settings)
 
 
-def test_a_full_queue_answers_429_at_once(model_and_tokenizer, vectors_dir):
-    service = build_service(*model_and_tokenizer, vectors_dir, max_batch=1, max_queue=1)
+def test_a_full_queue_answers_429_at_once(model_and_tokenizer, vectors_dir, scheduler, monkeypatch):
+    service = build_service(*model_and_tokenizer, vectors_dir, max_batch=1, max_queue=1, scheduler=scheduler)
     gate = threading.Event()
-    run_batch = service.batcher.run_batch
-    service.batcher.run_batch = lambda jobs: (gate.wait(30), run_batch(jobs))
+    if scheduler == "static":
+        run_batch = service.batcher.run_batch
+        service.batcher.run_batch = lambda jobs: (gate.wait(30), run_batch(jobs))
+    else:  # the scheduler thread holds every job in its inbox: one running place + one queued = full
+        admit = service.batcher._admit
+        monkeypatch.setattr(service.batcher, "_admit", lambda: (gate.wait(30), admit()))
     with running(service) as (url, client):
         results = []
         threads = [threading.Thread(target=lambda: results.append(chat(client))) for _ in range(2)]
         threads[0].start()
-        _wait_for(lambda: "persona_batch_size_count 1.0" in http(f"{url}/metrics")[1])  # first is running
+        if scheduler == "static":
+            _wait_for(lambda: "persona_batch_size_count 1.0" in http(f"{url}/metrics")[1])  # first is running
         threads[1].start()
-        _wait_for(lambda: "persona_queue_depth 1.0" in http(f"{url}/metrics")[1])  # second is waiting
+        waiting = "1.0" if scheduler == "static" else "2.0"  # the engine's both wait for their first step
+        _wait_for(lambda: f"persona_queue_depth {waiting}" in http(f"{url}/metrics")[1])
         with pytest.raises(openai.RateLimitError) as raised:
             chat(client)
         assert raised.value.body["code"] == "queue_full"
@@ -529,8 +598,31 @@ def test_a_runaway_coefficient_degrades_its_own_reply_not_the_server(server):
 
 
 def test_a_client_leaving_mid_stream_releases_its_request(server):
-    url, client, _ = server
+    url, client, service = server
     stream = chat(client, max_tokens=200, stream=True)
     next(iter(stream))
     stream.close()
     _wait_for(lambda: "persona_requests_in_flight 0.0" in http(f"{url}/metrics")[1])
+    if service.scheduler == "engine":  # cancelled in the engine: out of the batch, its cache pages free again
+        _wait_for(lambda: not service.batcher._rows and service.batcher.engine.load() == (0, 0.0))
+        assert "persona_kv_cache_usage_ratio 0.0" in http(f"{url}/metrics")[1]
+
+
+def test_the_engines_cache_bounds_the_context_and_a_monitored_reply_that_fills_it_is_served(
+    model_and_tokenizer, vectors_dir, scheduler
+):
+    if scheduler != "engine":
+        pytest.skip("the static batcher has no cache that bounds a request")
+    service = build_service(*model_and_tokenizer, vectors_dir, kv_cache_tokens=128, scheduler="engine")
+    room = service.context_length
+    assert room < 128  # the cache, not the model's 256 positions, bounds a request (less the read-back step)
+    prompt_tokens = len(encode_chat(service.tokenizer, HI))
+    fill = room - prompt_tokens
+    with running(service) as (_, client):
+        body = {"persona": {"monitor": ["evil"]}, "min_tokens": fill}
+        reply = chat(client, max_tokens=fill, extra_body=body)
+        assert reply.usage.completion_tokens == fill
+        assert reply.model_extra["persona"]["monitor"]["evil"]["response_avg"]["projection"] is not None
+        with pytest.raises(openai.APIStatusError) as raised:
+            chat(client, max_tokens=fill + 1)
+    assert raised.value.status_code == 413

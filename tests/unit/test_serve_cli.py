@@ -14,6 +14,7 @@ import openai
 
 from conftest import build_tiny_model
 from persona import cli
+from persona.generation.engine import core as engine_core
 from serve_support import http, write_trait_vectors
 
 KEY = "k-7f3e-never-logged"
@@ -82,6 +83,9 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_cleanly(tiny_model_
     assert "Waiting for connections to close" in log  # the signal came while the reply was in flight
     assert "Application shutdown complete" in log
     assert "API key required" in log and KEY not in log
+    engine_runs = engine_core.unavailable(build_tiny_model("llama", len(tokenizer))) is None
+    assert ("scheduling: the continuous-batching engine" in log) == engine_runs  # which path, and why
+    assert ("scheduling: the static batcher" in log) != engine_runs
     assert _status(f"{url}/health") is None  # gone
 
 

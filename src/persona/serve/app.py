@@ -170,9 +170,9 @@ async def _stream(
         while True:
             event = await channel.get()
             if isinstance(event, TextDelta):
-                if first_content:
+                if first_content and not service.batcher.observes_tokens:  # the engine observes every reply's
                     service.metrics.time_to_first_token.observe(time.monotonic() - arrived)
-                    first_content = False
+                first_content = False
                 yield sse(chunk_body(header, {"content": event.text}))
             elif isinstance(event, Failed):
                 yield sse(error_body(500, event.message, code="generation_failed"))

@@ -25,6 +25,8 @@ class QueueFull(Exception):
 
 
 class DynamicBatcher:
+    observes_tokens = False  # the app observes time to first token of streams itself
+
     def __init__(
         self,
         run_batch: Callable[[Sequence[GenerationJob]], None],

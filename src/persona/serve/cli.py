@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 from persona.models import DEFAULT_MODEL, model_on_base, model_short_name
 from persona.serve.server import is_loopback
@@ -20,6 +21,9 @@ def serve(
     max_batch: int = 16,
     max_wait_ms: float = 10.0,
     max_queue: int = 64,
+    scheduler: Literal["auto", "engine", "static"] = "auto",
+    kv_cache_tokens: int = 8192,
+    max_batch_tokens: int = 256,
     served_model_name: str | None = None,
     default_max_tokens: int = 256,
     max_context: int | None = None,
@@ -45,9 +49,12 @@ def serve(
         vectors: Folder of <trait>_response_avg_diff.pt files; default ./persona_vectors/<model-short-name>, else the shipped ones.
         host: Address to bind. Loopback by default; anything else exposes the model to the network.
         port: TCP port.
-        max_batch: Most requests in one forward pass (the dynamic batcher's batch size).
-        max_wait_ms: How long a batch waits for more requests after its first one.
-        max_queue: Requests allowed to wait for a batch; more get HTTP 429.
+        max_batch: Most requests in one forward pass (the engine's running batch; the static batcher's batch size).
+        max_wait_ms: Static batcher only: how long a batch waits for more requests after its first one.
+        max_queue: Requests allowed to wait (for a place in the running batch, cache pages, or a batch); more get HTTP 429.
+        scheduler: auto (the continuous-batching engine where it runs: transformers >= 5.24, not GPT-NeoX; else the static batcher), engine or static. The log says which and why.
+        kv_cache_tokens: Engine: tokens the paged KV cache holds, shared by every request (bounds its memory; also the longest prompt + reply).
+        max_batch_tokens: Engine: tokens per forward step; a longer prompt is prefilled in chunks of this size alongside the decoding requests.
         served_model_name: The model id clients send; default the model's short name.
         default_max_tokens: Reply length when a request sets no max_tokens.
         max_context: Context length in tokens; default the model's own.
@@ -88,6 +95,9 @@ def serve(
         max_context=max_context,
         alert_z=alert_z,
         api_key=api_key,
+        scheduler=scheduler,
+        kv_cache_tokens=kv_cache_tokens,
+        max_batch_tokens=max_batch_tokens,
     )
     vectors = vectors_to_serve(vectors, model)
     sock = bind_socket(host, port)  # before the model loads: a port in use is answered at once

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 Z_BUCKETS = (-5, -3, -2, -1, 0, 1, 2, 3, 5)
 
@@ -35,8 +36,26 @@ class ServerMetrics:
         )
         self.time_to_first_token = Histogram(
             "persona_time_to_first_token_seconds",
-            "Streaming: time from arrival to the first content chunk",
+            "Time from arrival to the first generated token (engine: every reply; static batcher: streams, to the "
+            "first content chunk)",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "persona_inter_token_latency_seconds",
+            "Time between a reply's consecutive tokens (engine)",
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.cache_usage = Gauge(
+            "persona_kv_cache_usage_ratio",
+            "Share of the paged KV cache's pages in use (engine; 0 on the static batcher)",
+            registry=registry,
+        )
+        self.scheduler = Gauge(
+            "persona_scheduler",
+            "1 for the scheduling path this server runs: engine (continuous batching) or static (batcher)",
+            ["path"],
             registry=registry,
         )
         self.queue_wait = Histogram(
@@ -46,7 +65,10 @@ class ServerMetrics:
             registry=registry,
         )
         self.batch_size = Histogram(
-            "persona_batch_size", "Requests per generate call", buckets=BATCH_BUCKETS, registry=registry
+            "persona_batch_size",
+            "Requests per forward step (engine) or per generate call (static)",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.batch_seconds = Histogram(
             "persona_batch_duration_seconds",
@@ -54,7 +76,11 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.queue_depth = Gauge("persona_queue_depth", "Requests waiting for a batch", registry=registry)
+        self.queue_depth = Gauge(
+            "persona_queue_depth",
+            "Requests waiting: for a batch (static), for a place in the running batch or cache pages (engine)",
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "persona_requests_in_flight", "Chat completions being served", registry=registry
         )

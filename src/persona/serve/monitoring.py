@@ -104,6 +104,31 @@ class ProjectionRecorder:
         return prompt_last, float(torch.stack([step[row, column] for step in steps]).mean())
 
 
+def reply_projections(
+    readings: dict[int, Tensor],
+    columns: dict[tuple[str, int], int],
+    target: MonitorTarget,
+    prompt_len: int,
+    tokens_read: int,
+) -> tuple[float, float | None]:
+    """(prompt_last, response_avg or None for an empty reply) from the engine's per-position read-outs.
+
+    ``readings[layer]``: ``[positions, n]``, projections of prompt + reply tokens on the unit directions, column
+    ``columns[(trait, layer)]``; the same two numbers :meth:`ProjectionRecorder.row_projections` reads.
+    """
+    layer, column = target.layer, columns[(target.trait, target.layer)]
+    found = readings.get(layer)
+    if found is None or found.shape[0] < prompt_len + tokens_read:
+        have = 0 if found is None else found.shape[0]
+        raise ValueError(
+            f"layer {layer} was read at {have} positions, the prompt and reply need {prompt_len + tokens_read}"
+        )
+    prompt_last = float(found[prompt_len - 1, column])
+    if not tokens_read:
+        return prompt_last, None
+    return prompt_last, float(found[prompt_len : prompt_len + tokens_read, column].mean())
+
+
 @dataclass(frozen=True)
 class Baseline:
     """Mean and standard deviation of each (trait, kind) projection over the neutral prompts' replies."""

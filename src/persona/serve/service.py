@@ -1,4 +1,8 @@
-"""The server's state, built once at start-up: model, traits, baseline, batcher, metrics; requests -> jobs."""
+"""The server's state, built once at start-up: model, traits, baseline, scheduler, metrics; requests -> jobs.
+
+The scheduler is the continuous-batching engine (:mod:`persona.serve.continuous`) wherever it can run, else the
+static batcher (:mod:`persona.serve.batcher`); :func:`choose_scheduler` decides and says why, once, in the log.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from persona.data.chat import checked_messages, encode_chat, user_turn
+from persona.generation.engine import EngineConfig
+from persona.generation.engine.compat import unavailable
 from persona.hooks import locate_blocks
 from persona.models import context_length
 from persona.serve.batcher import DynamicBatcher, QueueFull
+from persona.serve.continuous import ContinuousBatcher
 from persona.serve.engine import Engine, GenerationJob
 from persona.serve.metrics import ServerMetrics
 from persona.serve.monitoring import KINDS, NEUTRAL_PROMPTS, Baseline, monitor_report
@@ -34,6 +41,10 @@ class ServeSettings:
     max_context: int | None = None  # None: the model's own
     alert_z: float = 3.0
     api_key: str | None = field(default=None, repr=False)  # from the environment only; never printed
+    scheduler: str = "auto"  # auto (the engine where it runs), engine, static
+    kv_cache_tokens: int = 8192  # engine: tokens the paged KV cache holds, shared by every request
+    max_batch_tokens: int = 256  # engine: tokens per forward (decoding rows + prompt chunks)
+    page_size: int = 32  # engine: tokens per cache page
 
     def __post_init__(self) -> None:
         checks = {
@@ -43,12 +54,69 @@ class ServeSettings:
             "default_max_tokens": self.default_max_tokens >= 1,
             "max_context": self.max_context is None or self.max_context >= 2,
             "alert_z": math.isfinite(self.alert_z),
+            "scheduler": self.scheduler in SCHEDULERS,
+            "kv_cache_tokens": self.kv_cache_tokens >= self.page_size >= 1,
+            "max_batch_tokens": self.max_batch_tokens >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(
                     f"--{name}={getattr(self, name)!r} is out of range. Fix: see `persona serve --help`."
                 )
+
+
+SCHEDULERS = ("auto", "engine", "static")
+
+
+def choose_scheduler(model, requested: str) -> tuple[str, str]:
+    """("engine" | "static", why): the engine wherever it can run unless ``requested`` is ``static``."""
+    if requested == "static":
+        return "static", "--scheduler static"
+    why_not = unavailable(model)
+    if why_not is None:
+        return "engine", "transformers' continuous batching runs this model"
+    if requested == "engine":
+        raise ValueError(f"--scheduler engine: {why_not} Fix: --scheduler auto (or static).")
+    return "static", why_not
+
+
+def engine_config(settings: ServeSettings) -> EngineConfig:
+    return EngineConfig(
+        num_blocks=-(-settings.kv_cache_tokens // settings.page_size),
+        page_size=settings.page_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_requests_per_batch=settings.max_batch,
+        max_queue_size=settings.max_batch + settings.max_queue,
+    )
+
+
+def make_scheduler(model, tokenizer, settings: ServeSettings, metrics: ServerMetrics):
+    """("engine", ContinuousBatcher) or ("static", DynamicBatcher), as :func:`choose_scheduler` (and the engine's
+    start) allow; the log says which and why."""
+    scheduler, why = choose_scheduler(model, settings.scheduler)
+    if scheduler == "engine":
+        config = engine_config(settings)
+        try:
+            batcher = ContinuousBatcher(
+                model, tokenizer, config, max_queue=settings.max_queue, metrics=metrics
+            )
+        except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as error:
+            if settings.scheduler == "engine":
+                raise
+            why = f"the engine did not start: {type(error).__name__}: {error}"
+        else:
+            log.info("scheduling: the continuous-batching engine (%s; a request holds up to %d tokens of a "
+                     "%d-token KV cache)", why, batcher.engine.max_request_tokens, settings.kv_cache_tokens)  # fmt: skip
+            return "engine", batcher
+    log.info("scheduling: the static batcher, one generate per batch (%s)", why)
+    batcher = DynamicBatcher(
+        Engine(model, tokenizer).run_batch,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+    )
+    return "static", batcher
 
 
 def model_context_length(model, tokenizer) -> int:
@@ -63,20 +131,19 @@ class PersonaService:
     def __init__(self, model, tokenizer, traits: dict[str, Trait], settings: ServeSettings):
         self.settings = settings
         self.traits = traits
-        self.engine = Engine(model, tokenizer)
+        self.tokenizer = tokenizer
         # The request side tokenizes on the event loop while the model thread decodes: a fast tokenizer
         # is not safe to share between threads ("Already borrowed"), so each side has its own.
         self.request_tokenizer = copy.deepcopy(tokenizer)
         self.num_layers = locate_blocks(model).num_layers
         self.context_length = settings.max_context or model_context_length(model, tokenizer)
         self.metrics = ServerMetrics()
-        self.batcher = DynamicBatcher(
-            self.engine.run_batch,
-            max_batch=settings.max_batch,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.max_queue,
-            metrics=self.metrics,
-        )
+        self.scheduler, self.batcher = make_scheduler(model, tokenizer, settings, self.metrics)
+        if (
+            self.scheduler == "engine"
+        ):  # what one request may hold in the cache, less a monitored read-back step
+            self.context_length = min(self.context_length, self.batcher.engine.max_request_tokens - 1)
+        self.metrics.scheduler.labels(self.scheduler).set(1)
         self.baseline = Baseline({})
         self.created = int(time.time())
 
@@ -95,12 +162,12 @@ class PersonaService:
 
         jobs = [
             GenerationJob(
-                encode_chat(self.engine.tokenizer, user_turn(p)), max_tokens, monitor=targets, emit=collect
+                encode_chat(self.tokenizer, user_turn(p)), max_tokens, monitor=targets, emit=collect
             )
             for p in prompts
         ]
         for start in range(0, len(jobs), self.settings.max_batch):
-            self.engine.run_batch(jobs[start : start + self.settings.max_batch])
+            self.batcher.run_batch(jobs[start : start + self.settings.max_batch])
         self.baseline = Baseline.from_values(values)
         return self.baseline
 

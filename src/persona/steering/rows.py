@@ -202,7 +202,7 @@ def _row_hook(bases: Tensor | None, slots: list[_Slot]):
     return hook
 
 
-def _check_ablations(layout: DecoderLayout, rows: Sequence[RowInterventions], width: int) -> None:
+def check_ablations(layout: DecoderLayout, rows: Sequence[RowInterventions], width: int) -> None:
     for index, row in enumerate(rows):
         for layer, basis in row.ablations.items():
             check_layer(layout, layer, what=f"rows[{index}].ablations layer")
@@ -229,7 +229,7 @@ def steer_rows(
         prepare_indexed(layout, row.specs, what=f"rows[{index}].specs", orthogonalise=row.orthogonalise)
         for index, row in enumerate(rows)
     ]
-    _check_ablations(layout, rows, width)
+    check_ablations(layout, rows, width)
     layers = sorted(
         {spec.layer for row in prepared for _, spec in row} | {k for row in rows for k in row.ablations}
     )

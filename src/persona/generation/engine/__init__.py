@@ -1,6 +1,7 @@
 """Continuous batching with per-request persona interventions (issue #23): :class:`Engine`.
 
-``persona generate`` runs on it (:mod:`persona.generation.on_engine`); ``persona serve`` still uses the static path.
+``persona serve`` schedules through it (:mod:`persona.serve.continuous`), and so does ``persona generate``
+(:mod:`persona.generation.on_engine`).
 """
 
 from persona.generation.engine.core import Engine

@@ -49,7 +49,8 @@ class EngineRequest:
     max_new_tokens: int
     interventions: RowInterventions = field(default_factory=RowInterventions)
     """Steering, caps and ablations (``specs``, in order at each layer, after the ``ablations`` mapping there),
-    with the positions modes of :class:`persona.steering.SteeringSpec`. Gated entries are not supported yet."""
+    with the positions modes of :class:`persona.steering.SteeringSpec`, each optionally gated (``when``: decided
+    from the last prompt token, see :mod:`.steps`)."""
     monitor: Mapping[int, Tensor] = field(default_factory=dict)
     """Layer -> unit directions ``[n, hidden]``: the projection of every token at that layer (after this
     request's interventions there) is returned in :attr:`EngineResult.readings`."""
@@ -58,8 +59,9 @@ class EngineRequest:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     min_new_tokens: int = 0
-    """No stop token before this many new tokens (their logits are set to -inf, as ``generate``'s
-    ``min_new_tokens``): ``persona generate`` asks for at least one."""
+    """The stop tokens cannot be drawn before this many new tokens (vLLM's ``min_tokens``)."""
+    stream: bool = False
+    """Make the tokens so far readable after every step (:meth:`Engine.partial`), not only at the end."""
 
 
 @dataclass
@@ -72,3 +74,5 @@ class EngineResult:
     error: str | None = None
     readings: dict[int, Tensor] = field(default_factory=dict)
     """Layer -> ``[positions, n]``: positions 0.. of prompt + reply (the last reply token is never run)."""
+    fired: dict[int, bool] = field(default_factory=dict)
+    """Index in ``interventions.specs`` -> whether that gated entry fired (absent: not decided, or a no-op)."""
