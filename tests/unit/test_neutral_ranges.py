@@ -144,3 +144,26 @@ def test_old_sidecars_without_the_neutral_record_still_resolve_plain_percentiles
         ValueError, match=r"t_response_avg_diff.json records no neutral_projection_percentiles"
     ):
         CapSpec.from_file(path, 2, hi="neutral:p99")
+
+
+def test_generate_flags_measure_an_older_files_neutral_range_with_the_model(tiny_model_dirs, tmp_path):
+    from persona.commands.generate import resolve_bounds
+
+    model = tiny_model_dirs["qwen2"]
+    config = load_model(model).config
+    vector = torch.randn(
+        config.num_hidden_layers + 1, config.hidden_size, generator=torch.Generator().manual_seed(3)
+    )
+    old = save_vector(vector, tmp_path / "old_prompt_last_diff.pt", {"trait": "old"})
+    with pytest.raises(
+        PersonaError, match=r"--when_above='neutral:p95': .*old_prompt_last_diff.json records no"
+    ):
+        resolve_bounds(old, 1, {"--when_above": "neutral:p95"})
+    resolved = resolve_bounds(old, 1, {"--when_above": "neutral:p95", "--cap_lo": -1e9}, model)
+    expected = independent_neutral_table(
+        load_model(model), load_tokenizer(model), "qwen2", vector, "prompt_last"
+    )
+    assert resolved["when_above"] == pytest.approx(
+        expected[1][PROJECTION_PERCENTILES.index(95)], rel=1e-4, abs=1e-5
+    )
+    assert resolved["cap_lo"] == -1e9 and cache_path(old, "neutral").is_file()
