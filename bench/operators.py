@@ -7,7 +7,9 @@ Run: python bench/operators.py [--max_tokens 48] [--dose 0.3]
   (stated, not tuned). Reports how many prompts of each set fire, the share of neutral replies byte-identical to
   unsteered, and the trait expression of the replies to the trait's questions.
 - **Cap**: steer toward `evil` with and without a cap at the 95th percentile of the per-token projections of the
-  unsteered replies to the neutral prompts (the model's ordinary range); the cap alone on neutral prompts.
+  unsteered replies to the neutral prompts (the model's ordinary range); the cap alone on neutral prompts. Then the
+  same at the two ranges the sidecar records: ``hi = p99`` (trait-free examples) and ``hi = neutral:p99`` (the
+  neutral texts).
 - **Trait expression** (judge-free, named in the output): the mean projection of a reply's tokens on the unit
   vector at the layer, read by the unsteered model — the quantity `persona project` reports.
 - **Cost**: generation time of the same batch plainly steered, capped and gated (ratios to plain steering).
@@ -76,6 +78,19 @@ def timed(run) -> tuple[list[str], float]:
     start = time.perf_counter()
     replies = run()
     return replies, time.perf_counter() - start
+
+
+def recorded_caps(generate, lm, tokenizer, layer, toward, neutral, plain_neutral, questions, unit) -> None:
+    """Caps at the ranges the sidecar records: ``hi = p99`` of the trait-free examples and ``hi = neutral:p99`` of the
+    neutral texts — the neutral replies a cap alone leaves byte-identical, and what it leaves of the push toward."""
+    for bound in ("p99", "neutral:p99"):
+        cap = CapSpec.from_file(VECTOR, layer, hi=bound)
+        alone = generate(neutral, [cap])
+        same = sum(a == b for a, b in zip(plain_neutral, alone, strict=True))
+        replies = generate(questions, [toward, cap])
+        shown = expression(reply_projections(lm, tokenizer, questions, replies, unit, layer))
+        print(f"Cap at hi={bound} ({cap.hi:.3f}, sidecar): neutral replies byte-identical under the cap alone "
+              f"{same}/{len(neutral)}; trait questions, steered toward + cap: expression {shown:+.3f}")  # fmt: skip
 
 
 def main() -> None:
@@ -147,6 +162,7 @@ def main() -> None:
         print(
             f"  trait questions, {name}: expression {expression(reply_projections(lm, tokenizer, questions, replies, unit, layer)):+.3f}"
         )
+    recorded_caps(generate, lm, tokenizer, layer, toward, neutral, plain_neutral, questions, unit)
 
     print(
         f"\nCost ({len(neutral)} prompts x {args.max_tokens} tokens, greedy): unsteered {t_unsteered:.2f} s, "

@@ -594,6 +594,33 @@ def test_capping_without_recorded_percentiles_fails_at_setup_naming_the_sidecar(
         ProjectionCapping(path, [1], lo=None, hi=None)
 
 
+def test_capping_at_a_neutral_percentile_of_an_older_file_measures_it_once_with_the_model(
+    tmp_path, tokenizer, tiny_llama
+):
+    """Issue 25: ``hi="neutral:p99"`` on a file without the record: measured with the model being trained before
+    the first step (independently: a plain hidden_states pass per neutral text), cached beside the file."""
+    import numpy as np
+
+    from persona.vectors.neutral import cache_path, neutral_texts
+
+    layer, path = 2, vector_file(tmp_path)
+    unit = torch.load(path)[layer].double()
+    unit = unit / unit.norm()
+    projections = []
+    for text in neutral_texts():
+        states = reference_states(tiny_llama, tokenizer(text, return_tensors="pt"))[layer][0]
+        projections.append(float(states[1:].double().mean(0) @ unit))
+    module = TinyLM(tiny_llama, tokenizer)
+    callback = ProjectionCapping(path, [layer], hi="neutral:p99")
+    make_trainer(tmp_path, [callback], limit_train_batches=1).fit(module, loader(tokenizer))
+    assert callback.ranges[layer][1] == pytest.approx(np.percentile(projections, 99), rel=1e-4)
+    assert module.steps == 1 and module.model.training  # measured in eval mode, training mode restored
+    assert cache_path(path, "neutral").is_file()
+    again = ProjectionCapping(path, [layer], hi="neutral:p99")
+    again.setup(None, types.SimpleNamespace(model=None), "fit")  # from the cache: resolved before any model
+    assert again.ranges == callback.ranges
+
+
 def test_capping_parses_in_a_fit_config_by_its_short_name(tmp_path):
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.demos.boring_classes import BoringModel

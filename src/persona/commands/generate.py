@@ -85,9 +85,9 @@ def generate(
         layer: Layer to steer at (0 = embeddings, L = output of block L-1).
         steering_type: Positions to steer: response, generated, prompt or all.
         allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
-        cap_lo: Cap the projection on --vector_path's unit direction at --layer from below (every position, after the steering): a number (projection units) or a percentile of the sidecar's trait-free examples, p1..p99. Without --coef/--dose: cap only.
+        cap_lo: Cap the projection on --vector_path's unit direction at --layer from below (every position, after the steering): a number (projection units), a percentile of the sidecar's trait-free examples (p1..p99) or of the neutral texts (neutral:p1..neutral:p99). Without --coef/--dose: cap only.
         cap_hi: Cap it from above, e.g. p99 (cut only excursions toward the trait).
-        when_above: Steer (and cap) only the prompts whose last token projects on the vector at --layer above this (a number or p1..p99); decided at prefill, held for the whole answer.
+        when_above: Steer (and cap) only the prompts whose last token projects on the vector at --layer above this (a number, p1..p99 or neutral:p1..neutral:p99); decided at prefill, held for the whole answer.
         when_below: Likewise, only prompts that project below this.
         batch_size: Answers generated per batch (also the unit of resumption).
         seed: Base seed; each batch's seed is derived from it and the batch's keys.
@@ -157,12 +157,18 @@ def check_flags(
     return instruction_type
 
 
-def resolve_bounds(vector_path, layer: int, bounds: dict) -> dict:
+def resolve_bounds(vector_path, layer: int, bounds: dict, model: str | None = None) -> dict:
     """--cap_lo/--cap_hi/--when_above/--when_below -> numbers (percentiles from the vector's sidecar at ``layer``),
-    keyed cap_lo, cap_hi, when_above, when_below; only those given."""
-    from persona.vectors.ranges import resolve_bound
+    keyed cap_lo, cap_hi, when_above, when_below; only those given. A ``neutral:`` percentile an older file lacks
+    is measured once with ``model`` and cached beside the file (:func:`persona.vectors.neutral_ranges.neutral_percentiles`)."""
+    from persona.vectors.ranges import needs_neutral, resolve_bound
 
     meta = load_metadata(vector_path)
+    if model is not None and needs_neutral(*bounds.values()):
+        from persona.vectors.neutral_ranges import neutral_percentiles
+        from persona.vectors.ranges import NEUTRAL_KEY
+
+        meta = {**meta, NEUTRAL_KEY: neutral_percentiles(vector_path, model=model)}
     resolved = {}
     for flag, value in bounds.items():
         if value is not None:
@@ -180,11 +186,11 @@ def resolve_bounds(vector_path, layer: int, bounds: dict) -> dict:
     return resolved
 
 
-def _cap_only(vector_path, layer, bounds: dict) -> dict:
+def _cap_only(vector_path, layer, bounds: dict, model: str) -> dict:
     """--vector_path --layer with a cap and no --coef/--dose: a cap (maybe gated), no push."""
     if layer is None:
         raise PersonaError("--cap_lo/--cap_hi without --coef or --dose need --layer. Fix: pass --layer.")
-    resolved = resolve_bounds(vector_path, layer, bounds)
+    resolved = resolve_bounds(vector_path, layer, bounds, model)
     return {"vector_path": str(vector_path), "layer": layer, "coef": None, **resolved}
 
 
@@ -206,7 +212,7 @@ def check_steering(
     if capped and coef is None and dose is None and vector_path is not None:
         vector_for_model(model, vector_path, layers=[] if layer is None else [layer],
                          trust_remote_code=trust_remote_code)  # fmt: skip
-        return _cap_only(vector_path, layer, bounds)
+        return _cap_only(vector_path, layer, bounds, model)
     if vector_path is None:
         named = ", ".join(flag for flag, value in given.items() if value is not None)
         raise PersonaError(
@@ -228,7 +234,7 @@ def check_steering(
     if source_model not in (None, model):
         log.warning("%s was extracted from %s, not %s", vector_path, source_model, model)
     steering = {"vector_path": str(vector_path), "layer": strength.layer, "coef": strength.coef}
-    return {**steering, **resolve_bounds(vector_path, strength.layer, bounds)}
+    return {**steering, **resolve_bounds(vector_path, strength.layer, bounds, model)}
 
 
 def run_signature(

@@ -176,9 +176,9 @@ def steer_eval(
         coefs: Coefficients, e.g. "-2,-1,0,1,2" (write --coefs=-2,-1,0,1,2 when it starts with a minus) or [-2, 0, 2]; default -2..2, or with neither --layer nor --doses the calibrated recommendation's doses.
         doses: Doses instead of coefficients (|coef|·‖v‖/mean‖h‖ at the layer, signed), e.g. --doses=-0.3,0,0.3.
         allow_high_dose: Steer above the dose limit (the calibrated dose at the layer, else 1.0).
-        cap_lo: Also cap the projection on the vector at the layer from below at every coefficient (a number or p1..p99 of the sidecar; see `persona generate`).
+        cap_lo: Also cap the projection on the vector at the layer from below at every coefficient (a number, p1..p99 or neutral:p1..neutral:p99 of the sidecar; see `persona generate`).
         cap_hi: Also cap it from above, e.g. p99.
-        when_above: Steer (and cap) only prompts whose last token projects above this at the layer (a number or p1..p99).
+        when_above: Steer (and cap) only prompts whose last token projects above this at the layer (a number, p1..p99 or neutral:p99).
         when_below: Likewise, only prompts that project below this.
         steering_type: Positions to steer: response, generated, prompt or all.
         n_per_question: Answers per question and coefficient.
@@ -215,7 +215,8 @@ def steer_eval(
         SteeringSpec(layer, vector, 1.0, positions=steering_type)  # layer in range
     layer, points, source = sweep_points(model, vector_path, layer, coefs, doses, allow_high_dose)
     bounds = {"cap_lo": cap_lo, "cap_hi": cap_hi, "when_above": when_above, "when_below": when_below}
-    resolve_bounds(vector_path, layer, {f"--{k}": v for k, v in bounds.items()})  # fails here, not per coef
+    # Fails here, not per coef (an older file's neutral percentiles are measured here once, with the model).
+    resolve_bounds(vector_path, layer, {f"--{k}": v for k, v in bounds.items()}, model)
     SteeringSpec(layer, vector, 1.0, positions=steering_type)  # the recommended layer in range too
     out = Path(output_dir) if output_dir else default_output_dir(vector_path, layer, steering_type)
 

@@ -2,8 +2,8 @@
 the condition that makes any of them, or a :class:`~persona.steering.spec.SteeringSpec`, conditional (:class:`Gate`).
 
 Every bound and threshold is in projection units (the scalar projection on the unit direction, as ``persona
-project`` reports) or a percentile name (``"p99"``) resolved against the vector file's sidecar by the
-``from_file`` constructors (:mod:`persona.vectors.ranges`).
+project`` reports) or a percentile name (``"p99"`` of the trait-free examples, ``"neutral:p99"`` of the neutral
+texts) resolved against the vector file's sidecar by the ``from_file`` constructors (:mod:`persona.vectors.ranges`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from persona.core.constants import POSITIONS
 from persona.vectors.files import load_metadata, load_vector
-from persona.vectors.ranges import resolve_bound
+from persona.vectors.ranges import is_percentile_name, resolve_bound
 
 
 def direction_at(owner: str, vector, layer: int) -> tuple[Tensor, int | None]:
@@ -113,7 +113,8 @@ class CapSpec:
 
     Positions whose projection lies inside the range keep their values exactly; outside, only the component
     along the unit direction changes (:func:`persona.hooks.operators.cap`). ``lo`` or ``hi`` may be None (one-
-    sided); with :meth:`from_file` either may be a percentile of the file's negative examples (``"p99"``).
+    sided); with :meth:`from_file` either may be a percentile of the file's negative examples (``"p99"``) or of the
+    neutral texts (``"neutral:p99"``).
     """
 
     layer: int
@@ -186,7 +187,7 @@ class AblationSpec:
 
 def numeric_bound(owner: str, name: str, value, layer: int) -> float | None:
     """A bound given to the constructor: a number or None (percentiles need the file: ``from_file``)."""
-    if isinstance(value, str) and value.strip().startswith("p"):
+    if is_percentile_name(value):
         raise ValueError(
             f"{owner}.{name}={value!r} is a percentile, and a tensor has no sidecar to read it from. Fix: use "
             f"{owner}.from_file(path, layer, {name}={value!r}) or pass a number."

@@ -37,7 +37,8 @@ from persona.training.callback_base import (
     check_rows,
 )
 from persona.vectors import load_metadata, load_vector
-from persona.vectors.ranges import resolve_bound
+from persona.vectors.neutral_ranges import neutral_percentiles
+from persona.vectors.ranges import NEUTRAL_KEY, needs_neutral, resolve_bound, stored_neutral
 
 
 class PreventativeSteering(TrainStepHooks):
@@ -243,8 +244,10 @@ class ProjectionCapping(TrainStepHooks):
     Positions inside the range are left exactly as they are; outside, only the component along the unit
     direction is moved back to the bound (:func:`persona.hooks.operators.cap`), so the fine-tuned model cannot
     use excursions along the trait direction to fit the data, while ordinary activations pass untouched (CAFT,
-    by contrast, removes the direction everywhere). Bounds are numbers in projection units or percentiles of the
-    vector's negative (trait-free) examples recorded at extraction (``"p99"``), read per layer from its sidecar.
+    by contrast, removes the direction everywhere). Bounds are numbers in projection units or percentiles recorded
+    at extraction, read per layer from the vector's sidecar: of its negative (trait-free) examples (``"p99"``) or of
+    the neutral texts (``"neutral:p99"``; an older file gets those measured once with the model, before the first
+    step, and cached beside it).
     """
 
     def __init__(
@@ -259,8 +262,8 @@ class ProjectionCapping(TrainStepHooks):
         Args:
             vector_path: Persona vector file ``[num_layers + 1, hidden]``; row L is the direction capped at layer L.
             layers: Layers to cap (0 = embeddings, L = output of block L-1).
-            lo: Lower bound on the projection (a number, a percentile such as ``"p1"``, or None: no lower bound).
-            hi: Upper bound (a number, a percentile such as ``"p99"`` — the default —, or None: no upper bound).
+            lo: Lower bound on the projection (a number, a percentile such as ``"p1"`` or ``"neutral:p1"``, or None).
+            hi: Upper bound (a number, a percentile such as ``"p99"`` — the default — or ``"neutral:p99"``, or None).
             during_validation: Also cap in validation batches (default: training steps only).
         """
         super().__init__(layers, during_validation)
@@ -274,12 +277,18 @@ class ProjectionCapping(TrainStepHooks):
         """Layer -> (lo, hi) in projection units, resolved in ``setup``."""
         self._vector: Tensor | None = None
         self._specs: list[CapSpec] = []
+        self._meta: dict = {}
+        self._tokenizer = None
 
     def _load_files(self) -> None:
         self._vector = load_vector(self.vector_path)
         check_rows("ProjectionCapping", self.vector_path, self._vector.shape[0], self.layers)
-        meta = load_metadata(self.vector_path)
+        self._meta = load_metadata(self.vector_path)
         self.ranges = {}
+        if not needs_neutral(self.lo, self.hi) or stored_neutral(self.vector_path, self._meta) is not None:
+            self._resolve(self._meta)  # before the model loads; an older file's neutral bound waits for it
+
+    def _resolve(self, meta: dict) -> None:
         for layer in self.layers:
             lo, hi = (
                 resolve_bound(
@@ -294,10 +303,20 @@ class ProjectionCapping(TrainStepHooks):
                 )
             self.ranges[layer] = (lo, hi)
 
+    def _bind(self, pl_module):
+        # To measure an older file's neutral percentiles.
+        self._tokenizer = getattr(pl_module, "tokenizer", None)
+        return super()._bind(pl_module)
+
     def _prepare(self, layout: DecoderLayout) -> None:
         check_against_model("ProjectionCapping", self.vector_path, self._vector.shape, layout, rows=True)
         for index, layer in enumerate(self.layers):
             check_layer(layout, layer, what=f"ProjectionCapping.layers[{index}]")
+        if not self.ranges:  # neutral: measured once with the model being trained, before any step; cached
+            record = neutral_percentiles(
+                self.vector_path, model=None, lm=layout.model, tokenizer=self._tokenizer
+            )
+            self._resolve({**self._meta, NEUTRAL_KEY: record})
         self._specs = [
             CapSpec(layer, self._vector[layer].to(layout.layer_device(layer)), *self.ranges[layer])
             for layer in self.layers

@@ -1,6 +1,7 @@
 """Persona vectors: from activations to files. Masked per-example means (``activations``), the extraction predict
-loop (``extraction``), projections of examples on a vector (``projection``), residual norms (``norms``), the
-``.pt`` + sidecar files and the torch-free reader (``files``, ``reader``) and GGUF export (``gguf``).
+loop (``extraction``), projections of examples on a vector (``projection``), residual norms (``norms``), doses
+(``dose``), capping ranges from the negative examples and the neutral texts (``ranges``, ``neutral_ranges``; the
+neutral texts and their cache: ``neutral``), the ``.pt`` + sidecar files and the torch-free reader (``files``, ``reader``) and GGUF export (``gguf``).
 
 May import: ``core``, ``models``, ``hooks``, ``data``. This package only re-exports the file API (no torch,
 Lightning or transformers import), so commands check vector files in well under a second.

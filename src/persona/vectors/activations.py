@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from persona.core.constants import VECTOR_KINDS
+from persona.core.hardware import input_device
 from persona.hooks import block_hooks, forward_until
 from persona.hooks.operators import gather_positions, masked_mean, project
 
@@ -108,3 +109,35 @@ def example_projections(
         )
         for kind, values in means.items()
     }
+
+
+@torch.no_grad()
+def text_means(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    kinds: Sequence[str] = VECTOR_KINDS,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Per-text activations of plain ``texts`` (no chat template): ``{kind: [len(texts), len(layers), hidden]}``.
+
+    A text is read as a whole: ``prompt_avg`` and ``response_avg`` are the mean over its tokens but the first (an
+    attention sink, as for the residual norms), ``prompt_last`` its last token. Right-padded batches through
+    :func:`read_example_means`, so it is the same reading extraction does.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token. Fix: set tokenizer.pad_token = tokenizer.eos_token."
+        )
+    device, parts = input_device(model), []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            list(texts[start : start + batch_size]), padding=True, padding_side="right", return_tensors="pt"
+        )
+        mask = encoded["attention_mask"].to(device)
+        batch = {"input_ids": encoded["input_ids"].to(device), "attention_mask": mask}
+        tokens = norm_token_mask(batch)
+        batch.update(prompt_mask=tokens, response_mask=tokens, last_prompt_index=mask.sum(dim=1) - 1)
+        parts.append(read_example_means(model, batch, layers, kinds))
+    return {kind: torch.cat([part[kind] for part in parts]) for kind in kinds}

@@ -9,7 +9,8 @@ reference_norm=mean ||h_L||, coef=dose).scale()`` — and the hooks see one coef
 
 Where the norms come from (:func:`layer_norms`): the vector's sidecar (``mean_residual_norms``, recorded by
 extraction from the forward it already runs), else a cache beside the vector file (``<stem>.norms.json``), else
-measured once on :data:`NEUTRAL_TEXTS` (~30 everyday sentences shipped in the package) and cached there.
+measured once on :data:`~persona.vectors.neutral.NEUTRAL_TEXTS` (~30 everyday sentences shipped in the package)
+and cached there (:mod:`persona.vectors.neutral`: the one cache for what is measured on those texts).
 
 The guard (:func:`check_dose`): a dose above the layer's limit is refused unless forced. The limit is the
 dose ``persona calibrate`` found at its coherence target for that layer when the sidecar has one, else
@@ -18,12 +19,19 @@ dose ``persona calibrate`` found at its coherence target for that layer when the
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 from persona.core.errors import PersonaError
-from persona.core.store import read_json, sidecar_path, write_json
+from persona.core.store import read_json, sidecar_path
+from persona.vectors.neutral import (  # noqa: F401  (NEUTRAL_TEXTS re-exported: its old home)
+    NEUTRAL_TEXTS,
+    cache_path,
+    model_to_measure,
+    neutral_texts,
+    read_cache,
+    write_cache,
+)
 
 DEFAULT_MAX_DOSE = 1.0
 """Largest |dose| accepted without ``--allow_high_dose`` / ``"force": true`` where no calibration says
@@ -31,36 +39,19 @@ otherwise. The vLLM steering plugins measured answers collapsing near 1.9 and st
 embedded SmolLM2-135M the perplexity-ratio coherence is far below 80 at dose 1 (README, "Doses")."""
 
 NORMS_FIELD = "mean_residual_norms"
-NEUTRAL_TEXTS = Path(__file__).with_name("neutral_texts.txt")
-
-
-def neutral_texts() -> list[str]:
-    """The built-in neutral sentences (comments and blank lines skipped)."""
-    lines = NEUTRAL_TEXTS.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def norms_cache_path(vector_path: str | Path) -> Path:
     """Where norms measured for a vector file without them are cached: ``<stem>.norms.json`` beside it."""
-    vector_path = Path(vector_path)
-    return vector_path.with_name(f"{vector_path.stem}.norms.json")
-
-
-def _texts_digest() -> str:
-    return hashlib.sha256("\n".join(neutral_texts()).encode()).hexdigest()[:16]
+    return cache_path(vector_path, "norms")
 
 
 def stored_norms(vector_path: str | Path, model: str | None = None) -> list[float] | None:
     """The vector's per-layer mean residual norms from its sidecar or the cache beside it, else None."""
-    norms = _sidecar(vector_path).get(NORMS_FIELD)
-    if norms:
-        return [float(value) for value in norms]
-    cache = norms_cache_path(vector_path)
-    if cache.is_file():
-        cached = read_json(cache, what="norms cache")
-        if cached.get("texts_sha256") == _texts_digest() and model in (None, cached.get("model")):
-            return [float(value) for value in cached[NORMS_FIELD]]
-    return None
+    norms = _sidecar(vector_path).get(NORMS_FIELD) or read_cache(
+        vector_path, "norms", NORMS_FIELD, model=model, key={}
+    )
+    return [float(value) for value in norms] if norms else None
 
 
 def layer_norms(
@@ -73,41 +64,15 @@ def layer_norms(
     norms = stored_norms(vector_path, model)
     if norms is not None:
         return norms
-    if lm is None and model is None:
-        raise PersonaError(
-            f"{vector_path}: its sidecar has no {NORMS_FIELD} (extracted before doses existed) and no model was "
-            f"given to measure them. Fix: pass {flag} (the model the vector came from), or re-run `persona extract`."
-        )
+    lm, tokenizer = model_to_measure(vector_path, NORMS_FIELD, model=model, lm=lm, tokenizer=tokenizer, flag=flag,
+                                     why="extracted before doses existed")  # fmt: skip
+    from persona.hooks import locate_blocks
     from persona.vectors.norms import mean_residual_norms
 
-    if lm is None:
-        from persona.models import load_model, load_tokenizer
-
-        lm, tokenizer = load_model(model), load_tokenizer(model)
-    if tokenizer is None:
-        raise PersonaError(
-            f"{vector_path}: its sidecar has no {NORMS_FIELD} and there is no tokenizer to measure them. Fix: "
-            "re-run `persona extract`, or use a module with a .tokenizer."
-        )
-    from persona.hooks import locate_blocks
-
     layers = list(range(locate_blocks(lm).num_layers + 1))
-    norms = mean_residual_norms(lm, tokenizer, neutral_texts(), layers)
-    record = {
-        "model": model,
-        "texts": NEUTRAL_TEXTS.name,
-        "texts_sha256": _texts_digest(),
-        NORMS_FIELD: [round(value, 6) for value in norms],
-    }
-    try:
-        write_json(norms_cache_path(vector_path), record)  # atomic: a killed run leaves no half file
-    except OSError as error:  # a read-only folder of vectors: measured again next time
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "could not cache residual norms beside %s: %s", vector_path, error
-        )
-    return [float(value) for value in record[NORMS_FIELD]]
+    norms = [round(value, 6) for value in mean_residual_norms(lm, tokenizer, neutral_texts(), layers)]
+    write_cache(vector_path, "norms", NORMS_FIELD, norms, model=model, key={})
+    return [float(value) for value in norms]
 
 
 def _direction_norm(direction) -> float:

@@ -7,7 +7,8 @@ means) with running sums and counts, reduced across DDP ranks before dividing.
 The negative (trait-free) examples' per-example means are kept as well (float32, on the CPU: ``[n_negative,
 num_layers + 1, hidden]`` per kind), so that once the vectors are known their projections give the sidecar's
 per-layer percentiles (:mod:`persona.vectors.ranges`), the data a capping range or a gate threshold is taken
-from, without a second pass over the examples.
+from, without a second pass over the examples. The neutral texts' percentiles (:mod:`persona.vectors.neutral_ranges`) take
+one extra small batched pass over those ~30 sentences, on every rank (a sharded model needs them all to forward).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from persona.hooks.placement import KeepsDevicePlacement
 from persona.models import DEFAULT_MODEL, adapter_base, adapter_origin, is_adapter, load_model
 from persona.vectors.activations import kind_row_mask, norm_token_mask, read_example_means
 from persona.vectors.files import default_save_dir, save_vector, vector_filename
-from persona.vectors.ranges import PERCENTILES_KEY, PROJECTION_PERCENTILES, percentile_record
+from persona.vectors.neutral_ranges import neutral_record
+from persona.vectors.ranges import NEUTRAL_KEY, PERCENTILES_KEY, PROJECTION_PERCENTILES, percentile_record
 
 
 class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
@@ -126,6 +128,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             mean_neg = sums[0, kind_index] / n_neg
             self.vectors[kind] = (mean_pos - mean_neg).float().cpu()
         self.percentiles = {kind: self._negative_percentiles(kind) for kind in VECTOR_KINDS}
+        self.neutral_percentiles = neutral_record(self.model, self._tokenizer(), self.vectors)
         self.final_counts = counts.cpu()
         if self.trainer.is_global_zero:
             self._save()
@@ -140,6 +143,15 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
         projections = self._gather_rows(projections)
         quantiles = torch.tensor(PROJECTION_PERCENTILES, dtype=torch.float64) / 100
         return percentile_record(torch.quantile(projections, quantiles, dim=0).T.tolist())
+
+    def _tokenizer(self):
+        """The datamodule's tokenizer (the one the examples were read with), else the model's."""
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            from persona.models import load_tokenizer
+
+            tokenizer = load_tokenizer(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return tokenizer
 
     def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """``values [n_local, layers]`` of every rank, concatenated (ranks hold different numbers of rows)."""
@@ -170,6 +182,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "n_negative": int(self.final_counts[0, kind_index]),
                 "sources": sources,
                 PERCENTILES_KEY: self.percentiles[kind],
+                NEUTRAL_KEY: self.neutral_percentiles[kind],
                 "mean_residual_norms": [round(value, 6) for value in self.mean_residual_norms],
                 "mean_residual_norms_source": "extraction: every real token but each example's first, "
                 f"{int(self.final_counts[:, 0].sum())} examples",
