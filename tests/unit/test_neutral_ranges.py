@@ -167,3 +167,33 @@ def test_generate_flags_measure_an_older_files_neutral_range_with_the_model(tiny
         expected[1][PROJECTION_PERCENTILES.index(95)], rel=1e-4, abs=1e-5
     )
     assert resolved["cap_lo"] == -1e9 and cache_path(old, "neutral").is_file()
+
+
+def test_serve_measures_an_older_files_neutral_range_at_start_up_and_reads_it_per_request(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    from persona.serve import traits as serve_traits
+
+    model = tiny_model_dirs["llama"]
+    lm, tokenizer = load_model(model), load_tokenizer(model)
+    config = lm.config
+    vector = torch.randn(
+        config.num_hidden_layers + 1, config.hidden_size, generator=torch.Generator().manual_seed(4)
+    )
+    save_vector(vector, tmp_path / "old_response_avg_diff.pt", {"trait": "old"})
+    loaded = serve_traits.load_traits(
+        tmp_path, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, lm=lm, tokenizer=tokenizer,
+        model=model,
+    )["old"]  # fmt: skip
+    expected = independent_neutral_table(lm, tokenizer, "llama", vector, "response_avg")[1][P99]
+    monkeypatch.setattr(
+        "persona.vectors.ranges.read_cache", None
+    )  # a request reads no file: it would fail here
+    assert serve_traits._bound("neutral:p99", loaded, 1, "cap[0].hi") == pytest.approx(
+        expected, rel=1e-4, abs=1e-5
+    )
+    monkeypatch.undo()
+    unmeasured = serve_traits.load_traits(
+        tmp_path, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size
+    )["old"]
+    assert NEUTRAL_KEY in unmeasured.meta  # the cache written at the first start-up is read without the model

@@ -35,6 +35,7 @@ class Trait:
         None  # mean residual norm per layer (persona.vectors.dose), None: unknown
     )
     recommended: dict | None = None  # `persona calibrate`'s {layer, dose, coef, ...} from the sidecar
+    meta: dict = field(default_factory=dict, repr=False)  # the sidecar (+ the neutral percentiles when known)
 
     def direction(self, layer: int) -> Tensor:
         return self.vectors[layer]
@@ -131,13 +132,41 @@ def load_traits(
         else:
             norms = stored_norms(path)
         norms = None if norms is None else tuple(norms)
-        traits[name] = Trait(name, path, vectors, layer, source, norms, recommendation(path))
+        traits[name] = Trait(
+            name,
+            path,
+            vectors,
+            layer,
+            source,
+            norms,
+            recommendation(path),
+            bounds_meta(path, lm, tokenizer, model),
+        )
     if not traits:
         raise ValueError(
             f"{directory} holds no <trait>{VECTOR_SUFFIX} files. Fix: run `persona extract` for the served model, "
             "or point --vectors at the folder it wrote."
         )
     return traits
+
+
+def bounds_meta(path: Path, lm, tokenizer, model: str | None) -> dict:
+    """The sidecar that request bounds read, read once: with the loaded model, the neutral percentiles are measured
+    (and cached beside the file) when neither the sidecar nor the cache has them, so ``"neutral:p99"`` always
+    resolves; without it, whatever is stored."""
+    from persona.vectors import load_metadata
+    from persona.vectors.neutral_ranges import neutral_percentiles
+    from persona.vectors.ranges import NEUTRAL_KEY, stored_neutral
+
+    meta = dict(load_metadata(path))
+    record = (
+        neutral_percentiles(path, model=model, lm=lm, tokenizer=tokenizer)
+        if lm is not None
+        else stored_neutral(path, meta, model)
+    )
+    if record is not None:
+        meta[NEUTRAL_KEY] = record
+    return meta
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,12 +259,11 @@ def _strength(item: SteerItem, trait: Trait, layer: int, param: str) -> tuple[fl
 
 
 def _bound(value, trait: Trait, layer: int, param: str) -> float | None:
-    """A number, or a percentile of ``trait``'s sidecar at ``layer`` (400 naming ``param`` if it has none)."""
-    from persona.vectors import load_metadata
+    """A number, or a recorded percentile of ``trait`` at ``layer`` (400 naming ``param`` if it has none)."""
     from persona.vectors.ranges import resolve_bound
 
     try:
-        return resolve_bound(value, path=trait.path, meta=load_metadata(trait.path), layer=layer, field=param)
+        return resolve_bound(value, path=trait.path, meta=trait.meta, layer=layer, field=param)
     except ValueError as error:
         raise ApiError(400, str(error), param=param, code="invalid_bound") from None
 
