@@ -369,3 +369,7 @@ def test_adapters_go_onto_the_base_in_turn_and_leave_it_as_it_was(tmp_path, base
     for _name, _net in finetuned_models(base, base_dir, adapters):
         break  # stopping early also unloads
     assert [type(m).__name__ for m in base.modules()] == names
+    # Another pass over the same base gives the same models (PEFT 0.13 left the last adapter's config on the base,
+    # and a same-named adapter of the next pass loaded wrong).
+    for name, net in finetuned_models(base, base_dir, adapters):
+        torch.testing.assert_close(net(ids).logits, load_model(base_dir, adapter=name)(ids).logits)

@@ -66,6 +66,9 @@ def finetuned_models(
     finally:
         if wrapped is not None:
             wrapped.unload()  # the LoRA layers out again: base's own modules back in place
+            # PEFT 0.13 leaves the last adapter's config on the base: the next wrap of it would inherit that entry
+            # and a same-named adapter would load wrong (tested with two passes over one base).
+            base.__dict__.pop("peft_config", None)
 
 
 def pearson_with_ci(x, y, confidence: float = 0.95) -> dict[str, float]:
