@@ -636,3 +636,38 @@ def test_capping_parses_in_a_fit_config_by_its_short_name(tmp_path):
     cli = LightningCLI(BoringModel, args=["--config", str(config)], run=False)
     [capping] = [cb for cb in cli.trainer.callbacks if isinstance(cb, ProjectionCapping)]
     assert (capping.layers, capping.lo, capping.hi, capping.during_validation) == ([10], "p1", 2.5, True)
+
+
+def test_monitor_reuses_another_runs_start_reading_without_a_forward(
+    tmp_path, tokenizer, tiny_llama, monkeypatch
+):
+    """The study's runs share one base: the second takes the first's reading before training (no forward at train
+    start), with the same rows as measuring it; a resumed fit (step > 0) would measure anyway."""
+    from persona.training import monitor as monitor_module
+
+    path = vector_file(tmp_path)
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", RECORDS)
+    base = copy.deepcopy(tiny_llama)
+
+    def fit(model, reuse=None, root="a"):
+        monitor = ActivationMonitor([path], [1, 2], eval_file=eval_file, batch_size=2)
+        if reuse is not None:
+            monitor.reuse_start(reuse)
+        make_trainer(tmp_path / root, [monitor], limit_train_batches=1).fit(
+            TinyLM(model, tokenizer), loader(tokenizer)
+        )
+        return monitor
+
+    first = fit(tiny_llama)
+    calls = []
+    real = monitor_module.example_projections
+    monkeypatch.setattr(
+        monitor_module, "example_projections", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    measured = fit(copy.deepcopy(base), root="b")
+    measured_calls, calls[:] = len(calls), []
+    reused = fit(copy.deepcopy(base), reuse=first.start_values, root="c")
+    assert len(calls) < measured_calls  # the start reading came from the first run: fewer forwards
+    start = [row for row in measured.history if row["trigger"] == "train_start"]
+    assert [row for row in reused.history if row["trigger"] == "train_start"] == start
+    assert reused.history == measured.history  # and everything after it is measured as usual

@@ -207,6 +207,10 @@ def test_a_two_trait_study_with_a_user_trait_a_personality_trait_and_a_served_ju
         split="train", trait="wicked", save_dir=str(tmp_path / "alone"), hardware=CommandHardware(accelerator="cpu"))  # fmt: skip
     swapped = run / "finetune" / "representation" / "mix_1" / "wicked_response_avg_diff.pt"
     torch.testing.assert_close(load_vector(swapped), load_vector(alone["response_avg"]), rtol=1e-4, atol=1e-5)
+    from persona.vectors import load_metadata
+    from persona.vectors.ranges import NEUTRAL_KEY
+
+    assert NEUTRAL_KEY in load_metadata(alone["response_avg"]) and NEUTRAL_KEY not in load_metadata(swapped)
     assert Path(results["export"]["gguf"]).stat().st_size > 0
     # Issue 25: the overlap of the two traits' vectors, per layer, against a direct cosine.
     overlap = pd.read_csv(results["overlap"]["csv"])

@@ -33,6 +33,7 @@ def train_run(
     extra_callbacks: list,
     hardware,
     val_file: Path | None = None,
+    monitor_start: dict | None = None,
 ) -> dict:
     """One LoRA fine-tuning run with the activation monitor; returns its adapter dir, monitor table and final
     losses (the last epoch's training loss; the loss on ``val_file`` after the last epoch, NaN without one)."""
@@ -68,6 +69,8 @@ def train_run(
     monitor = ActivationMonitor(
         vector_paths=[vector_path], layers=[layer], eval_file=str(eval_file), every_n_epochs=1
     )
+    if monitor_start is not None:  # an earlier run's reading of the same base before training
+        monitor.reuse_start(monitor_start)
     logger = TensorBoardLogger(save_dir=str(run_dir / "tensorboard"), name=name, version="")
     trainer = L.Trainer(
         accelerator=hardware.accelerator,
@@ -89,6 +92,7 @@ def train_run(
     return {
         "adapter": str(adapter_dir),
         "history": history,
+        "monitor_start": monitor.start_values,
         "train_loss": losses.train_loss,
         "val_loss": losses.val_loss,
     }
@@ -191,14 +195,13 @@ def train_mixtures(
     runs = {}
     for share, name, callbacks in planned_runs(mixtures, sizes, vector_path, layer):
         val_file = val_dir / f"mix_{share:g}.jsonl" if val_dir else None
+        # Every run starts from the same base with a fresh adapter: the first run's reading before training is
+        # every run's (the intervention callbacks' hooks are paused while the monitor reads).
+        start = next(iter(runs.values()))["monitor_start"] if runs else None
         runs[name] = train_run(
-            phase_dir,
-            name,
-            data_dir / f"mix_{share:g}.jsonl",
-            extra_callbacks=callbacks,
-            val_file=val_file,
-            **common,
-        )
+            phase_dir, name, data_dir / f"mix_{share:g}.jsonl", extra_callbacks=callbacks, val_file=val_file,
+            monitor_start=start, **common,
+        )  # fmt: skip
         release_memory()  # the run's model and trainer, before the next run loads its own
 
     monitor = pd.concat([run["history"] for run in runs.values()], ignore_index=True)

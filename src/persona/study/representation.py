@@ -43,8 +43,14 @@ def representation_study(
     rows, tables = [], {}
     for path, net in finetuned_models(base, model, list(adapters.values())):
         run = runs[path]
+        # No neutral-text pass: these vectors are compared, not capped with (a `neutral:` bound measures it then).
         extractor = VectorExtractor(
-            model=path, trait=trait, save_dir=str(out / run), dtype=hardware.dtype, module=net
+            model=path,
+            trait=trait,
+            save_dir=str(out / run),
+            dtype=hardware.dtype,
+            module=net,
+            record_neutral=False,
         )
         train = ResponseDataModule(
             model=path, pairs_path=str(pairs_path), split="train", batch_size=batch_size

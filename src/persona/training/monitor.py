@@ -122,6 +122,8 @@ class ActivationMonitor(Callback):
         self._last: tuple[int, dict[str, Tensor]] | None = (
             None  # (global step, values) of the last measurement
         )
+        self.start_values: dict[str, Tensor] | None = None  # the train_start measurement, see reuse_start
+        self._reused_start: dict[str, Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -190,9 +192,19 @@ class ActivationMonitor(Callback):
             self._tokenize(tokenizer)
         self._batches = None
 
+    def reuse_start(self, values: dict[str, Tensor]) -> None:
+        """Take ``values`` (another monitor's :attr:`start_values`) as this fit's measurement before training,
+        instead of a forward pass. Only for a model known to equal the one measured there at that point: the same
+        base, vectors, layers and prompts, a freshly initialised adapter (LoRA's B = 0), no checkpoint resumed — as
+        the study's runs on one base are. A resumed fit (global step > 0) measures anyway."""
+        self._reused_start = values
+
     # -- when to measure --
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._reused_start is not None and trainer.global_step == 0:
+            self._last = (0, self._reused_start)  # _measure reads a measurement of this step from _last
         self._measure(trainer, pl_module, "train_start", trainer.current_epoch)
+        self.start_values = self._last[1] if self._last is not None else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -41,6 +41,7 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
         trust_remote_code: bool = False,
         device_map: str | None = None,
         module: torch.nn.Module | None = None,
+        record_neutral: bool = True,
     ):
         """
         Args:
@@ -51,6 +52,8 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             trust_remote_code: Allow the model's custom code (off unless you trust the repository).
             device_map: Place the model across this process's GPUs (``auto``) for a model larger than one GPU.
             module: An already-loaded model to use instead of loading ``model`` (not saved as a hyperparameter).
+            record_neutral: Record the neutral texts' projection percentiles (one small extra pass); off, they are
+                measured on first use of a ``neutral:`` bound instead.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["module"])
@@ -128,7 +131,11 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
             mean_neg = sums[0, kind_index] / n_neg
             self.vectors[kind] = (mean_pos - mean_neg).float().cpu()
         self.percentiles = {kind: self._negative_percentiles(kind) for kind in VECTOR_KINDS}
-        self.neutral_percentiles = neutral_record(self.model, self._tokenizer(), self.vectors)
+        self.neutral_percentiles = (
+            neutral_record(self.model, self._tokenizer(), self.vectors)
+            if self.hparams.record_neutral
+            else None
+        )
         self.final_counts = counts.cpu()
         if self.trainer.is_global_zero:
             self._save()
@@ -182,11 +189,12 @@ class VectorExtractor(KeepsDevicePlacement, L.LightningModule):
                 "n_negative": int(self.final_counts[0, kind_index]),
                 "sources": sources,
                 PERCENTILES_KEY: self.percentiles[kind],
-                NEUTRAL_KEY: self.neutral_percentiles[kind],
                 "mean_residual_norms": [round(value, 6) for value in self.mean_residual_norms],
                 "mean_residual_norms_source": "extraction: every real token but each example's first, "
                 f"{int(self.final_counts[:, 0].sum())} examples",
             }
+            if self.neutral_percentiles is not None:
+                meta[NEUTRAL_KEY] = self.neutral_percentiles[kind]
             if is_adapter(hp.model):  # the fine-tuned model: which base, which adapter
                 meta.update(base_model=adapter_base(hp.model), adapter=adapter_origin(hp.model))
             if datamodule is not None and getattr(datamodule.hparams, "pairs_path", None) is None:
