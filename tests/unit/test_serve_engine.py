@@ -338,7 +338,9 @@ def test_the_scheduler_is_the_engine_where_it_runs_and_says_why_not_elsewhere(to
     assert serve_service.choose_scheduler(llama, "auto")[0] == ("engine" if runs else "static")
     assert serve_service.choose_scheduler(llama, "static") == ("static", "--scheduler static")
     path, why = serve_service.choose_scheduler(neox, "auto")
-    refused = "gpt_neox" if runs else "transformers >= 5.24"  # below the floor the version is the reason given
+    refused = (
+        "gpt_neox" if runs else "transformers >= 5.24"
+    )  # below the floor the version is the reason given
     assert path == "static" and refused in why
     with pytest.raises(ValueError, match=rf"--scheduler engine: .*{refused}.*Fix: --scheduler auto"):
         serve_service.choose_scheduler(neox, "engine")
